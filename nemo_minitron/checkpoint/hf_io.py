@@ -1,0 +1,133 @@
+"""HF checkpoint directories: sharded ``*.safetensors`` + ``model.safetensors.index.json``.
+
+The layout of the released repos: ``model-0000K-of-0000N.safetensors`` shards (safetensors metadata
+``{"format": "pt"}``) and an index ``{"metadata": {"total_size": bytes}, "weight_map": {name: shard}}``;
+a single ``model.safetensors`` without index is also read.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+
+from nemo_minitron.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def write_safetensors_shards(tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str, *,
+                             max_shard_bytes: int = 5 * 10**9) -> Dict[str, str]:
+    """Write ``(name, tensor)`` pairs in order into shards of at most ``max_shard_bytes`` (a larger
+    single tensor gets a shard of its own) plus the index; return the weight map.
+
+    Holds at most one shard's tensors in memory. Shards are written under temporary names and
+    renamed once their count is known.
+    """
+    from safetensors.torch import save_file
+
+    pending: List[Tuple[str, torch.Tensor]] = []
+    pending_bytes = 0
+    written: List[Tuple[str, List[str]]] = []  # (temporary file, names)
+    total = 0
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if not pending:
+            return
+        tmp = os.path.join(out_dir, f".shard-{len(written):05d}.tmp")
+        save_file({n: t.contiguous() for n, t in pending}, tmp, metadata={"format": "pt"})
+        written.append((tmp, [n for n, _ in pending]))
+        pending, pending_bytes = [], 0
+
+    seen = set()
+    for name, tensor in tensors:
+        if name in seen:
+            raise CheckpointError(f"tensor {name} written twice")
+        seen.add(name)
+        size = _nbytes(tensor)
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        pending.append((name, tensor))
+        pending_bytes += size
+        total += size
+    flush()
+    weight_map: Dict[str, str] = {}
+    count = len(written)
+    for k, (tmp, names) in enumerate(written, start=1):
+        final = f"model-{k:05d}-of-{count:05d}.safetensors"
+        os.rename(tmp, os.path.join(out_dir, final))
+        weight_map.update({n: final for n in names})
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        f.write("\n")
+    return weight_map
+
+
+def read_weight_map(hf_dir: str) -> Dict[str, str]:
+    """tensor name -> shard file, validated against the shards' own headers."""
+    from safetensors import safe_open
+
+    index = os.path.join(hf_dir, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    elif os.path.isfile(os.path.join(hf_dir, SINGLE_NAME)):
+        weight_map = None
+    else:
+        raise CheckpointError(f"{hf_dir}: no {INDEX_NAME} or {SINGLE_NAME}")
+    shards = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
+    actual: Dict[str, str] = {}
+    for shard in shards:
+        path = os.path.join(hf_dir, shard)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: shard named in {INDEX_NAME} is missing")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    if name in actual:
+                        raise CheckpointError(f"{name} is stored in both {actual[name]} and {shard}")
+                    actual[name] = shard
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if weight_map is not None and weight_map != actual:
+        diff = sorted(k for k in set(weight_map) | set(actual) if weight_map.get(k) != actual.get(k))
+        raise CheckpointError(f"{index} disagrees with the shards for {len(diff)} tensor(s), "
+                              f"e.g. {', '.join(diff[:3])}")
+    return actual
+
+
+def read_shapes(hf_dir: str, weight_map: Optional[Dict[str, str]] = None) -> Dict[str, tuple]:
+    """Tensor name -> shape, from the safetensors headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    weight_map = weight_map or read_weight_map(hf_dir)
+    shapes = {}
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(os.path.join(hf_dir, shard), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def iter_tensors(hf_dir: str, weight_map: Optional[Dict[str, str]] = None
+                 ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield every tensor, one at a time, shard by shard."""
+    from safetensors import safe_open
+
+    weight_map = weight_map or read_weight_map(hf_dir)
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(os.path.join(hf_dir, shard), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)

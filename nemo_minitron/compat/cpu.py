@@ -1,0 +1,251 @@
+"""Run Megatron-Core on a machine without CUDA (CPU tests, the CPU demo).
+
+Megatron-Core hard-codes CUDA in hundreds of places (``torch.cuda.current_device()``,
+``device="cuda"``, CUDA RNG states, streams, ``torch.cuda.synchronize()``) that no config flag avoids.
+Rather than patching call sites one by one, :func:`activate` gives every ``megatron.*`` module its own
+view of ``torch`` in which CUDA devices mean the CPU:
+
+* tensor factories called with ``device="cuda"`` (or a device index) allocate on the CPU;
+* ``torch.cuda`` answers ``current_device()`` with the CPU, keeps RNG state in the CPU generator,
+  and turns streams, events, NVTX ranges and synchronisation into no-ops;
+* ``Tensor.cuda()`` returns the tensor itself.
+
+Plus three fixes that are not about device names: gradient clipping asserts CUDA tensor types,
+``dist_checkpointing``'s writer uses a *spawn* manager that re-imports ``__main__`` on every first
+save (seconds per save; a fork manager is used instead), and config validation rejects fusions that
+need Transformer Engine. Everything else (HF transformers, user code, tests) keeps the real ``torch``.
+
+Active only when CUDA is absent; :func:`activate` is a no-op on a GPU machine. Tested on
+megatron-core 0.7.0 and 0.16.1.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.abc
+import sys
+import types
+
+import torch
+
+_CPU = torch.device("cpu")
+_FACTORIES = frozenset({
+    "zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint", "randperm",
+    "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor", "linspace", "eye",
+    "empty_strided",
+})
+_PREFIXES = ("megatron.",)
+_state = {"active": False}
+SKIPPED = {}  # fixes whose target module does not import here -> the ImportError
+
+
+def _names_cuda(device) -> bool:
+    if device is None or isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True
+    try:
+        return torch.device(device).type == "cuda"
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _on_cpu(factory):
+    @functools.wraps(factory)
+    def call(*args, **kwargs):
+        if _names_cuda(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return factory(*args, **kwargs)
+
+    return call
+
+
+class _NoOp:
+    """Stands in for CUDA streams, events and NVTX: every method does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _CpuCuda(types.ModuleType):
+    """``torch.cuda`` as Megatron sees it on a CPU machine."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+        self.current_device = lambda: _CPU
+        self.device_count = lambda: 0
+        self.synchronize = lambda *a, **k: None
+        self.empty_cache = lambda *a, **k: None
+        self.get_rng_state = lambda *a, **k: torch.get_rng_state()
+        self.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+        self.manual_seed = lambda seed: torch.manual_seed(seed)
+        self.manual_seed_all = lambda seed: torch.manual_seed(seed)
+        self.Stream = _NoOp
+        self.Event = _NoOp
+        self.nvtx = _NoOp()
+        self.current_stream = lambda *a, **k: _NoOp()
+        self.default_stream = lambda *a, **k: _NoOp()
+        self.stream = lambda *a, **k: contextlib.nullcontext()
+        self.memory_allocated = lambda *a, **k: 0
+        self.max_memory_allocated = lambda *a, **k: 0
+        self.reset_peak_memory_stats = lambda *a, **k: None
+        self.random = types.SimpleNamespace(get_rng_state=lambda *a, **k: torch.get_rng_state())
+
+    def __getattr__(self, name):  # anything else: the real module (e.g. is_available -> False)
+        return getattr(torch.cuda, name)
+
+
+class _TorchForMegatron(types.ModuleType):
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+        self.__file__ = torch.__file__
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            attr = _on_cpu(attr)
+            setattr(self, name, attr)
+        return attr
+
+
+_TORCH = _TorchForMegatron()
+
+
+def _retarget(module) -> None:
+    name = getattr(module, "__name__", "") or ""
+    namespace = getattr(module, "__dict__", None)
+    if (name + ".").startswith(_PREFIXES) and namespace is not None \
+            and namespace.get("torch") is torch:
+        namespace["torch"] = _TORCH
+
+
+class _RetargetOnImport(importlib.abc.MetaPathFinder):
+    """Retarget megatron modules imported after :func:`activate`, right after they execute."""
+
+    def find_spec(self, fullname, path, target=None):
+        if not (fullname + ".").startswith(_PREFIXES):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is None:
+                continue
+            loader = spec.loader
+            if loader is not None and hasattr(loader, "exec_module"):
+                original = loader.exec_module
+
+                def exec_module(module, _original=original):
+                    _original(module)
+                    _retarget(module)
+
+                loader.exec_module = exec_module
+            return spec
+        return None
+
+
+def _fix_rng_helpers():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    if hasattr(mrandom, "_get_cuda_rng_state"):
+        mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+
+
+def _fix_grad_clipping():
+    """``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = []
+        for p in parameters:
+            g = getattr(p, attr, None)
+            if g is not None:
+                grads.append((g.to_local() if hasattr(g, "to_local") else g).detach())
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    if hasattr(optimizer, "clip_grad_by_total_norm_fp32"):
+        optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+def _fix_checkpoint_queue():
+    """A fork manager for dist_checkpointing's write results (spawn re-imports __main__)."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if not hasattr(fa, "_get_write_results_queue"):
+        return
+
+    def _get_write_results_queue():
+        if fa._results_queue is None:
+            fa._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        return fa._results_queue
+
+    fa._get_write_results_queue = _get_write_results_queue
+
+
+_NEEDS_TE_OR_CUDA = ("apply_rope_fusion", "bias_activation_fusion", "masked_softmax_fusion",
+                     "bias_dropout_fusion", "gradient_accumulation_fusion", "persist_layer_norm",
+                     "cross_entropy_loss_fusion")
+
+
+def _fix_config_defaults():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    original = TransformerConfig.__post_init__
+    if getattr(original, "_nemo_minitron_cpu", False):
+        return
+
+    def __post_init__(self):
+        for name in _NEEDS_TE_OR_CUDA:
+            if getattr(self, name, False):
+                setattr(self, name, False)
+        self.use_cpu_initialization = True
+        original(self)
+
+    __post_init__._nemo_minitron_cpu = True
+    TransformerConfig.__post_init__ = __post_init__
+
+
+def is_active() -> bool:
+    return _state["active"]
+
+
+def activate() -> bool:
+    """Make Megatron-Core run on the CPU when CUDA is absent. Idempotent; returns whether active."""
+    if torch.cuda.is_available():
+        return False
+    if not _state["active"]:
+        sys.meta_path.insert(0, _RetargetOnImport())
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # raises on a CPU build otherwise
+        _state["active"] = True
+    for name, module in list(sys.modules.items()):
+        if (name + ".").startswith(_PREFIXES):
+            _retarget(module)
+    for fix in (_fix_rng_helpers, _fix_grad_clipping, _fix_checkpoint_queue, _fix_config_defaults):
+        try:
+            fix()
+        except ImportError as e:
+            # The module does not import on this version/machine (megatron-core 0.7.0's optimizer
+            # needs NVIDIA apex), so there is nothing to fix; remembered for diagnostics.
+            SKIPPED[fix.__name__] = repr(e)
+    return True

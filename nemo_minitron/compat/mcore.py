@@ -1,0 +1,108 @@
+"""The one place that knows how Megatron-Core versions differ (0.7.0 in NeMo 24.05 ... 0.16.x).
+
+Callers ask questions ("which layer spec?", "does GPTModel take rope_scaling?") instead of testing
+versions themselves.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def mcore_version() -> tuple:
+    """megatron-core's version as a tuple of ints, e.g. (0, 7, 0)."""
+    for dist in ("megatron-core", "megatron_core"):
+        try:
+            text = importlib.metadata.version(dist)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    else:
+        import megatron.core
+
+        text = getattr(megatron.core, "__version__", "0")
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def has_rope_scaling_arg() -> bool:
+    """GPTModel(rope_scaling=...) exists from megatron-core 0.10 (factor knob from 0.11)."""
+    import inspect
+
+    from megatron.core.models.gpt import GPTModel
+
+    return "rope_scaling" in inspect.signature(GPTModel.__init__).parameters
+
+
+def te_usable() -> bool:
+    """Transformer Engine spec is usable: real TE importable and a GPU present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return True
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm with Megatron's norm constructor, for megatron-core < 0.10 whose local spec has
+    no RMSNorm without apex. Computes in fp32 like HF's LlamaRMSNorm."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__()
+        self.config = config
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def local_layer_spec():
+    """Megatron's local (non-TE) GPT layer spec with RMSNorm, on every supported version."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    import inspect
+
+    params = inspect.signature(gpt_layer_specs.get_gpt_layer_local_spec).parameters
+    if "normalization" in params:
+        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec()
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    return spec
+
+
+def te_layer_spec():
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+
+
+@contextlib.contextmanager
+def final_norm_for_local_spec():
+    """megatron-core < 0.8 builds the final norm as TENorm whatever the spec; with the local spec
+    (no TE) it must be an RMSNorm. Scoped to model construction."""
+    from megatron.core.transformer import transformer_block
+
+    if not hasattr(transformer_block, "TENorm") or mcore_version() >= (0, 8, 0):
+        yield
+        return
+    original = transformer_block.TENorm
+    transformer_block.TENorm = RMSNorm
+    try:
+        yield
+    finally:
+        transformer_block.TENorm = original

@@ -1,0 +1,53 @@
+"""torch.distributed + Megatron parallel-state setup shared by every Megatron job.
+
+Rank and world size come from the environment the launcher sets (torchrun: RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a plain ``python`` run is a world of one. NCCL on GPUs,
+gloo on the CPU (where nemo_minitron.compat.cpu makes Megatron's CUDA calls land on the CPU).
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = None) -> None:
+    """Initialize the process group (if needed) and Megatron's TP/PP groups and RNG tracker."""
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        from nemo_minitron.compat import cpu
+
+        cpu.activate()
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(free_port())
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             pipeline_model_parallel_size=pp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_megatron() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,32 @@
+"""Build a Megatron-Core GPTModel for a family config (parallel state must be initialized)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from nemo_minitron.config.arch import ModelConfig
+from nemo_minitron.config.megatron import gpt_model_kwargs, to_transformer_config
+from nemo_minitron.model.rope import apply_rope
+
+
+def build_gpt_model(cfg: ModelConfig, *, dtype: str = "float32", use_te: Optional[bool] = None,
+                    parallel_output: bool = True):
+    """This rank's part of the model at the TP/PP that ``megatron.core.parallel_state`` holds."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from nemo_minitron.compat import cpu, mcore
+
+    if not torch.cuda.is_available():
+        cpu.activate()
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    config = to_transformer_config(cfg, tp=tp, pp=pp, dtype=dtype)
+    kwargs = gpt_model_kwargs(cfg, tp=tp, use_te=use_te, parallel_output=parallel_output,
+                              pre_process=ps.is_pipeline_first_stage(),
+                              post_process=ps.is_pipeline_last_stage())
+    with mcore.final_norm_for_local_spec():
+        model = GPTModel(config=config, **kwargs)
+    apply_rope(model, cfg)
+    return model
