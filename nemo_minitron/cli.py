@@ -81,6 +81,9 @@ def cmd_info(args) -> int:
     elif args.format == "hf":
         print(json.dumps(to_hf_dict(cfg), indent=2))
     elif args.format == "nemo":
+        print(f"# NeMo model_config.yaml for {origin}; written by:\n"
+              f"#   nemo-minitron info {args.source} --format nemo"
+              + (f" --tp {args.tp}" if args.tp != 1 else "") + (f" --pp {args.pp}" if args.pp != 1 else ""))
         print(dump_yaml(to_nemo_dict(cfg, tp=args.tp, pp=args.pp)), end="")
     else:
         print(origin)

@@ -86,8 +86,16 @@ def local_layer_spec():
 
 
 def te_layer_spec():
+    """Megatron's Transformer Engine GPT layer spec (fused norms in linear_qkv / linear_fc1)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from nemo_minitron.errors import ConfigError
+
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        raise ConfigError("the Transformer Engine layer spec was requested but transformer_engine "
+                          "is not installed (use the local spec: use_te=False)") from None
     return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
 
 

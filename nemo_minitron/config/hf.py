@@ -127,7 +127,10 @@ def from_hf_dict(hf: Mapping) -> ModelConfig:
     try:
         return ModelConfig(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"config.json: {e}") from None
+        msg = str(e)
+        aliases = [f"{field} is {key}" for key, field in HF_FIELDS if key != field and field in msg]
+        raise ConfigError(f"config.json: {msg}" + (f" ({'; '.join(aliases)} in config.json)"
+                                                   if aliases else "")) from None
 
 
 def to_hf_dict(cfg: ModelConfig) -> dict:

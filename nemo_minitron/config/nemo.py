@@ -52,12 +52,14 @@ NEMO_FIXED: Dict[str, tuple] = {
     "bias": (False,),
     "position_embedding_type": ("rope",),
     "rotary_percentage": (1.0,),
+    "transformer_block_type": ("pre_ln",),
 }
 
 # Keys that would change the architecture in ways this family does not have.
 NEMO_UNSUPPORTED_IF_SET: Dict[str, object] = {
     "num_moe_experts": None, "qk_layernorm": False, "rotary_interleaved": False,
     "apply_residual_connection_post_layernorm": False, "normalize_attention_scores": True,
+    "headscale": False,
 }
 
 PRECISION_TO_DTYPE = {"bf16": "bfloat16", "bf16-mixed": "bfloat16", "16": "float16",
@@ -190,7 +192,13 @@ def from_nemo_dict(nemo: Mapping, *, vocab_size: Optional[int] = None,
 
 
 def load_yaml(path: str) -> dict:
-    """Load a YAML file with OmegaConf, resolving ``${...}`` interpolations NeMo configs may hold."""
+    """Load a YAML config with OmegaConf, resolving ``${...}`` interpolations key by key.
+
+    NeMo's saved configs may hold interpolations that only resolve inside a full training config
+    (``seq_length: ${model.encoder_seq_length}``); such a value is kept as its raw string, so an
+    unresolvable *architecture* key fails later with an error that names it, and an unresolvable
+    training key that nobody reads does no harm.
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     import yaml
@@ -199,13 +207,33 @@ def load_yaml(path: str) -> dict:
         raise CheckpointError(f"{path}: no such file")
     try:
         conf = OmegaConf.load(path)
-        data = OmegaConf.to_container(conf, resolve=True)
     except (OmegaConfBaseException, yaml.YAMLError) as e:
-        raise CheckpointError(f"{path}: not a valid YAML config ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(data, dict):
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{path}: not a valid YAML config ({type(e).__name__}: {first})") \
+            from None
+    if not OmegaConf.is_dict(conf):
         raise CheckpointError(f"{path}: expected a mapping at the top level")
-    return data
+    return _resolve_each(conf)
+
+
+def _resolve_each(conf) -> dict:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    raw = OmegaConf.to_container(conf, resolve=False)
+    out = {}
+    for key in raw:
+        node = conf._get_node(key)
+        if OmegaConf.is_dict(node):
+            out[key] = _resolve_each(node)
+            continue
+        try:
+            value = conf[key]
+            out[key] = OmegaConf.to_container(value, resolve=True) \
+                if OmegaConf.is_config(value) else value
+        except OmegaConfBaseException:
+            out[key] = raw[key]
+    return out
 
 
 def read_nemo_config(path: str, label: Optional[str] = None, **kwargs) -> ModelConfig:

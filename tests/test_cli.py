@@ -1,0 +1,104 @@
+"""The nemo-minitron command: presets and info (in-process, plus one real console-script run)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import yaml
+
+from nemo_minitron.cli import main
+from nemo_minitron.config import get_preset
+from nemo_minitron.config.hf import to_hf_dict
+from nemo_minitron.config.nemo import to_nemo_dict
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_presets(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0
+    line = next(l for l in out.splitlines() if l.startswith("minitron_4b_width"))
+    assert "4,512,746,496" in line and " 3072 " in line and " 128 " in line
+    assert "8,030,261,248" in out
+
+
+def test_info_preset(capsys):
+    code, out, _ = run(capsys, "info", "minitron_4b_width", "--tp", "8", "--pp", "4")
+    assert code == 0
+    assert "head_dim 128" in out and "heads x head_dim = 4096 (hidden 3072, NOT hidden/heads)" in out
+    assert "llama3 scaling factor 8" in out and "original context 8192" in out
+    assert "4,512,746,496" in out and "layout TP=8 PP=4: ok" in out
+
+
+@pytest.mark.parametrize("fmt, loader", [("json", json.loads), ("hf", json.loads),
+                                         ("nemo", yaml.safe_load)])
+def test_info_formats(capsys, fmt, loader):
+    code, out, _ = run(capsys, "info", "tiny_llama31", "--format", fmt)
+    assert code == 0
+    expected = {"json": get_preset("tiny_llama31").to_dict(), "hf": to_hf_dict(get_preset("tiny_llama31")),
+                "nemo": to_nemo_dict(get_preset("tiny_llama31"))}[fmt]
+    assert loader(out) == expected
+
+
+def test_info_reads_files(capsys, tmp_path):
+    cfg = get_preset("minitron_4b_depth")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(to_hf_dict(cfg)))
+    nemo_yaml = tmp_path / "model_config.yaml"
+    nemo_yaml.write_text(yaml.safe_dump(to_nemo_dict(cfg)))
+    extracted = tmp_path / "extracted"
+    extracted.mkdir()
+    shutil.copy(nemo_yaml, extracted / "model_config.yaml")
+    nemo_file = tmp_path / "model.nemo"
+    with tarfile.open(nemo_file, "w") as tar:
+        tar.add(nemo_yaml, arcname="./model_config.yaml")
+    for source in (hf_dir, hf_dir / "config.json", nemo_yaml, extracted, nemo_file):
+        code, out, err = run(capsys, "info", str(source), "--format", "json")
+        assert code == 0, err
+        assert json.loads(out) == cfg.to_dict(), source
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "minitron_4b_width", "--tp", "16"], "num_query_groups=8 is not divisible"),
+    (["info", "minitron_9b"], "neither a preset"),
+    (["info", "tiny_llama31", "--pp", "3"], "num_layers=4 is not divisible by pipeline"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_bad_files(capsys, tmp_path):
+    bad_json = tmp_path / "config.json"
+    bad_json.write_text(json.dumps(dict(to_hf_dict(get_preset("tiny_llama31")), mlp_bias=True)))
+    code, _, err = run(capsys, "info", str(bad_json))
+    assert code == 2 and "mlp_bias=True is not supported" in err
+    not_tar = tmp_path / "broken.nemo"
+    not_tar.write_bytes(b"\x00" * 100)
+    code, _, err = run(capsys, "info", str(not_tar))
+    assert code == 2 and "broken.nemo" in err
+    empty_tar = tmp_path / "empty.nemo"
+    with tarfile.open(empty_tar, "w"):
+        pass
+    code, _, err = run(capsys, "info", str(empty_tar))
+    assert code == 2 and "no model_config.yaml" in err
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("nemo-minitron", path=os.path.dirname(sys.executable))
+    assert exe, "the nemo-minitron console script is not installed next to this python"
+    proc = subprocess.run([exe, "info", "minitron_4b_width", "--tp", "3"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: num_attention_heads=32 is not divisible by "
+                                   "tensor_model_parallel_size=3; num_query_groups=8 is not "
+                                   "divisible by tensor_model_parallel_size=3")
