@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import traceback
 
 
@@ -11,12 +12,19 @@ def _worker(fn, rank, world_size, port, tp, pp, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
+        import torch
+
+        # The parent may have used OpenMP threads before fork(); the child's copy of the thread
+        # pool is unusable (parallel regions hang), so the workers compute single-threaded.
+        torch.set_num_threads(1)
         from nemo_minitron.dist import destroy_megatron, init_megatron
 
         init_megatron(tp=tp, pp=pp)
         result = fn(rank, *args)
         destroy_megatron()
-        queue.put((rank, "ok", result))
+        # Plain pickle: tensors travel by value (multiprocessing's own pickler would share them
+        # through file descriptors that die with this process).
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
 
@@ -38,7 +46,7 @@ def run_ranks(fn, world_size: int = 1, tp: int = 1, pp: int = 1, args=(), timeou
         for _ in procs:
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
     finally:
