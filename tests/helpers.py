@@ -17,16 +17,20 @@ def _worker(fn, rank, world_size, port, tp, pp, args, queue):
         # The parent may have used OpenMP threads before fork(); the child's copy of the thread
         # pool is unusable (parallel regions hang), so the workers compute single-threaded.
         torch.set_num_threads(1)
-        from nemo_minitron.dist import destroy_megatron, init_megatron
+        from nemo_minitron.dist import init_megatron
 
         init_megatron(tp=tp, pp=pp)
         result = fn(rank, *args)
-        destroy_megatron()
         # Plain pickle: tensors travel by value (multiprocessing's own pickler would share them
         # through file descriptors that die with this process).
         queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
+    # Leave without tearing down the process group: torch 2.3's gloo destroy_process_group can
+    # hang after collectives; the worker is finished and the OS frees everything.
+    queue.close()
+    queue.join_thread()
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int = 1, tp: int = 1, pp: int = 1, args=(), timeout: float = 120):
