@@ -50,6 +50,18 @@ def test_matches_functional_reference(temperature, reverse):
     assert ref_loss > 0.1  # a non-trivial case
 
 
+def test_gradient_stored_in_teacher_logits():
+    """reuse_teacher_logits: same loss and gradient; the teacher tensor is consumed."""
+    s, t, mask = _data(4)
+    ref_loss, ref_grad = _grad(lambda x: _reference(x, t, mask, 1.0, False), s)
+    t_consumed = t.clone()
+    loss, grad = _grad(lambda x: vocab_parallel_kl(x, t_consumed, loss_mask=mask, vocab_size=REAL_V,
+                                                   reuse_teacher_logits=True), s)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(t_consumed, t)
+
+
 def test_identical_student_and_teacher_gives_zero():
     s, _, mask = _data(1)
     loss, grad = _grad(lambda x: vocab_parallel_kl(x, s.clone(), loss_mask=mask, vocab_size=REAL_V), s)
@@ -61,6 +73,13 @@ def test_chunk_size_does_not_change_the_result():
     a = vocab_parallel_kl(s, t, loss_mask=mask, chunk_tokens=1)
     b = vocab_parallel_kl(s, t, loss_mask=mask, chunk_tokens=1000)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_rank_holding_only_padding():
+    """At high TP the last rank's slice can be all padding: it contributes nothing."""
+    s, t, mask = _data(5)
+    loss = vocab_parallel_kl(s, t, loss_mask=mask, vocab_start=REAL_V, vocab_size=REAL_V)
+    assert loss.item() == 0.0
 
 
 def _tp_worker(rank, s, t, mask, temperature, reverse):
