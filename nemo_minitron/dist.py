@@ -1,8 +1,13 @@
 """torch.distributed + Megatron parallel-state setup shared by every Megatron job.
 
-Rank and world size come from the environment the launcher sets (torchrun: RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a plain ``python`` run is a world of one. NCCL on GPUs,
-gloo on the CPU (where nemo_minitron.compat.cpu makes Megatron's CUDA calls land on the CPU).
+The same command runs as plain ``python`` (a world of one), under ``torchrun``, and under ``srun``
+with one task per GPU and no torchrun (NeMo's convention). Rank, world size and the rendezvous
+address come from Lightning's cluster environments -- the same SLURM / torchelastic logic NeMo
+relies on -- not from a parser of our own: SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS /
+SLURM_NODELIST under srun, RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR under torchrun. torchrun is
+checked first, so torchrun inside an sbatch allocation (where SLURM_NTASKS is also set) works.
+NCCL on GPUs, gloo on the CPU (where nemo_minitron.compat.cpu makes Megatron's CUDA calls land on
+the CPU).
 """
 from __future__ import annotations
 
@@ -11,11 +16,51 @@ import socket
 
 import torch
 
+from nemo_minitron.errors import MinitronError
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cluster_environment():
+    """Lightning's ClusterEnvironment describing how this process was launched."""
+    try:
+        from lightning_fabric.plugins.environments import (LightningEnvironment, SLURMEnvironment,
+                                                           TorchElasticEnvironment)
+    except ImportError:
+        raise MinitronError("launching needs Lightning's cluster environments: pip install "
+                            "lightning-fabric (pytorch-lightning >= 2.0 ships it too)") from None
+    if TorchElasticEnvironment.detect():
+        return TorchElasticEnvironment()
+    if SLURMEnvironment.detect():
+        return SLURMEnvironment(auto_requeue=False)
+    return LightningEnvironment()
+
+
+def _export_rendezvous() -> None:
+    """Put rank, world size and rendezvous address in the variables torch.distributed reads."""
+    env = cluster_environment()
+    os.environ["MASTER_ADDR"] = env.main_address
+    os.environ["MASTER_PORT"] = str(env.main_port)  # single process: a free port
+    os.environ["RANK"] = str(env.global_rank())
+    os.environ["LOCAL_RANK"] = str(env.local_rank())
+    os.environ["WORLD_SIZE"] = str(env.world_size())
+
+
+def is_rank0() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def print_rank0(*args, **kwargs) -> None:
+    if is_rank0():
+        print(*args, **kwargs)
 
 
 def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = None) -> None:
@@ -29,11 +74,7 @@ def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = Non
     from megatron.core import parallel_state, tensor_parallel
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(free_port())
+        _export_rendezvous()
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

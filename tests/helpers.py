@@ -8,9 +8,30 @@ import pickle
 import traceback
 
 
-def _worker(fn, rank, world_size, port, tp, pp, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID",
+                 "SLURM_LOCALID", "SLURM_NODEID", "SLURM_NODELIST", "SLURM_JOB_NAME", "SLURM_JOB_ID",
+                 "SLURM_NTASKS_PER_NODE")
+
+
+def launcher_env(launcher: str, rank: int, world_size: int, port: int) -> dict:
+    """The variables torchrun, or srun with one task per rank on one node, sets for ``rank``."""
+    if launcher == "torchrun":
+        return dict(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                    LOCAL_WORLD_SIZE=str(world_size), GROUP_RANK="0", TORCHELASTIC_RUN_ID="test",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if launcher == "srun":
+        return dict(SLURM_NTASKS=str(world_size), SLURM_NTASKS_PER_NODE=str(world_size),
+                    SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                    SLURM_NODEID="0", SLURM_NODELIST="127.0.0.1", SLURM_JOB_NAME="nemo-minitron-test",
+                    SLURM_JOB_ID="4242", MASTER_PORT=str(port))
+    raise ValueError(launcher)
+
+
+def _worker(fn, rank, world_size, port, tp, pp, args, queue, launcher):
+    for var in LAUNCHER_VARS:
+        os.environ.pop(var, None)
+    os.environ.update(launcher_env(launcher, rank, world_size, port))
     try:
         import torch
 
@@ -33,15 +54,18 @@ def _worker(fn, rank, world_size, port, tp, pp, args, queue):
     os._exit(0)
 
 
-def run_ranks(fn, world_size: int = 1, tp: int = 1, pp: int = 1, args=(), timeout: float = 120):
-    """Run ``fn(rank, *args)`` on ``world_size`` forked ranks with Megatron initialized at TP/PP;
-    return the results ordered by rank, or raise with the failing ranks' tracebacks."""
+def run_ranks(fn, world_size: int = 1, tp: int = 1, pp: int = 1, args=(), timeout: float = 120,
+              launcher: str = "torchrun"):
+    """Run ``fn(rank, *args)`` on ``world_size`` forked ranks with Megatron initialized at TP/PP
+    from the environment ``launcher`` ("torchrun" or "srun") would set; return the results ordered
+    by rank, or raise with the failing ranks' tracebacks."""
     from nemo_minitron.dist import free_port
 
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, tp, pp, args, queue))
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, tp, pp, args, queue,
+                                                        launcher))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -1,0 +1,68 @@
+"""The same job under python, torchrun and srun: rank discovery through Lightning's environments."""
+import os
+
+import pytest
+
+from nemo_minitron.errors import MinitronError
+from tests.helpers import LAUNCHER_VARS, run_ranks
+
+
+def _who(rank):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from nemo_minitron.dist import cluster_environment, is_rank0
+
+    return dict(rank=dist.get_rank(), world=dist.get_world_size(), env=type(cluster_environment()).__name__,
+                tp_rank=ps.get_tensor_model_parallel_rank(), rank0=is_rank0(),
+                master=os.environ["MASTER_ADDR"], local=int(os.environ["LOCAL_RANK"]))
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("launcher, env", [("torchrun", "TorchElasticEnvironment"),
+                                           ("srun", "SLURMEnvironment")])
+def test_two_ranks_under_each_launcher(launcher, env):
+    ranks = run_ranks(_who, 2, tp=2, launcher=launcher)
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
+    assert [r["tp_rank"] for r in ranks] == [0, 1] and [r["local"] for r in ranks] == [0, 1]
+    assert all(r["env"] == env and r["master"] == "127.0.0.1" for r in ranks)
+    assert [r["rank0"] for r in ranks] == [True, False]
+
+
+def _plain_python():
+    from nemo_minitron.dist import cluster_environment
+
+    env = cluster_environment()
+    return type(env).__name__, env.world_size(), env.global_rank()
+
+
+def test_plain_python_is_a_world_of_one(monkeypatch):
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert _plain_python() == ("LightningEnvironment", 1, 0)
+
+
+def test_torchrun_inside_an_sbatch_allocation_is_torchrun(monkeypatch):
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # the batch step of an sbatch job
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    for k, v in dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="3", LOCAL_WORLD_SIZE="8",
+                     GROUP_RANK="0", TORCHELASTIC_RUN_ID="x").items():
+        monkeypatch.setenv(k, v)
+    assert _plain_python() == ("TorchElasticEnvironment", 8, 3)
+
+
+def test_missing_lightning_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_lightning(name, *args, **kwargs):
+        if name.startswith("lightning_fabric"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lightning)
+    with pytest.raises(MinitronError, match="pip install lightning-fabric"):
+        _plain_python()
