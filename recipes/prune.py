@@ -179,7 +179,7 @@ def parse_args(argv: Optional[List[str]] = None) -> PruneConfig:
     parser.add_argument("--data", help="calibration data (same as data=...)")
     parser.add_argument("--out", help="student output (same as out=...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may come before or after options
     flags = [f"{k}={v}" for k in ("model", "data", "out") if (v := getattr(args, k)) is not None]
     return load_recipe_config(PruneConfig, args.config, flags + args.overrides)
 
