@@ -1,8 +1,7 @@
-"""Minitron pruning: a Llama-3.1 teacher -> a width- and/or depth-pruned student.
+"""nemo-minitron prune --config conf/prune/tiny.yaml --model TEACHER_HF_DIR --out STUDENT_DIR
 
-    nemo-minitron prune --config conf/prune/tiny.yaml --model TEACHER_HF_DIR --out STUDENT_DIR
-
-also ``python recipes/prune.py ...`` (same arguments) and, with the importance pass parallelized,
+Minitron pruning: a Llama-3.1 teacher -> a width- and/or depth-pruned student. Also
+``python recipes/prune.py ...`` (same arguments) and, with the importance pass parallelized,
 ``torchrun --nproc-per-node 8 recipes/prune.py --config conf/prune/minitron_4b_width.yaml
 --model TEACHER --data CALIB.jsonl --out STUDENT tp=8`` (any ``key=value`` overrides a config field).
 
@@ -173,7 +172,7 @@ def cleanup(state: dict) -> None:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> PruneConfig:
-    parser = argparse.ArgumentParser(prog="nemo-minitron prune", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="nemo-minitron prune", description="Minitron width/depth pruning (recipes/prune.py)")
     parser.add_argument("--config", help="YAML with PruneConfig fields (conf/prune/*.yaml)")
     parser.add_argument("--model", help="teacher checkpoint (same as model=...)")
     parser.add_argument("--data", help="calibration data (same as data=...)")

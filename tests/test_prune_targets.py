@@ -132,7 +132,8 @@ def _cli(capsys, *argv):
     (["tp=2"], "world size 1 is not a multiple of TP*PP = 2*1"),
 ])
 def test_cli_errors_before_forward(capsys, tiny_hf_dir, tmp_path, extra, message):
-    pytest.importorskip("tokenizers")
+    if message == "yields":  # the only case that gets as far as tokenizing
+        pytest.importorskip("tokenizers")
     code, out, err = _cli(capsys, "prune", "--config", "conf/prune/tiny.yaml", "--model",
                           tiny_hf_dir, "--out", str(tmp_path / "s"), *extra)
     assert code == 2 and message in err and err.startswith("error: ")

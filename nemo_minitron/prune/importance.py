@@ -61,11 +61,13 @@ class ImportanceHooks:
         self.offset = ps.get_pipeline_model_parallel_rank() * (cfg.num_layers //
                                                               ps.get_pipeline_model_parallel_world_size())
         n = len(self.layers)
-        self.mlp = torch.zeros(n, cfg.ffn_hidden_size // self.tp)
-        self.attn = torch.zeros(n, cfg.q_size // self.tp)
-        self.norm = torch.zeros(n, 2, cfg.hidden_size)  # [layer, (input, pre-MLP) norm, hidden]
-        self.cos = torch.zeros(n, dtype=torch.float64)  # sum of (1 - cos) over tokens
-        self.tokens = torch.zeros(n, dtype=torch.float64)
+        # on the activations' device (the all-reduce needs GPU tensors under NCCL)
+        self.device = d = _model_device(model)
+        self.mlp = torch.zeros(n, cfg.ffn_hidden_size // self.tp, device=d)
+        self.attn = torch.zeros(n, cfg.q_size // self.tp, device=d)
+        self.norm = torch.zeros(n, 2, cfg.hidden_size, device=d)  # [layer, (input, pre-MLP), H]
+        self.cos = torch.zeros(n, dtype=torch.float64, device=d)  # sum of (1 - cos) over tokens
+        self.tokens = torch.zeros(n, dtype=torch.float64, device=d)
         self._handles = []
 
     def _add(self, buf: torch.Tensor, index):
@@ -102,12 +104,12 @@ class ImportanceHooks:
         """Full-model scores, identical on every rank (one world all-reduce)."""
         import torch.distributed as dist
 
-        cfg, n, o = self.cfg, len(self.layers), self.offset
-        mlp = torch.zeros(cfg.num_layers, cfg.ffn_hidden_size)
-        attn = torch.zeros(cfg.num_layers, cfg.q_size)
-        norm = torch.zeros(cfg.num_layers, 2, cfg.hidden_size)
-        cos = torch.zeros(cfg.num_layers, dtype=torch.float64)
-        tokens = torch.zeros(cfg.num_layers, dtype=torch.float64)
+        cfg, n, o, d = self.cfg, len(self.layers), self.offset, self.device
+        mlp = torch.zeros(cfg.num_layers, cfg.ffn_hidden_size, device=d)
+        attn = torch.zeros(cfg.num_layers, cfg.q_size, device=d)
+        norm = torch.zeros(cfg.num_layers, 2, cfg.hidden_size, device=d)
+        cos = torch.zeros(cfg.num_layers, dtype=torch.float64, device=d)
+        tokens = torch.zeros(cfg.num_layers, dtype=torch.float64, device=d)
         f, q = self.mlp.shape[1], self.attn.shape[1]
         # TP ranks hold consecutive slices: ffn neurons r*f.., heads r*heads/TP.. (x head_dim)
         mlp[o:o + n, self.tp_rank * f:(self.tp_rank + 1) * f] = self.mlp
@@ -121,6 +123,7 @@ class ImportanceHooks:
         if dist.is_initialized():
             dist.all_reduce(floats)
             dist.all_reduce(doubles)
+        floats, doubles = floats.cpu(), doubles.cpu()
         mlp, attn, norm = torch.split(floats, [mlp.numel(), attn.numel(), norm.numel()])
         cos, tokens = doubles.chunk(2)
         return {
@@ -129,6 +132,10 @@ class ImportanceHooks:
             "norm": norm.view(cfg.num_layers, 2, cfg.hidden_size).sqrt(),
             "layer_cosine": (cos / tokens).float(),
         }
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def data_parallel_shard(samples: torch.Tensor) -> torch.Tensor:
@@ -148,18 +155,22 @@ def _micro_batches(samples: torch.Tensor, micro_batch_size: int) -> Iterable[tor
 
 
 def lm_loss(model, samples: torch.Tensor, micro_batch_size: int,
-            on_batch: Optional[Callable[[int], None]] = None) -> float:
+            progress: Optional[Callable[[str], None]] = None, label: str = "") -> float:
     """Mean next-token loss over this replica's ``samples`` ``[n, seq+1]`` and all replicas."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count)
+    device = _model_device(model)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
     for k, batch in enumerate(_micro_batches(samples, micro_batch_size)):
+        batch = batch.to(device)
         loss = stage_forward(model, batch[:, :-1], labels=batch[:, 1:])  # [b, s] on the last stage
         if loss is not None and ps.get_tensor_model_parallel_rank() == 0:
-            sums += torch.tensor([loss.double().sum().item(), loss.numel()], dtype=torch.float64)
-        if on_batch:
-            on_batch(k)
+            sums[0] += loss.double().sum()
+            sums[1] += loss.numel()
+        total = -(-samples.shape[0] // micro_batch_size)
+        if progress and total >= 8 and (k + 1) % (total // 4) == 0 and k + 1 < total:
+            progress(f"{label}: {k + 1}/{total} micro-batches")
     if dist.is_initialized():
         dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
@@ -180,7 +191,7 @@ def compute_scores(model, cfg: ModelConfig, samples: torch.Tensor, *, micro_batc
     mine = data_parallel_shard(samples)
     model.eval()
     with ImportanceHooks(model, cfg) as hooks:
-        base = lm_loss(model, mine, micro_batch_size)
+        base = lm_loss(model, mine, micro_batch_size, say, "importance pass")
     scores = hooks.reduce()
     say(f"importance pass done: LM loss {base:.4f} over {samples.shape[0]} samples")
     block_loss = {}
@@ -188,7 +199,8 @@ def compute_scores(model, cfg: ModelConfig, samples: torch.Tensor, *, micro_batc
         losses = []
         for start in range(cfg.num_layers - k + 1):
             with skip_layers(model, cfg, range(start, start + k)):
-                losses.append(lm_loss(model, mine, micro_batch_size))
+                losses.append(lm_loss(model, mine, micro_batch_size, say,
+                                      f"drop layers {start}..{start + k - 1}"))
             say(f"drop layers {start}..{start + k - 1}: LM loss {losses[-1]:.4f} "
                 f"({losses[-1] - base:+.4f})")
         block_loss[int(k)] = torch.tensor(losses, dtype=torch.float64)
