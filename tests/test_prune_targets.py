@@ -1,6 +1,7 @@
 """Pruning targets, recipe config precedence and calibration data: every bad input is a clear error
 before any model is built (no Megatron here)."""
 import json
+import math
 
 import pytest
 
@@ -148,3 +149,51 @@ def test_nemo_input_and_output_are_clear_errors(capsys, tiny_hf_dir, tmp_path):
         read_teacher(str(tmp_path / "teacher.nemo"))
     with pytest.raises(MinitronError, match="writing .nemo is not available yet"):
         write_student(str(tmp_path / "s.nemo"), get_preset("tiny_llama31"), iter(()), tiny_hf_dir)
+
+
+@pytest.mark.parametrize("target, drop", [("minitron_4b_width", None),
+                                          ("minitron_4b_depth", None),
+                                          (None, list(range(16, 32)))])
+def test_real_shapes_and_counts_on_meta_tensors(target, drop):
+    """The full 8B -> 4B slicing on shape-only (meta) tensors: every student tensor has the
+    released checkpoint's shape and the counts are the presets' (8B weights are not needed)."""
+    import torch
+
+    from nemo_minitron.config.hf import check_hf_shapes, expected_hf_shapes
+    from nemo_minitron.prune.prune import prune_tensors, rankings
+
+    teacher = get_preset("llama31_8b")
+    t = resolve_target(teacher, target, {"drop_layers": drop})
+    g = torch.Generator().manual_seed(0)
+    scores = {"mlp": torch.rand(32, 14336, generator=g), "attn": torch.rand(32, 4096, generator=g),
+              "norm": torch.rand(32, 2, 4096, generator=g),
+              "layer_cosine": torch.rand(32, generator=g),
+              "block_loss": {16: torch.rand(17, generator=g)}}
+    plan = rankings(scores, teacher, t)
+    shapes = expected_hf_shapes(teacher)
+    out = {n: tuple(x.shape) for n, x in prune_tensors(
+        lambda n: torch.empty(shapes[n], device="meta"), teacher, t.config, plan)}
+    check_hf_shapes(t.config, out)
+    want = get_preset(target or "minitron_4b_depth")
+    assert t.config == want
+    assert sum(math.prod(s) for s in out.values()) == want.num_params()
+    assert plan["layers"] == (list(range(16)) if drop else plan["layers"])
+    if target == "minitron_4b_width":
+        assert sum(math.prod(s) for s in out.values()) == 4_512_746_496  # FACTS.md §1
+        assert out["model.layers.0.self_attn.q_proj.weight"] == (4096, 3072)  # 32 x 128 rows
+
+
+@pytest.mark.parametrize("name, teacher", [("tiny", "tiny_llama31"),
+                                           ("minitron_4b_width", "llama31_8b"),
+                                           ("minitron_4b_depth", "llama31_8b")])
+def test_conf_files(name, teacher):
+    from nemo_minitron.cli import load_recipe
+
+    path = f"conf/prune/{name}.yaml"
+    first = open(path).readline()
+    assert first.startswith(("# nemo-minitron prune --config " + path,
+                             "# torchrun --nproc-per-node 8 recipes/prune.py --config " + path))
+    cfg = load_recipe_config(load_recipe("prune").PruneConfig, path, ["model=m", "out=o"])
+    student = resolve_target(get_preset(teacher), cfg.target, tp=8 if teacher != "tiny_llama31"
+                             else 1).config
+    assert student == get_preset(cfg.target)
