@@ -75,12 +75,13 @@ def setup(cfg: PruneConfig) -> dict:
     from nemo_minitron.data.calibration import calibration_samples
     from nemo_minitron.prune.depth import DEPTH_METRICS
     from nemo_minitron.prune.importance import load_scores
-    from nemo_minitron.prune.prune import read_teacher
+    from nemo_minitron.prune.prune import check_output, read_teacher
     from nemo_minitron.prune.targets import resolve_target
 
     if cfg.depth_metric not in DEPTH_METRICS:
         raise ConfigError(f"depth_metric={cfg.depth_metric!r} is not one of "
                           f"{', '.join(DEPTH_METRICS)}")
+    check_output(cfg.out, cfg.overwrite)
     teacher, reader, tokenizer_dir = read_teacher(cfg.model)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate_parallel(teacher, cfg.tp, cfg.pp, world)

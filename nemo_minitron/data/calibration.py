@@ -20,6 +20,7 @@ Asking for more samples than the text yields is an error before any model is bui
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Iterator, List
@@ -73,6 +74,13 @@ def load_tokenizer(tokenizer_dir: str):
     if not os.path.isfile(path):
         raise ConfigError(f"{tokenizer_dir}: no tokenizer.json to tokenize the calibration data "
                           "(set tokenizer=DIR)")
+    stat = os.stat(path)
+    return _load_tokenizer_file(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer_file(path: str, mtime_ns: int, size: int):
+    """Parsing the Llama-3 tokenizer.json (~7 MB) takes ~1 s: once per file version and process."""
     try:
         from tokenizers import Tokenizer
     except ImportError:

@@ -70,7 +70,7 @@ def choose_drop_layers(scores: dict, num_layers: int, keep: int, metric: str = "
         return list(range(start, start + k))
     if metric == "cosine":
         order = torch.sort(scores["layer_cosine"].double(), stable=True).indices
-        return sorted(int(i) for i in order[:k])
+        return sorted(order[:k].tolist())
     raise ConfigError(f"depth_metric={metric!r} is not one of {', '.join(DEPTH_METRICS)}")
 
 

@@ -36,7 +36,7 @@ from nemo_minitron.prune.targets import PruneTarget
 def top_k(scores: torch.Tensor, k: int) -> List[int]:
     """Indices of the k largest scores, sorted ascending (stable: ties keep the lower index)."""
     order = torch.sort(scores.double(), descending=True, stable=True).indices
-    return sorted(int(i) for i in order[:k])
+    return sorted(order[:k].tolist())
 
 
 def head_scores(attn: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -155,22 +155,37 @@ def write_hf_student(out_dir: str, target: ModelConfig, tensors, teacher_dir: Op
     return os.path.abspath(out_dir)
 
 
-def write_student(out: str, target: ModelConfig, tensors, teacher_dir: Optional[str], **kwargs
-                  ) -> str:
-    """The student writer: an HF directory, or a ``.nemo`` file.
+def _nemo_converter():
+    """>>> .nemo OUTPUT PLUGS IN HERE <<<  The .nemo writer is being built on branch ``convert``
+    (an HF-directory -> .nemo converter in nemo_minitron/convert/). Once it lands, import it here:
+    :func:`write_student` writes the HF student to a temporary directory and converts it."""
+    try:
+        from nemo_minitron.convert.hf_to_nemo import convert_hf_to_nemo
+    except ImportError:
+        raise MinitronError(
+            "writing .nemo is not available yet (the HF -> .nemo converter has not landed in "
+            "nemo_minitron.convert); give an output directory to get an HF checkpoint, and "
+            "convert it once the converter is there") from None
+    return convert_hf_to_nemo
 
-    >>> .nemo OUTPUT PLUGS IN HERE <<<  The .nemo writer is being built on branch ``convert``
-    (an HF-directory -> .nemo converter in nemo_minitron/convert/). Once it lands, write the HF
-    student to a temporary directory with :func:`write_hf_student` and convert it into ``out``.
-    """
+
+def check_output(out: str, overwrite: bool) -> None:
+    """Fail before any work when the student cannot be written."""
     if out.endswith(".nemo"):
         try:
-            from nemo_minitron.convert.hf_to_nemo import convert_hf_to_nemo  # noqa: F401
-        except ImportError:
-            raise MinitronError(
-                f"out={out}: writing .nemo is not available yet (the HF -> .nemo converter has not "
-                "landed in nemo_minitron.convert); give an output directory to get an HF "
-                "checkpoint, and convert it once the converter is there") from None
+            _nemo_converter()
+        except MinitronError as e:
+            raise MinitronError(f"out={out}: {e}") from None
+    if os.path.exists(out) and not overwrite:
+        raise MinitronError(f"out={out} exists; pass overwrite=true to replace it")
+
+
+def write_student(out: str, target: ModelConfig, tensors, teacher_dir: Optional[str], **kwargs
+                  ) -> str:
+    """The student writer: an HF directory, or a ``.nemo`` file (see :func:`_nemo_converter`)."""
+    if out.endswith(".nemo"):
+        check_output(out, overwrite=True)
+        convert_hf_to_nemo = _nemo_converter()
         import tempfile
 
         with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
