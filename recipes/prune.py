@@ -3,7 +3,8 @@
 Minitron pruning: a Llama-3.1 teacher -> a width- and/or depth-pruned student. Also
 ``python recipes/prune.py ...`` (same arguments) and, with the importance pass parallelized,
 ``torchrun --nproc-per-node 8 recipes/prune.py --config conf/prune/minitron_4b_width.yaml
---model TEACHER --data CALIB.jsonl --out STUDENT tp=8`` (any ``key=value`` overrides a config field).
+--model TEACHER --data CALIB.jsonl --out STUDENT tp=8`` (any ``key=value`` overrides a config field),
+or the same under ``srun`` with one task per GPU (ranks from nemo_minitron.dist).
 
 Steps: load config (PruneConfig defaults < --config YAML < key=value) -> setup (teacher config,
 target, calibration samples: every input error happens here, before any model is built) -> run
@@ -24,6 +25,7 @@ if __package__ in (None, ""):  # `python recipes/prune.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nemo_minitron.config.recipe import dump_recipe_config, load_recipe_config  # noqa: E402
+from nemo_minitron.dist import cluster_environment, is_rank0  # noqa: E402
 from nemo_minitron.errors import ConfigError, MinitronError  # noqa: E402
 
 
@@ -50,10 +52,6 @@ class PruneConfig:
     scores: Optional[str] = None  # a saved importance.pt: prune with new targets, no forward pass
     overwrite: bool = False
     seed: int = 1234
-
-
-def is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def log(msg: str) -> None:
@@ -83,7 +81,7 @@ def setup(cfg: PruneConfig) -> dict:
                           f"{', '.join(DEPTH_METRICS)}")
     check_output(cfg.out, cfg.overwrite)
     teacher, reader, tokenizer_dir = read_teacher(cfg.model)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = cluster_environment().world_size()  # python, torchrun or srun
     layout = validate_parallel(teacher, cfg.tp, cfg.pp, world)
     target = resolve_target(teacher, cfg.target, _target_overrides(cfg), tp=cfg.tp)
     log(f"teacher {cfg.model}: {teacher.num_params():,} parameters; target: layers "

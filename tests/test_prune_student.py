@@ -154,7 +154,7 @@ def test_tiny_width_target_gives_the_tiny_student_preset(width_student, tiny_hf_
 @pytest.mark.megatron
 def test_student_does_not_depend_on_the_layout(width_student, tiny_hf_dir, tmp_path):
     out = str(tmp_path / "tp2")
-    run_ranks(_prune_with_recipe, 2, tp=2, args=(
+    run_ranks(_prune_with_recipe, 2, tp=2, launcher="srun", args=(  # ranks as srun sets them
         ["--config", "conf/prune/tiny.yaml", "--model", tiny_hf_dir, "--out", out, "tp=2",
          *SMALL],))
     a, b = _tensors(width_student), _tensors(out)
