@@ -3,6 +3,7 @@
     nemo-minitron presets
     nemo-minitron info minitron_4b_width [--tp 4 --pp 2] [--format text|json|hf|nemo]
     nemo-minitron info /path/to/hf_dir_or_config.json_or_model_config.yaml_or.nemo
+    nemo-minitron prune --config conf/prune/tiny.yaml --model TEACHER --out STUDENT [key=value ...]
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2.
 """
@@ -91,6 +92,29 @@ def cmd_info(args) -> int:
     return 0
 
 
+def load_recipe(name: str):
+    """The recipe module ``recipes/<name>.py`` of this checkout (recipes are files, not a package)."""
+    import importlib.util
+    import os
+
+    import nemo_minitron
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(nemo_minitron.__file__))),
+                        "recipes", f"{name}.py")
+    if not os.path.isfile(path):
+        raise MinitronError(f"{path}: recipe not found (nemo-minitron {name} runs the recipes/ "
+                            "directory of a source checkout installed with pip install -e)")
+    spec = importlib.util.spec_from_file_location(f"nemo_minitron_recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def cmd_prune(args) -> int:
+    return load_recipe("prune").main(args.recipe_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
 
@@ -111,12 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json", "hf", "nemo"), default="text",
                    help="text summary, our config as JSON, HF config.json, or NeMo model_config.yaml")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("prune", add_help=False,
+                       help="Minitron width/depth pruning of a teacher (recipes/prune.py)")
+    p.add_argument("recipe_args", nargs=argparse.REMAINDER,
+                   help="--config YAML --model TEACHER --data CALIB --out STUDENT key=value ...")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # parse_known_args: the prune recipe parses its own options (--config, --model, ...)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "prune":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "prune":
+        args.recipe_args = rest + args.recipe_args
     try:
         return args.func(args)
     except MinitronError as e:

@@ -33,3 +33,12 @@ def tiny_hf_dir(tmp_path_factory):
 
     return write_tiny_hf_checkpoint(str(tmp_path_factory.mktemp("hf") / "tiny_llama31"),
                                     preset="tiny_llama31", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_hf_dir(tmp_path_factory):
+    """The tiny teacher stored in fp32 (exact comparisons against transformers), with tokenizer."""
+    from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
+
+    return write_tiny_hf_checkpoint(str(tmp_path_factory.mktemp("hf32") / "tiny_llama31_fp32"),
+                                    preset="tiny_llama31", seed=1, dtype="float32")

@@ -1,0 +1,1 @@
+"""Datasets: calibration text for pruning (calibration.py)."""

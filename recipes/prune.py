@@ -1,0 +1,201 @@
+"""nemo-minitron prune --config conf/prune/tiny.yaml --model TEACHER_HF_DIR --out STUDENT_DIR
+
+Minitron pruning: a Llama-3.1 teacher -> a width- and/or depth-pruned student. Also
+``python recipes/prune.py ...`` (same arguments) and, with the importance pass parallelized,
+``torchrun --nproc-per-node 8 recipes/prune.py --config conf/prune/minitron_4b_width.yaml
+--model TEACHER --data CALIB.jsonl --out STUDENT tp=8`` (any ``key=value`` overrides a config field),
+or the same under ``srun`` with one task per GPU (ranks from nemo_minitron.dist).
+
+Steps: load config (PruneConfig defaults < --config YAML < key=value) -> setup (teacher config,
+target, calibration samples: every input error happens here, before any model is built) -> run
+(the importance pass with Megatron forward hooks at TP x PP x DP, or a saved scores file) -> save
+(rank 0: rankings, sliced weights, the student checkpoint with pruning.json and importance.pt)
+-> cleanup. The student's config is exactly the target; see nemo_minitron/prune/ for the method.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+if __package__ in (None, ""):  # `python recipes/prune.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nemo_minitron.config.recipe import dump_recipe_config, load_recipe_config  # noqa: E402
+from nemo_minitron.dist import cluster_environment, is_rank0  # noqa: E402
+from nemo_minitron.errors import ConfigError, MinitronError  # noqa: E402
+
+
+@dataclass
+class PruneConfig:
+    model: str  # teacher: HF checkpoint directory (.nemo: once the reader lands)
+    out: str  # student: a directory (HF checkpoint) or a .nemo file (once the writer lands)
+    target: Optional[str] = None  # a preset: minitron_4b_width, minitron_4b_depth, tiny_minitron_*
+    hidden_size: Optional[int] = None  # explicit targets override the preset's
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    num_layers: Optional[int] = None
+    drop_layers: Optional[List[int]] = None  # teacher layer indices; else chosen by depth_metric
+    depth_metric: str = "loss"  # loss: best contiguous block by LM loss; cosine: 1 - cos per layer
+    data: str = "pydoc"  # pydoc (Python's documentation prose), or a .txt / .jsonl ('text') file
+    tokenizer: Optional[str] = None  # directory with tokenizer.json; default: the teacher's
+    calib_samples: int = 1024
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "bfloat16"  # of the importance pass (scores accumulate in fp32 regardless)
+    scores: Optional[str] = None  # a saved importance.pt: prune with new targets, no forward pass
+    overwrite: bool = False
+    seed: int = 1234
+
+
+def log(msg: str) -> None:
+    if is_rank0():
+        print(f"[prune {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _target_overrides(cfg: PruneConfig) -> dict:
+    from nemo_minitron.prune.targets import PRUNABLE
+
+    out = {k: getattr(cfg, k) for k in PRUNABLE}
+    out["drop_layers"] = cfg.drop_layers
+    return out
+
+
+# ---- setup: every input error before any model is built ----------------------------------------
+def setup(cfg: PruneConfig) -> dict:
+    from nemo_minitron.config.parallel import validate_parallel
+    from nemo_minitron.data.calibration import calibration_samples
+    from nemo_minitron.prune.depth import DEPTH_METRICS
+    from nemo_minitron.prune.importance import load_scores
+    from nemo_minitron.prune.prune import check_output, read_teacher
+    from nemo_minitron.prune.targets import resolve_target
+
+    if cfg.depth_metric not in DEPTH_METRICS:
+        raise ConfigError(f"depth_metric={cfg.depth_metric!r} is not one of "
+                          f"{', '.join(DEPTH_METRICS)}")
+    check_output(cfg.out, cfg.overwrite)
+    teacher, reader, tokenizer_dir = read_teacher(cfg.model)
+    world = cluster_environment().world_size()  # python, torchrun or srun
+    layout = validate_parallel(teacher, cfg.tp, cfg.pp, world)
+    target = resolve_target(teacher, cfg.target, _target_overrides(cfg), tp=cfg.tp)
+    log(f"teacher {cfg.model}: {teacher.num_params():,} parameters; target: layers "
+        f"{target.config.num_layers}, hidden {target.config.hidden_size}, ffn "
+        f"{target.config.ffn_hidden_size}, heads {target.config.num_attention_heads} "
+        f"({target.config.num_query_groups} groups), head_dim {target.config.head_dim}: "
+        f"{target.config.num_params():,} parameters")
+    state = dict(teacher=teacher, reader=reader, target=target, layout=layout, samples=None,
+                 scores=None)
+    depth_by_loss = (target.drop_layers is None and cfg.depth_metric == "loss"
+                     and target.config.num_layers < teacher.num_layers)
+    state["block_lengths"] = [teacher.num_layers - target.config.num_layers] if depth_by_loss else []
+    if cfg.scores:
+        state["scores"] = load_scores(cfg.scores, teacher)
+        log(f"scores from {cfg.scores} (no forward pass)")
+        return state
+    samples = calibration_samples(cfg.data, cfg.tokenizer or tokenizer_dir, cfg.calib_samples,
+                                  cfg.seq_length, teacher.bos_token_id,
+                                  teacher.eos_token_id if isinstance(teacher.eos_token_id, int)
+                                  else teacher.eos_token_id[0])
+    if cfg.calib_samples < layout.dp:
+        raise ConfigError(f"calib_samples={cfg.calib_samples} cannot feed {layout.dp} "
+                          "data-parallel replicas")
+    state["samples"] = samples
+    log(f"calibration: {samples.shape[0]} samples x {cfg.seq_length} tokens from {cfg.data}")
+    return state
+
+
+# ---- run: the importance pass -------------------------------------------------------------------
+def run(cfg: PruneConfig, state: dict) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from nemo_minitron.dist import init_megatron
+    from nemo_minitron.model.build import build_gpt_model
+    from nemo_minitron.model.load import load_hf_into_model
+    from nemo_minitron.prune.importance import compute_scores, scores_file_content
+
+    if state["scores"] is not None:
+        return state["scores"]
+    if not ps.model_parallel_is_initialized():
+        init_megatron(tp=cfg.tp, pp=cfg.pp, seed=cfg.seed)
+        state["owns_megatron"] = True
+    elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) \
+            != (cfg.tp, cfg.pp):
+        raise ConfigError(f"Megatron is already initialized with another layout than "
+                          f"tp={cfg.tp} pp={cfg.pp}")
+    teacher = state["teacher"]
+    # local spec (use_te=False): its RMSNorms are modules whose outputs the hooks can see
+    model = build_gpt_model(teacher, dtype=cfg.dtype, use_te=False)
+    load_hf_into_model(model, teacher, cfg.model, reader=state["reader"])
+    log(f"teacher loaded at TP={cfg.tp} PP={cfg.pp} DP={state['layout'].dp}, dtype {cfg.dtype}")
+    scores = compute_scores(model, teacher, state["samples"], micro_batch_size=cfg.micro_batch_size,
+                            block_lengths=state["block_lengths"], progress=log)
+    calibration = dict(data=cfg.data, samples=cfg.calib_samples, seq_length=cfg.seq_length,
+                       dtype=cfg.dtype, tp=cfg.tp, pp=cfg.pp, dp=state["layout"].dp)
+    return scores_file_content(scores, teacher, calibration)
+
+
+# ---- save: rank 0 writes the student ----------------------------------------------------------
+def save(cfg: PruneConfig, state: dict, scores: dict) -> Optional[str]:
+    import torch
+
+    from nemo_minitron.prune.importance import save_scores
+    from nemo_minitron.prune.prune import prune_tensors, rankings, write_json, write_student
+
+    path = None
+    if is_rank0():
+        teacher, target = state["teacher"], state["target"]
+        plan = rankings(scores, teacher, target, cfg.depth_metric)
+        log(f"keeping layers {plan['layers']}" if plan["dropped_layers"] else "keeping all layers")
+        tensors = prune_tensors(state["reader"], teacher, target.config, plan)
+        meta = dict(plan, config=dump_recipe_config(cfg), student=target.config.to_dict())
+        path = write_student(cfg.out, target.config, tensors, cfg.model, overwrite=cfg.overwrite,
+                             extra={"pruning.json": write_json(meta),
+                                    "importance.pt": lambda p: save_scores(p, scores)})
+        log(f"wrote {path}: {target.config.num_params():,} parameters")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank leaves before the student exists
+    return path
+
+
+def cleanup(state: dict) -> None:
+    if state.get("owns_megatron"):
+        from nemo_minitron.dist import destroy_megatron
+
+        destroy_megatron()
+
+
+def parse_args(argv: Optional[List[str]] = None) -> PruneConfig:
+    parser = argparse.ArgumentParser(prog="nemo-minitron prune", description="Minitron width/depth pruning (recipes/prune.py)")
+    parser.add_argument("--config", help="YAML with PruneConfig fields (conf/prune/*.yaml)")
+    parser.add_argument("--model", help="teacher checkpoint (same as model=...)")
+    parser.add_argument("--data", help="calibration data (same as data=...)")
+    parser.add_argument("--out", help="student output (same as out=...)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(argv)  # key=value may come before or after options
+    flags = [f"{k}={v}" for k in ("model", "data", "out") if (v := getattr(args, k)) is not None]
+    return load_recipe_config(PruneConfig, args.config, flags + args.overrides)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    state = {}
+    try:
+        cfg = parse_args(argv)
+        state = setup(cfg)
+        scores = run(cfg, state)
+        save(cfg, state, scores)
+    except MinitronError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup(state)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
