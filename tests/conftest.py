@@ -29,7 +29,6 @@ if (_mcore_version() or (1,)) < (0, 8) and importlib.util.find_spec("transformer
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """The tiny teacher as an HF checkpoint directory laid out like the released repos (bf16)."""
-    pytest.importorskip("transformers")
     from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
 
     return write_tiny_hf_checkpoint(str(tmp_path_factory.mktemp("hf") / "tiny_llama31"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import traceback
 
 
@@ -11,14 +12,25 @@ def _worker(fn, rank, world_size, port, tp, pp, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
-        from nemo_minitron.dist import destroy_megatron, init_megatron
+        import torch
+
+        # The parent may have used OpenMP threads before fork(); the child's copy of the thread
+        # pool is unusable (parallel regions hang), so the workers compute single-threaded.
+        torch.set_num_threads(1)
+        from nemo_minitron.dist import init_megatron
 
         init_megatron(tp=tp, pp=pp)
         result = fn(rank, *args)
-        destroy_megatron()
-        queue.put((rank, "ok", result))
+        # Plain pickle: tensors travel by value (multiprocessing's own pickler would share them
+        # through file descriptors that die with this process).
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
+    # Leave without tearing down the process group: torch 2.3's gloo destroy_process_group can
+    # hang after collectives; the worker is finished and the OS frees everything.
+    queue.close()
+    queue.join_thread()
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int = 1, tp: int = 1, pp: int = 1, args=(), timeout: float = 120):
@@ -38,7 +50,7 @@ def run_ranks(fn, world_size: int = 1, tp: int = 1, pp: int = 1, args=(), timeou
         for _ in procs:
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
     finally:

@@ -11,8 +11,6 @@ from nemo_minitron.config import get_preset
 from nemo_minitron.config.hf import check_hf_shapes, read_hf_config
 from nemo_minitron.errors import CheckpointError, MinitronError
 
-pytestmark = pytest.mark.hf
-
 
 def test_layout(tiny_hf_dir):
     files = sorted(os.listdir(tiny_hf_dir))
@@ -30,6 +28,7 @@ def test_layout(tiny_hf_dir):
     assert index["metadata"]["total_size"] < total
 
 
+@pytest.mark.hf
 def test_transformers_loads_it(tiny_hf_dir):
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
@@ -43,6 +42,7 @@ def test_transformers_loads_it(tiny_hf_dir):
     assert torch.isfinite(logits).all() and 0.3 < logits.std().item() < 30
 
 
+@pytest.mark.hf
 def test_real_tokenizer(tiny_hf_dir):
     transformers = pytest.importorskip("transformers")
     tok = transformers.AutoTokenizer.from_pretrained(tiny_hf_dir)

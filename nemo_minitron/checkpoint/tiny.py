@@ -7,9 +7,10 @@ What it writes: ``config.json`` (the released style: ``head_dim``, ``rope_theta`
 ``rope_scaling``, ``torch_dtype``), ``generation_config.json``, two ``model-0000K-of-00002.safetensors``
 shards with ``model.safetensors.index.json``, and the real Llama-3 tokenizer files.
 
-The weights come from transformers' ``LlamaForCausalLM`` built from that config.json (so names and
-shapes are transformers' own), re-drawn so the logits are O(1) and every RMSNorm weight differs
-from 1: HF's default init (std 0.02, norms 1.0) makes logits near zero and hides mapping bugs.
+The tensors have transformers' ``LlamaForCausalLM`` names, shapes and order (the tests check this
+against transformers itself and load the result with it), drawn so the logits are O(1) and every
+RMSNorm weight differs from 1: HF's default init (std 0.02, norms 1.0) makes logits near zero and
+hides mapping bugs. transformers is not needed to write it (the NeMo 24.05 test tier has none).
 """
 from __future__ import annotations
 
@@ -23,30 +24,24 @@ import torch
 from nemo_minitron.checkpoint.fsutil import atomic_output_dir
 from nemo_minitron.checkpoint.hf_io import write_safetensors_shards
 from nemo_minitron.config.arch import ModelConfig
-from nemo_minitron.config.hf import check_hf_shapes, to_hf_dict
+from nemo_minitron.config.hf import expected_hf_shapes, to_hf_dict
 from nemo_minitron.config.megatron import torch_dtype
 from nemo_minitron.config.presets import get_preset
 
 
 def random_llama_state_dict(cfg: ModelConfig, seed: int = 0) -> dict:
-    """A transformers LlamaForCausalLM state dict for ``cfg`` (fp32) with O(1)-logit random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf = to_hf_dict(cfg)
-    hf.pop("architectures")
-    hf["torch_dtype"] = "float32"
-    model = LlamaForCausalLM(LlamaConfig(**hf))
+    """A ``LlamaForCausalLM`` state dict for ``cfg`` (fp32, transformers' names, shapes and order)
+    with O(1)-logit random weights; the same seed gives the same weights on every stack."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for name, param in model.state_dict().items():
+    for name, shape in expected_hf_shapes(cfg).items():
         if name.endswith("norm.weight"):
-            value = 1.0 + 0.1 * torch.randn(param.shape, generator=gen)
+            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         elif name == "model.embed_tokens.weight":
-            value = torch.randn(param.shape, generator=gen)
+            value = torch.randn(shape, generator=gen)
         else:  # Linear [out, in]: unit-variance outputs for unit-variance inputs
-            value = torch.randn(param.shape, generator=gen) / math.sqrt(param.shape[1])
+            value = torch.randn(shape, generator=gen) / math.sqrt(shape[1])
         state[name] = value
-    check_hf_shapes(cfg, {k: v.shape for k, v in state.items()})
     return state
 
 

@@ -179,16 +179,13 @@ def write_hf_config(cfg: ModelConfig, directory: str) -> str:
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
-    """Every tensor of the HF ``LlamaForCausalLM`` checkpoint with its shape."""
+    """Every tensor of the HF ``LlamaForCausalLM`` checkpoint with its shape, in transformers'
+    state-dict order."""
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
             p + "self_attn.q_proj.weight": (cfg.q_size, h),
             p + "self_attn.k_proj.weight": (cfg.kv_size, h),
             p + "self_attn.v_proj.weight": (cfg.kv_size, h),
@@ -196,7 +193,12 @@ def expected_hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
             p + "mlp.gate_proj.weight": (f, h),
             p + "mlp.up_proj.weight": (f, h),
             p + "mlp.down_proj.weight": (h, f),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
         })
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
 
 

@@ -1,0 +1,1 @@
+"""Checkpoint conversion between HF and NeMo/Megatron (mapping.py: the weight mapping table)."""

@@ -1,0 +1,1 @@
+"""Training losses: logit distillation (kd.py)."""
