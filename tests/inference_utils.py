@@ -80,23 +80,3 @@ def random_runner(cfg, seed: int = 0):
     set_layout_independent_weights(model, cfg, seed)
     return ModelRunner(model, cfg)
 
-
-def in_step(fn):
-    """Wrap a run_ranks worker: all ranks meet in a barrier before returning.
-
-    With torch 2.3 (the NeMo 24.05 tier), gloo's destroy_process_group sometimes hangs on a rank
-    that reaches it long after its peer did, once the groups have carried collectives (seen about
-    1 run in 4 of a TP=2 generation check; 0 in 8 with this barrier).
-    """
-    import functools
-
-    @functools.wraps(fn)
-    def wrapped(rank, *args):
-        import torch.distributed as dist
-
-        result = fn(rank, *args)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
-        return result
-
-    return wrapped

@@ -11,7 +11,6 @@ import torch
 
 from nemo_minitron.config import get_preset
 from tests.helpers import run_ranks
-from tests.inference_utils import in_step
 
 pytestmark = pytest.mark.megatron
 
@@ -33,7 +32,6 @@ def _full_logits(runner, ids):
         return runner.model(input_ids=ids, position_ids=pos, attention_mask=None).float()
 
 
-@in_step
 def _kv_vs_full(rank):
     from nemo_minitron.inference.generate import generate
     from nemo_minitron.inference.sampling import SamplingParams
@@ -63,7 +61,6 @@ def test_kv_cache_decoding_equals_full_reforward_and_batching_is_invisible():
     assert batch == alone  # prompts of 2..37 tokens decoded together == one at a time
 
 
-@in_step
 def _everything(rank):
     """Greedy and sampled generation, scores and perplexity at the current layout."""
     from nemo_minitron.inference.generate import generate
@@ -108,8 +105,7 @@ def test_parallel_layouts_match_tp1_and_all_ranks_agree(tp1_everything, tp, pp):
 def test_scores_equal_log_softmax_of_full_logits(tp1_everything):
     greedy_tokens, scores = tp1_everything[0], tp1_everything[3]
 
-    @in_step
-    def check(rank):
+        def check(rank):
         from tests.inference_utils import random_runner
 
         runner = random_runner(CFG)
@@ -135,7 +131,6 @@ def test_scores_equal_log_softmax_of_full_logits(tp1_everything):
     assert ppl == pytest.approx(ref_ppl, rel=1e-5)
 
 
-@in_step
 def _sampling_checks(rank):
     from nemo_minitron.inference.generate import generate
     from nemo_minitron.inference.sampling import SamplingParams
@@ -161,7 +156,6 @@ def test_seeded_sampling_is_reproducible_and_degenerate_filters_are_greedy():
     assert r["greedy"] == r["temp0"] == r["top_k1"] == r["tiny_top_p"]
 
 
-@in_step
 def _padded_vocab(rank):
     from nemo_minitron.inference.generate import generate
     from nemo_minitron.inference.sampling import SamplingParams
@@ -193,7 +187,6 @@ def test_padded_vocab_ids_are_never_produced_or_scored(tp):
     assert all(math.isfinite(s) and s <= 0 for seq in scores for s in seq)
 
 
-@in_step
 def _eos(rank, eos_after):
     from nemo_minitron.inference.generate import generate
     from nemo_minitron.inference.sampling import SamplingParams

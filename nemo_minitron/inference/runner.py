@@ -56,6 +56,19 @@ class ModelRunner:
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if torch.cuda.is_available() else torch.device("cpu"))
 
+    @classmethod
+    def from_hf(cls, hf_dir: str, dtype: str = "float32", use_te=None) -> "ModelRunner":
+        """Build this rank's part of the model in ``hf_dir``'s config.json and load its weights
+        (Megatron's parallel state must be initialized: ``nemo_minitron.dist.init_megatron``)."""
+        from nemo_minitron.config.hf import read_hf_config
+        from nemo_minitron.model.build import build_gpt_model
+        from nemo_minitron.model.load import load_hf_into_model
+
+        cfg = read_hf_config(hf_dir)
+        model = build_gpt_model(cfg, dtype=dtype, use_te=use_te)
+        load_hf_into_model(model, cfg, hf_dir)
+        return cls(model, cfg)
+
     @property
     def is_sampler(self) -> bool:
         """The rank whose choice of tokens every rank adopts: last stage, TP rank 0."""
