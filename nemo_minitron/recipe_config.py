@@ -15,23 +15,30 @@ from nemo_minitron.errors import ConfigError
 T = TypeVar("T")
 
 
-def parse_override(item: str):
-    """``key=value`` -> (key, value parsed as a YAML scalar or list: 8, 0.7, true, [a, b], text)."""
-    import yaml
+class _Raw(str):
+    """Command-line text: kept as is for string fields, parsed as YAML (8, 0.7, true, [a, b])
+    for the others."""
 
+
+def parse_override(item: str):
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not key=value")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text  # plain text such as a prompt with a colon
-    return key.strip(), value
+    return key.strip(), _Raw(text)
 
 
 def _coerce(cls_name: str, f: dataclasses.Field, value):
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    if isinstance(value, _Raw):
+        if isinstance(default, str):
+            return str(value)
+        import yaml
+
+        try:
+            value = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            value = str(value)
     if default is None or value is None:
         return value
     if isinstance(default, bool):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from nemo_minitron.errors import ConfigError, MinitronError
+from nemo_minitron.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -136,14 +137,12 @@ def _dtype(name: str) -> str:
 
 # ---- setup / cleanup -------------------------------------------------------------------------
 def setup(model: str, tp: int, pp: int, dtype: str, seed: int = 1234):
-    """Initialize Megatron at TP/PP and load the model and its tokenizer on this rank."""
+    """Initialize Megatron at TP/PP and load this rank's part of the model."""
     from nemo_minitron.dist import init_megatron
     from nemo_minitron.inference.runner import ModelRunner
-    from nemo_minitron.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(model)  # before the process group: a failure stays one line
     init_megatron(tp=tp, pp=pp, seed=seed)
-    return ModelRunner.from_hf(model, dtype=_dtype(dtype)), tokenizer
+    return ModelRunner.from_hf(model, dtype=_dtype(dtype))
 
 
 def cleanup() -> None:
@@ -171,11 +170,12 @@ def run_generate(job: GenerateJobConfig, stdout=None) -> Optional[list]:
     cfg = _model_config(job.model, job.tp, job.pp)
     _dtype(job.dtype)
     texts = [job.prompt] if job.prompt else read_prompts(job.prompts)
+    tokenizer = load_tokenizer(job.model)
+    ids = [tokenizer.encode(t) for t in texts]  # adds <|begin_of_text|> as HF does
+    validate_request(cfg, ids, params, tokenizer)  # lengths vs max positions, before any weight
 
-    runner, tokenizer = setup(job.model, job.tp, job.pp, job.dtype, job.seed)
+    runner = setup(job.model, job.tp, job.pp, job.dtype, job.seed)
     try:
-        ids = [tokenizer.encode(t) for t in texts]  # adds <|begin_of_text|> as HF does
-        validate_request(cfg, ids, params, tokenizer)
         completions = []
         for start in range(0, len(ids), job.batch_size):
             batch_params = params.replace(seed=params.seed + start)  # reproducible per batch
@@ -219,13 +219,13 @@ def run_perplexity(job: PerplexityJobConfig, stdout=None):
                           f"{cfg.max_position_embeddings}")
     _dtype(job.dtype)
     docs = read_documents(job.data)
+    ids = [load_tokenizer(job.model).encode(d) for d in docs]
+    short = [i for i, d in enumerate(ids) if len(d) < 2]
+    if short:
+        raise MinitronError(f"data={job.data}: document {short[0]} has fewer than 2 tokens")
 
-    runner, tokenizer = setup(job.model, job.tp, job.pp, job.dtype)
+    runner = setup(job.model, job.tp, job.pp, job.dtype)
     try:
-        ids = [tokenizer.encode(d) for d in docs]
-        short = [i for i, d in enumerate(ids) if len(d) < 2]
-        if short:
-            raise MinitronError(f"data={job.data}: document {short[0]} has fewer than 2 tokens")
         result = perplexity(runner, ids, job.window, job.stride, job.batch_size)
         if is_rank_zero():
             stdout.write(json.dumps({"ppl": result.ppl, "nll_per_token": result.mean_nll,
