@@ -105,7 +105,7 @@ def test_parallel_layouts_match_tp1_and_all_ranks_agree(tp1_everything, tp, pp):
 def test_scores_equal_log_softmax_of_full_logits(tp1_everything):
     greedy_tokens, scores = tp1_everything[0], tp1_everything[3]
 
-        def check(rank):
+    def check(rank):
         from tests.inference_utils import random_runner
 
         runner = random_runner(CFG)
