@@ -4,6 +4,12 @@
     nemo-minitron info minitron_4b_width [--tp 4 --pp 2] [--format text|json|hf|nemo]
     nemo-minitron info /path/to/hf_dir_or_config.json_or_model_config.yaml_or.nemo
     nemo-minitron prune --config conf/prune/tiny.yaml --model TEACHER --out STUDENT [key=value ...]
+    nemo-minitron generate --model HF_DIR --prompt TEXT [--greedy] [--max-new-tokens N] [key=value ...]
+    nemo-minitron generate --model HF_DIR --prompts IN.jsonl --out OUT.jsonl [--config YAML] [key=value ...]
+    nemo-minitron eval-ppl --model HF_DIR --data FILE.txt|FILE.jsonl [window=2048 stride=512 ...]
+
+generate/eval-ppl run the same under python, torchrun and srun (tp=.. pp=.. overrides); only rank 0
+prints. Config precedence: defaults, then --config YAML, then flags and key=value overrides.
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2.
 """
@@ -115,6 +121,30 @@ def cmd_prune(args) -> int:
     return load_recipe("prune").main(args.recipe_args)
 
 
+def _job_values(args, names) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) not in (None, False)}
+
+
+def cmd_generate(args) -> int:
+    from nemo_minitron.inference.job import GenerateJobConfig, run_generate
+    from nemo_minitron.recipe_config import load_config
+
+    values = _job_values(args, ("model", "prompt", "prompts", "out", "greedy"))
+    if args.max_new_tokens is not None:
+        values["max_new_tokens"] = args.max_new_tokens
+    run_generate(load_config(GenerateJobConfig, args.config, args.overrides, values))
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from nemo_minitron.inference.job import PerplexityJobConfig, run_perplexity
+    from nemo_minitron.recipe_config import load_config
+
+    run_perplexity(load_config(PerplexityJobConfig, args.config, args.overrides,
+                               _job_values(args, ("model", "data"))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
 
@@ -141,6 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe_args", nargs=argparse.REMAINDER,
                    help="--config YAML --model TEACHER --data CALIB --out STUDENT key=value ...")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("generate", help="complete prompts with the Megatron model (KV cache, TP/PP)")
+    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--prompt", help="one prompt: its completion alone is printed")
+    p.add_argument("--prompts", help="JSONL file with a \"prompt\" per line")
+    p.add_argument("--out", help="JSONL file for the completions of --prompts")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--config", help="YAML job config (conf/generate/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="tp, pp, dtype, temperature, top_k, top_p, seed, stop, logprobs, ...")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval-ppl", help="sliding-window perplexity of a text or JSONL file")
+    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--data", help="text file (one document) or JSONL with a \"text\" per line")
+    p.add_argument("--config", help="YAML job config")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="window, stride, batch_size, tp, pp, dtype")
+    p.set_defaults(func=cmd_eval_ppl)
     return parser
 
 

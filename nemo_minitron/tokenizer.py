@@ -89,3 +89,18 @@ def write_tokenizer_files(out_dir: str, source_dir: str = None) -> None:
         json.dump(config, f, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
         json.dump({"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}, f, indent=2)
+
+
+def load_tokenizer(path: str):
+    """The HF fast tokenizer of a checkpoint directory (``encode`` adds ``<|begin_of_text|>`` as
+    the Llama-3 tokenizer does; ``decode`` turns ids back into text)."""
+    import os as _os
+
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise MinitronError("text prompts need HF transformers (pip install transformers>=4.45); "
+                            "token ids work without it") from None
+    if not _os.path.isfile(_os.path.join(path, "tokenizer.json")):
+        raise MinitronError(f"{path}: no tokenizer.json (an HF checkpoint directory has one)")
+    return AutoTokenizer.from_pretrained(path)

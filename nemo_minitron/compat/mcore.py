@@ -114,3 +114,52 @@ def final_norm_for_local_spec():
         yield
     finally:
         transformer_block.TENorm = original
+
+
+# ---- KV-cache inference ---------------------------------------------------------------------
+# megatron-core 0.7 (NeMo 24.05): ``megatron.core.InferenceParams`` passed as
+# ``GPTModel.forward(inference_params=...)``; logits come back vocab-sharded under TP.
+# megatron-core >= 0.12: ``StaticInferenceContext`` passed as ``inference_context=...``, and the
+# model asserts ``runtime_gather_output=True`` in inference mode, so the logits come back gathered
+# over TP (only the last position's, ``materialize_only_last_token_logits``).
+# Both keep the cache in ``key_value_memory_dict`` and advance with ``sequence_len_offset``; both
+# accept a multi-token first (prefill) step from offset 0, then one token per step (0.7 slices the
+# query RoPE to the last position after the first step).
+
+
+def _has_static_context() -> bool:
+    try:
+        from megatron.core.inference.contexts import StaticInferenceContext  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def new_kv_cache(max_batch_size: int, max_sequence_length: int):
+    """An empty static KV cache for ``max_batch_size`` sequences of ``max_sequence_length``."""
+    if _has_static_context():
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        return StaticInferenceContext(max_batch_size, max_sequence_length)
+    from megatron.core import InferenceParams
+
+    return InferenceParams(max_batch_size, max_sequence_length)
+
+
+def kv_cache_forward_kwargs(cache) -> dict:
+    """The ``GPTModel.forward`` keyword arguments that make it read and extend ``cache``."""
+    if _has_static_context():
+        return {"inference_context": cache, "runtime_gather_output": True}
+    return {"inference_params": cache}
+
+
+def kv_cache_logits_gathered() -> bool:
+    """Whether ``GPTModel.forward`` with a KV cache returns logits already gathered over TP."""
+    return _has_static_context()
+
+
+def gather_tp_last_dim(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather ``tensor`` over the tensor-parallel group along its last dimension."""
+    from megatron.core.tensor_parallel import mappings
+
+    return mappings.gather_from_tensor_model_parallel_region(tensor)

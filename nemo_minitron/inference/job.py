@@ -1,0 +1,237 @@
+"""The generate and eval-ppl jobs: config -> checks -> setup -> run -> write -> cleanup.
+
+Shared by ``recipes/generate.py`` and the ``nemo-minitron generate`` / ``eval-ppl`` commands, so
+both run the same code under ``python``, ``torchrun`` and ``srun``. Every rank of the model-parallel
+group runs the job; only rank 0 prints or writes. Everything that can be checked without the model
+(config keys, files, prompts, parallel layout, sampling knobs) is checked first, before
+torch.distributed or any weight is touched, and fails as one :class:`MinitronError` line.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from nemo_minitron.errors import ConfigError, MinitronError
+from nemo_minitron.tokenizer import load_tokenizer
+
+
+@dataclass
+class GenerateJobConfig:
+    model: str = ""  # HF checkpoint directory (config.json, safetensors, tokenizer.json)
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
+    prompt: str = ""  # one prompt; the completion alone goes to stdout
+    prompts: str = ""  # or a JSONL file with a "prompt" field per line ...
+    out: str = ""  # ... and the JSONL file the completions go to
+    batch_size: int = 8
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 1234
+    max_new_tokens: int = 64
+    stop: List[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+
+@dataclass
+class PerplexityJobConfig:
+    model: str = ""
+    data: str = ""  # a text file (one document) or JSONL with a "text" field per line
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "auto"
+    window: int = 2048
+    stride: int = 512
+    batch_size: int = 4
+
+
+# ---- checks before any expensive work ----------------------------------------------------------
+def _model_config(path: str, tp: int, pp: int):
+    import torch.distributed  # noqa: F401 - only to fail early if torch is broken
+
+    from nemo_minitron.config import validate_parallel
+    from nemo_minitron.config.hf import read_hf_config
+
+    if not path:
+        raise ConfigError("model=PATH (an HF checkpoint directory) is required")
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"model={path}: not an HF checkpoint directory (no config.json)")
+    cfg = read_hf_config(path)
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    layout = validate_parallel(cfg, tp, pp, world_size=world)
+    if layout.dp != 1:
+        raise ConfigError(f"world size {world} != tp*pp = {tp * pp}: launch exactly tp*pp ranks "
+                          "(data-parallel generation is not supported)")
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise ConfigError(f"model={path}: no tokenizer.json")
+    return cfg
+
+
+def read_prompts(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"prompts={path}: file not found")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ConfigError(f"{path}:{n}: expected an object with a string \"prompt\"")
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise ConfigError(f"prompts={path}: no prompts")
+    return prompts
+
+
+def read_documents(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"data={path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        if not path.endswith(".jsonl"):
+            text = f.read()
+            if not text.strip():
+                raise ConfigError(f"data={path}: empty")
+            return [text]
+        docs = []
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ConfigError(f"{path}:{n}: expected an object with a string \"text\"")
+            docs.append(row["text"])
+    if not docs:
+        raise ConfigError(f"data={path}: no documents")
+    return docs
+
+
+def sampling_params(job: GenerateJobConfig):
+    from nemo_minitron.inference.sampling import SamplingParams
+
+    return SamplingParams(greedy=job.greedy, temperature=job.temperature, top_k=job.top_k,
+                          top_p=job.top_p, seed=job.seed, max_new_tokens=job.max_new_tokens,
+                          stop=tuple(job.stop), ignore_eos=job.ignore_eos, logprobs=job.logprobs)
+
+
+def _dtype(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    from nemo_minitron.config.megatron import torch_dtype
+
+    return str(torch_dtype(name)).replace("torch.", "")
+
+
+# ---- setup / cleanup -------------------------------------------------------------------------
+def setup(model: str, tp: int, pp: int, dtype: str, seed: int = 1234):
+    """Initialize Megatron at TP/PP and load this rank's part of the model."""
+    from nemo_minitron.dist import init_megatron
+    from nemo_minitron.inference.runner import ModelRunner
+
+    init_megatron(tp=tp, pp=pp, seed=seed)
+    return ModelRunner.from_hf(model, dtype=_dtype(dtype))
+
+
+def cleanup() -> None:
+    from nemo_minitron.dist import destroy_megatron
+
+    destroy_megatron()
+
+
+# ---- the jobs --------------------------------------------------------------------------------
+def run_generate(job: GenerateJobConfig, stdout=None) -> Optional[list]:
+    """Generate for ``job``; returns the completions (on every rank)."""
+    import sys
+
+    from nemo_minitron.dist import is_rank0
+    from nemo_minitron.inference.generate import generate, validate_request
+
+    stdout = stdout or sys.stdout
+    if bool(job.prompt) == bool(job.prompts):
+        raise ConfigError("give exactly one of prompt=TEXT or prompts=FILE.jsonl")
+    if job.prompts and not job.out:
+        raise ConfigError("prompts=FILE.jsonl needs out=FILE.jsonl")
+    if isinstance(job.batch_size, bool) or job.batch_size < 1:
+        raise ConfigError(f"batch_size={job.batch_size} must be >= 1")
+    params = sampling_params(job)
+    cfg = _model_config(job.model, job.tp, job.pp)
+    _dtype(job.dtype)
+    texts = [job.prompt] if job.prompt else read_prompts(job.prompts)
+    tokenizer = load_tokenizer(job.model)
+    ids = [tokenizer.encode(t) for t in texts]  # adds <|begin_of_text|> as HF does
+    validate_request(cfg, ids, params, tokenizer)  # lengths vs max positions, before any weight
+
+    runner = setup(job.model, job.tp, job.pp, job.dtype, job.seed)
+    try:
+        completions = []
+        for start in range(0, len(ids), job.batch_size):
+            batch_params = params.replace(seed=params.seed + start)  # reproducible per batch
+            completions += generate(runner, ids[start:start + job.batch_size], batch_params,
+                                    tokenizer=tokenizer)
+        if is_rank0():
+            if job.prompt:
+                stdout.write(completions[0].text + "\n")
+                stdout.flush()
+            else:
+                _write_jsonl(job.out, texts, completions)
+        return completions
+    finally:
+        cleanup()
+
+
+def _write_jsonl(path: str, texts, completions) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for text, c in zip(texts, completions):
+            row = {"prompt": text, "completion": c.text, "tokens": c.tokens,
+                   "finish_reason": c.finish_reason}
+            if c.logprobs is not None:
+                row["logprobs"] = c.logprobs
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_perplexity(job: PerplexityJobConfig, stdout=None):
+    """Sliding-window perplexity of ``job.data``; rank 0 prints one JSON line."""
+    import sys
+
+    from nemo_minitron.dist import is_rank0
+    from nemo_minitron.inference.score import perplexity, sliding_windows
+
+    stdout = stdout or sys.stdout
+    cfg = _model_config(job.model, job.tp, job.pp)
+    sliding_windows(2, job.window, job.stride)  # validates window/stride
+    if job.window > cfg.max_position_embeddings:
+        raise ConfigError(f"window={job.window} exceeds the model's max_position_embeddings="
+                          f"{cfg.max_position_embeddings}")
+    _dtype(job.dtype)
+    docs = read_documents(job.data)
+    ids = [load_tokenizer(job.model).encode(d) for d in docs]
+    short = [i for i, d in enumerate(ids) if len(d) < 2]
+    if short:
+        raise MinitronError(f"data={job.data}: document {short[0]} has fewer than 2 tokens")
+
+    runner = setup(job.model, job.tp, job.pp, job.dtype)
+    try:
+        result = perplexity(runner, ids, job.window, job.stride, job.batch_size)
+        if is_rank0():
+            stdout.write(json.dumps({"ppl": result.ppl, "nll_per_token": result.mean_nll,
+                                     "tokens": result.tokens, "documents": result.documents,
+                                     "window": job.window, "stride": job.stride}) + "\n")
+            stdout.flush()
+        return result
+    finally:
+        cleanup()
