@@ -220,4 +220,7 @@ class Trainer:
         if loop.ckpt_dir and last_saved != self.state.step:
             self.save()
         self.state.val_loss = last_val[1] if last_val else None
+        # every rank leaves together: on torch 2.3 + megatron-core 0.7.0 a rank that tears down
+        # its process group while a pipeline peer still completes its last send can hang
+        dist.barrier()
         return self.state
