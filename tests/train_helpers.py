@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import torch
 
+
+def preimport():
+    """Import torch + Megatron once in the test process, so forked run_ranks workers start warm
+    (~1 s) instead of importing megatron-core again (~10 s each)."""
+    from nemo_minitron.compat import cpu
+
+    cpu.activate()
+    import megatron.core.dist_checkpointing  # noqa: F401
+    import megatron.core.distributed  # noqa: F401
+    import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.pipeline_parallel  # noqa: F401
+
+    from nemo_minitron.train import optim
+
+    optim.megatron_optimizer_available()  # imports megatron.core.optimizer where it can
+    cpu.activate()  # retarget what was just imported
+
+
+preimport()
+
 SEQ = 24
+# The loop tests use the tiny architecture with a 2048-token vocabulary: the 128256-row embedding
+# and output layer dominate a step's time otherwise, and the loop does not need the real tokenizer.
+VOCAB, BOS, EOS = 2048, 1, 2
+
+
+def write_small_vocab_checkpoint(path: str) -> str:
+    from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
+    from nemo_minitron.config import get_preset
+
+    cfg = get_preset("tiny_llama31").replace(vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS)
+    return write_tiny_hf_checkpoint(path, cfg, seed=0, tokenizer=False)
 
 
 def synthetic_samples(n: int = 8, seed: int = 0):
-    """Prompt/answer token samples of varied lengths (ids < 2000; BOS/EOS as the real ones)."""
+    """Prompt/answer token samples of varied lengths (ids in [3, VOCAB))."""
     from nemo_minitron.train.data import Sample
 
     g = torch.Generator().manual_seed(seed)
@@ -16,8 +47,8 @@ def synthetic_samples(n: int = 8, seed: int = 0):
     for _ in range(n):
         p = int(torch.randint(3, 9, (1,), generator=g))
         a = int(torch.randint(3, 9, (1,), generator=g))
-        out.append(Sample(prompt=[128000] + torch.randint(0, 2000, (p,), generator=g).tolist(),
-                          answer=torch.randint(0, 2000, (a,), generator=g).tolist() + [128001]))
+        out.append(Sample(prompt=[BOS] + torch.randint(3, VOCAB, (p,), generator=g).tolist(),
+                          answer=torch.randint(3, VOCAB, (a,), generator=g).tolist() + [EOS]))
     return out
 
 
@@ -37,7 +68,7 @@ def train(rank, hf_dir, *, steps=6, mbs=1, gbs=4, lr=1e-3, ckpt_dir=None, ckpt_e
     from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp
 
     cfg = read_hf_config(hf_dir)
-    data = SFTData(synthetic_samples(n_samples), SEQ, 128001, packed=packed, seed=7)
+    data = SFTData(synthetic_samples(n_samples), SEQ, EOS, packed=packed, seed=7)
     model = build_train_model(cfg, precision=precision, hf_dir=hf_dir, recompute=recompute)
     ddp = wrap_ddp(model, use_distributed_optimizer=distributed_opt)
     oc = OptimSection(lr=lr, min_lr=lr / 10, warmup_steps=2, weight_decay=0.01,
