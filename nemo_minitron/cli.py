@@ -3,6 +3,7 @@
     nemo-minitron presets
     nemo-minitron info minitron_4b_width [--tp 4 --pp 2] [--format text|json|hf|nemo]
     nemo-minitron info /path/to/hf_dir_or_config.json_or_model_config.yaml_or.nemo
+    nemo-minitron finetune --model BASE --data TRAIN.jsonl --out OUT [--config YAML] [key=value ...]
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -111,10 +113,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json", "hf", "nemo"), default="text",
                    help="text summary, our config as JSON, HF config.json, or NeMo model_config.yaml")
     p.set_defaults(func=cmd_info)
+
+    # Everything after `finetune` goes to the recipe's own parser (see main()); listed for --help.
+    sub.add_parser("finetune", add_help=False,
+                   help="full SFT (recipes/finetune.py): --model BASE --data TRAIN.jsonl --out OUT "
+                        "[--config YAML] [key=value ...]")
     return parser
 
 
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+
+
+def load_recipe(name: str):
+    """Import ``recipes/<name>.py`` (recipes are scripts, not a package: torchtune's layout)."""
+    import importlib.util
+
+    path = os.path.join(RECIPES_DIR, f"{name}.py")
+    if not os.path.isfile(path):
+        raise MinitronError(f"{path}: recipe not found (recipes/ ships with the source tree)")
+    spec = importlib.util.spec_from_file_location(f"nemo_minitron_recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["finetune"]:
+        try:
+            recipe = load_recipe("finetune")
+        except MinitronError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return recipe.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -167,5 +167,18 @@ def load_config(cls=FinetuneConfig, yaml_path: Optional[str] = None,
     return cfg
 
 
+def prune_none(data: dict) -> dict:
+    """Drop None leaves (flags that were not given) from a nested dict."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            v = prune_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v
+    return out
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
