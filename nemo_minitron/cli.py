@@ -4,6 +4,7 @@
     nemo-minitron info minitron_4b_width [--tp 4 --pp 2] [--format text|json|hf|nemo]
     nemo-minitron info /path/to/hf_dir_or_config.json_or_model_config.yaml_or.nemo
     nemo-minitron prune --config conf/prune/tiny.yaml --model TEACHER --out STUDENT [key=value ...]
+    nemo-minitron finetune --model BASE --data TRAIN.jsonl --out OUT [--config YAML] [key=value ...]
     nemo-minitron generate --model HF_DIR --prompt TEXT [--greedy] [--max-new-tokens N] [key=value ...]
     nemo-minitron generate --model HF_DIR --prompts IN.jsonl --out OUT.jsonl [--config YAML] [key=value ...]
     nemo-minitron eval-ppl --model HF_DIR --data FILE.txt|FILE.jsonl [window=2048 stride=512 ...]
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -117,8 +119,9 @@ def load_recipe(name: str):
     return module
 
 
-def cmd_prune(args) -> int:
-    return load_recipe("prune").main(args.recipe_args)
+def cmd_recipe(args) -> int:
+    """Commands that are recipes/<name>.py: the recipe parses its own arguments."""
+    return load_recipe(args.recipe).main(args.recipe_args)
 
 
 def _job_values(args, names) -> dict:
@@ -170,7 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Minitron width/depth pruning of a teacher (recipes/prune.py)")
     p.add_argument("recipe_args", nargs=argparse.REMAINDER,
                    help="--config YAML --model TEACHER --data CALIB --out STUDENT key=value ...")
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func=cmd_recipe, recipe="prune")
+
+    p = sub.add_parser("finetune", add_help=False,
+                       help="full SFT (recipes/finetune.py)")
+    p.add_argument("recipe_args", nargs=argparse.REMAINDER,
+                   help="--model BASE --data TRAIN.jsonl --out OUT [--config YAML] [key=value ...]")
+    p.set_defaults(func=cmd_recipe, recipe="finetune")
 
     p = sub.add_parser("generate", help="complete prompts with the Megatron model (KV cache, TP/PP)")
     p.add_argument("--model", help="HF checkpoint directory")
@@ -196,11 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    # parse_known_args: the prune recipe parses its own options (--config, --model, ...)
+    # parse_known_args: recipe commands (prune, finetune) parse their own options
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "prune":
+    if rest and not hasattr(args, "recipe_args"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "prune":
+    if hasattr(args, "recipe_args"):
         args.recipe_args = rest + args.recipe_args
     try:
         return args.func(args)

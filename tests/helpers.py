@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import traceback
@@ -48,9 +49,12 @@ def _worker(fn, rank, world_size, port, tp, pp, args, queue, launcher):
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
     # Leave without tearing down the process group: torch 2.3's gloo destroy_process_group can
-    # hang after collectives; the worker is finished and the OS frees everything.
+    # hang after collectives; the worker is finished and the OS frees everything. multiprocessing's
+    # own finalizers still run, so helpers the worker started (dist_checkpointing's results-queue
+    # manager) shut down instead of outliving the test and holding its stdout open.
     queue.close()
     queue.join_thread()
+    multiprocessing.util._exit_function()
     os._exit(0)
 
 

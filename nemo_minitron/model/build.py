@@ -1,6 +1,7 @@
 """Build a Megatron-Core GPTModel for a family config (parallel state must be initialized)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -11,8 +12,11 @@ from nemo_minitron.model.rope import apply_rope
 
 
 def build_gpt_model(cfg: ModelConfig, *, dtype: str = "float32", use_te: Optional[bool] = None,
-                    parallel_output: bool = True):
-    """This rank's part of the model at the TP/PP that ``megatron.core.parallel_state`` holds."""
+                    parallel_output: bool = True, config_overrides: Optional[dict] = None):
+    """This rank's part of the model at the TP/PP that ``megatron.core.parallel_state`` holds.
+
+    ``config_overrides``: extra ``TransformerConfig`` fields for how the model runs, not what it
+    is (e.g. activation recomputation: ``recompute_granularity="full"``)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -23,6 +27,8 @@ def build_gpt_model(cfg: ModelConfig, *, dtype: str = "float32", use_te: Optiona
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     config = to_transformer_config(cfg, tp=tp, pp=pp, dtype=dtype)
+    if config_overrides:
+        config = dataclasses.replace(config, **config_overrides)  # re-validated by __post_init__
     kwargs = gpt_model_kwargs(cfg, tp=tp, use_te=use_te, parallel_output=parallel_output,
                               pre_process=ps.is_pipeline_first_stage(),
                               post_process=ps.is_pipeline_last_stage())

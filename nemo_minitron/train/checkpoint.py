@@ -1,0 +1,145 @@
+"""Resumable training checkpoints: Megatron ``dist_checkpointing`` (torch_dist) for model and
+optimizer, plus the trainer state (step, scheduler, config) in the common state and each rank's RNG
+state as a per-rank object.
+
+Layout under ``ckpt_dir``::
+
+    step_000010/          a complete checkpoint (dist_checkpointing directory)
+    step_000020/
+    latest                text: the directory name of the newest complete checkpoint
+
+A save writes ``.step_000020.tmp`` first; only when every rank has finished does rank 0 rename it to
+``step_000020`` and then replace ``latest`` (write + ``os.replace``). An interrupted save leaves at
+most a ``.tmp`` directory, which is never read and is removed by the next save; the last good
+checkpoint and ``latest`` are untouched.
+
+The model part is stored under Megatron's names with stacked layers, so it reloads at another TP/PP
+(Megatron's resharding); Megatron's optimizer state too. The RNG states and the plain-torch fallback
+optimizer are per rank: resuming those needs the same layout.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.errors import CheckpointError
+
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def per_rank_object(key: str, data):
+    """A ShardedObject with one shard per (pp, tp, dp) rank: each rank gets its own back."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return ShardedObject(key, data, shape, offset, replica_id=0)
+
+
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"torch": torch.get_rng_state(),
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def latest_checkpoint(ckpt_dir: Optional[str]) -> Optional[str]:
+    """Path of the newest complete checkpoint, or None. ``latest`` names it; without that file (a
+    crash between rename and pointer update) the highest complete ``step_*`` directory counts."""
+    if not ckpt_dir or not os.path.isdir(ckpt_dir):
+        return None
+    pointer = os.path.join(ckpt_dir, LATEST)
+    candidates = sorted((int(m.group(1)), d) for d in os.listdir(ckpt_dir)
+                        if (m := _STEP_DIR.match(d)) and os.path.isdir(os.path.join(ckpt_dir, d)))
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        if not _STEP_DIR.match(name) or not os.path.isdir(os.path.join(ckpt_dir, name)):
+            raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint directory")
+        # a newer complete step dir than the pointer exists only if the pointer update was lost
+        if candidates and candidates[-1][0] > int(_STEP_DIR.match(name).group(1)):
+            name = candidates[-1][1]
+        return os.path.join(ckpt_dir, name)
+    return os.path.join(ckpt_dir, candidates[-1][1]) if candidates else None
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sharded_state(model, optimizer, trainer_state: dict, is_loading: bool):
+    model_sd = model.sharded_state_dict()
+    state = {"model": model_sd, "trainer": trainer_state, "rng": per_rank_object("rng_state",
+                                                                               rng_state())}
+    try:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    except TypeError:  # older signatures without is_loading
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    return state
+
+
+def save_checkpoint(ckpt_dir: str, step: int, model, optimizer, trainer_state: dict,
+                    keep_last: int = 2) -> str:
+    """Collective: every rank calls it. ``model``: the unwrapped GPTModel (this rank's part)."""
+    from megatron.core import dist_checkpointing
+
+    final = os.path.join(ckpt_dir, step_dir_name(step))
+    tmp = os.path.join(ckpt_dir, "." + step_dir_name(step) + ".tmp")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        for d in os.listdir(ckpt_dir):  # leftovers of interrupted saves
+            if d.startswith(".step_") and d.endswith(".tmp"):
+                shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(_sharded_state(model, optimizer, trainer_state, False), tmp)
+    _barrier()
+    if rank0:
+        if os.path.exists(final):  # re-saving a step (e.g. after resume): replace it last
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        pointer_tmp = os.path.join(ckpt_dir, "." + LATEST + ".tmp")
+        with open(pointer_tmp, "w") as f:
+            f.write(step_dir_name(step) + "\n")
+        os.replace(pointer_tmp, os.path.join(ckpt_dir, LATEST))
+        steps = sorted(int(m.group(1)) for d in os.listdir(ckpt_dir) if (m := _STEP_DIR.match(d)))
+        for old in steps[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(os.path.join(ckpt_dir, step_dir_name(old)), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str, model, optimizer) -> dict:
+    """Collective. Restore model, optimizer and this rank's RNG state; return the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    template = _sharded_state(model, optimizer, {}, True)
+    loaded = dist_checkpointing.load(template, path)
+    model.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    set_rng_state(loaded["rng"])
+    return loaded["trainer"]

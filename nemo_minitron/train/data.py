@@ -1,0 +1,262 @@
+"""NeMo-style SFT data: JSONL ``{"input": ..., "output": ...}`` -> token samples -> fixed-shape batches.
+
+A sample is ``[BOS] + prompt + answer + [EOS]`` where the prompt is the prompt template's text before
+``{output}`` (with ``{input}`` filled in) and the answer is the output text (plus whatever the template
+puts after ``{output}``). The two parts are tokenized separately, as NeMo's GPTSFTDataset does, so
+the answer's tokens do not depend on the prompt. BOS comes from the tokenizer's own post-processor
+(``tokenizer.json`` adds ``<|begin_of_text|>``), exactly as the HF tokenizer adds it.
+
+Training positions: ``input_ids = tokens[:-1]``, ``labels = tokens[1:]``; ``loss_mask`` is 1 where
+the label is an answer token or the EOS (answer-only loss). A sample therefore occupies
+``len(tokens) - 1`` positions, which must fit ``seq_length``; too long samples lose prompt tokens from
+the right (truncation of the input side) or, with truncation off, raise before training starts.
+
+Packing puts several samples into one row of ``seq_length`` positions. Attention stays inside each
+sample through a block-diagonal causal mask ``[b, 1, s, s]``; position ids restart at 0 for every
+sample. (Megatron's local-spec attention applies RoPE by row position, not ``position_ids``; since
+RoPE scores depend only on q_pos - k_pos, a block-diagonal mask already makes a packed sample's loss
+equal to its unpacked loss up to float rounding; tests/test_train_data.py measured 0.0.)
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from nemo_minitron.errors import MinitronError
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One tokenized example: ``prompt`` includes BOS; ``answer`` includes EOS."""
+
+    prompt: List[int]
+    answer: List[int]
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.prompt) + len(self.answer) - 1
+
+
+# ---- reading and tokenizing ---------------------------------------------------------------------
+def read_jsonl(path: str, max_num_samples: int = 0) -> List[dict]:
+    """The records of an SFT JSONL file; every line must be an object with string input/output."""
+    if not path:
+        raise MinitronError("no data file given (data.train_ds.file_path)")
+    if not os.path.isfile(path):
+        raise MinitronError(f"{path}: data file does not exist")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MinitronError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise MinitronError(f"{path}:{lineno}: expected a JSON object with 'input' and "
+                                    "'output' fields")
+            missing = [k for k in ("input", "output") if not isinstance(rec.get(k), str)]
+            if missing:
+                raise MinitronError(f"{path}:{lineno}: missing or non-string field(s) "
+                                    f"{', '.join(repr(k) for k in missing)}")
+            records.append(rec)
+            if max_num_samples and len(records) >= max_num_samples:
+                break
+    if not records:
+        raise MinitronError(f"{path}: the dataset is empty")
+    return records
+
+
+def split_template(template: str):
+    """``"{input}\\n\\n{output}"`` -> ("{input}\\n\\n", ""): prompt part, text after the answer."""
+    if template.count("{output}") != 1 or "{input}" not in template:
+        raise MinitronError(f"prompt_template {template!r} must contain {{input}} and exactly one "
+                            "{output}")
+    before, after = template.split("{output}")
+    if "{input}" in after:
+        raise MinitronError(f"prompt_template {template!r}: {{input}} must come before {{output}}")
+    return before, after
+
+
+class SFTTokenizer:
+    """The real Llama-3 tokenizer (``<hf_dir>/tokenizer.json``) applied the SFT way."""
+
+    def __init__(self, hf_dir: str, eos_token_id: Optional[int] = None):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise MinitronError("the `tokenizers` package is needed to tokenize SFT data") from None
+        path = os.path.join(hf_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise MinitronError(f"{path}: tokenizer file is missing")
+        self.tok = Tokenizer.from_file(path)
+        self.eos_id = eos_token_id if eos_token_id is not None \
+            else self.tok.token_to_id("<|end_of_text|>")
+        if self.eos_id is None:
+            raise MinitronError(f"{path}: no <|end_of_text|> token and no eos_token_id given")
+
+    def sample(self, record: dict, template: str) -> Sample:
+        before, after = split_template(template)
+        prompt_text = before.replace("{input}", record["input"])
+        prompt = self.tok.encode(prompt_text, add_special_tokens=True).ids  # [BOS] + prompt
+        answer = self.tok.encode(record["output"] + after, add_special_tokens=False).ids
+        return Sample(prompt=list(prompt), answer=list(answer) + [self.eos_id])
+
+
+def fit_sample(s: Sample, seq_length: int, truncation: bool, where: str) -> Sample:
+    """Cut prompt tokens from the right (keeping the first, BOS) until the sample fits."""
+    excess = s.num_positions - seq_length
+    if excess <= 0:
+        return s
+    if not truncation:
+        raise MinitronError(f"{where}: {s.num_positions} positions exceed seq_length={seq_length} "
+                            "and data.truncation is off")
+    if len(s.prompt) - excess < 1:
+        raise MinitronError(f"{where}: the answer alone ({len(s.answer)} tokens) does not fit "
+                            f"seq_length={seq_length}, even with the whole prompt truncated")
+    return Sample(prompt=s.prompt[: len(s.prompt) - excess], answer=s.answer)
+
+
+def load_sft_samples(path: str, tokenizer: SFTTokenizer, template: str, seq_length: int,
+                     truncation: bool = True, max_num_samples: int = 0) -> List[Sample]:
+    """Read, tokenize and fit every record (all errors surface here, before any training)."""
+    records = read_jsonl(path, max_num_samples)
+    return [fit_sample(tokenizer.sample(r, template), seq_length, truncation, f"{path}:{i + 1}")
+            for i, r in enumerate(records)]
+
+
+# ---- rows and batches ---------------------------------------------------------------------------
+def pack(samples: Sequence[Sample], seq_length: int) -> List[List[Sample]]:
+    """First-fit packing in dataset order: a list of rows, each a list of samples that fit."""
+    rows: List[List[Sample]] = []
+    room: List[int] = []
+    for s in samples:
+        n = s.num_positions
+        for i, free in enumerate(room):
+            if n <= free:
+                rows[i].append(s)
+                room[i] -= n
+                break
+        else:
+            rows.append([s])
+            room.append(seq_length - n)
+    return rows
+
+
+def make_row(samples: Sequence[Sample], seq_length: int, pad_id: int) -> Dict[str, torch.Tensor]:
+    """One row of ``seq_length`` positions holding ``samples`` back to back, then padding.
+
+    segment_ids: index of the sample per position, -1 on padding (each padding position forms a
+    segment of its own for attention, and carries no loss).
+    """
+    input_ids = torch.full((seq_length,), pad_id, dtype=torch.long)
+    labels = torch.full((seq_length,), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(seq_length, dtype=torch.float32)
+    position_ids = torch.zeros(seq_length, dtype=torch.long)
+    segment_ids = torch.full((seq_length,), -1, dtype=torch.long)
+    start = 0
+    for k, s in enumerate(samples):
+        tokens = torch.tensor(s.prompt + s.answer, dtype=torch.long)
+        n = len(tokens) - 1
+        if start + n > seq_length:
+            raise MinitronError(f"row overflows seq_length={seq_length}")
+        input_ids[start:start + n] = tokens[:-1]
+        labels[start:start + n] = tokens[1:]
+        # label j is tokens[j+1]: an answer token when j+1 >= len(prompt)
+        loss_mask[start + len(s.prompt) - 1:start + n] = 1.0
+        position_ids[start:start + n] = torch.arange(n)
+        segment_ids[start:start + n] = k
+        start += n
+    position_ids[start:] = torch.arange(seq_length - start)
+    return dict(input_ids=input_ids, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
+                segment_ids=segment_ids)
+
+
+def attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] segment ids -> Megatron's boolean mask [b, 1, s, s], True = may NOT attend:
+    causal, and only within the same segment (padding positions attend to themselves only)."""
+    b, s = segment_ids.shape
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    pad = segment_ids < 0
+    same = same & ~(pad[:, :, None] | pad[:, None, :]) | torch.eye(s, dtype=torch.bool)
+    return ~(causal & same)[:, None]
+
+
+def collate(rows: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    batch["attention_mask"] = attention_mask(batch["segment_ids"])
+    return batch
+
+
+class SFTData:
+    """Rows (packed or one sample each) and the deterministic global-batch order over them.
+
+    Global batch ``i`` is rows ``order[i*G : (i+1)*G]`` of an endless stream of epochs, each epoch a
+    permutation drawn from ``seed + epoch``. Data-parallel rank ``r`` takes the ``r``-th of ``dp``
+    equal slices and cuts it into micro batches. The position in the data is the step number alone,
+    so resuming at step ``k`` continues with exactly the batches an uninterrupted run would see.
+    """
+
+    def __init__(self, samples: Sequence[Sample], seq_length: int, pad_id: int, *,
+                 packed: bool = False, shuffle: bool = True, seed: int = 1234):
+        if not samples:
+            raise MinitronError("the dataset is empty")
+        groups = pack(samples, seq_length) if packed else [[s] for s in samples]
+        self.rows = [make_row(g, seq_length, pad_id) for g in groups]
+        self.seq_length, self.shuffle, self.seed = seq_length, shuffle, seed
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _epoch_order(self, epoch: int) -> List[int]:
+        if not self.shuffle:
+            return list(range(len(self.rows)))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.rows), generator=g).tolist()
+
+    def global_batch_rows(self, step: int, global_batch_size: int) -> List[int]:
+        n = len(self.rows)
+        first = step * global_batch_size
+        out = []
+        for i in range(first, first + global_batch_size):
+            epoch, j = divmod(i, n)
+            out.append(self._epoch_order(epoch)[j])
+        return out
+
+    def micro_batches(self, step: int, global_batch_size: int, micro_batch_size: int,
+                      dp_rank: int = 0, dp: int = 1) -> List[Dict[str, torch.Tensor]]:
+        """This DP rank's micro batches of global batch ``step``."""
+        return self.rows_to_micro_batches(self.global_batch_rows(step, global_batch_size),
+                                          micro_batch_size, dp_rank, dp)
+
+    def rows_to_micro_batches(self, rows: Sequence[Optional[int]], micro_batch_size: int,
+                              dp_rank: int = 0, dp: int = 1) -> List[Dict[str, torch.Tensor]]:
+        """Cut a global batch of row indices (None: a filler row without loss) for one DP rank."""
+        per_rank = len(rows) // dp
+        mine = rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        filler = dict(self.rows[0], loss_mask=torch.zeros(self.seq_length))
+        picked = [filler if r is None else self.rows[r] for r in mine]
+        return [collate(picked[i:i + micro_batch_size])
+                for i in range(0, per_rank, micro_batch_size)]
+
+    def num_loss_tokens(self, step: int, global_batch_size: int) -> int:
+        """Answer tokens in the whole global batch (the loss is their mean, on every layout)."""
+        return int(sum(self.rows[r]["loss_mask"].sum() for r in
+                       self.global_batch_rows(step, global_batch_size)))
+
+    def eval_batches(self, global_batch_size: int, limit: int = 0) -> Iterator[List[Optional[int]]]:
+        """Validation: every row once, in order, in global batches; the last one is filled up
+        with rows that carry no loss (None)."""
+        n = len(self.rows)
+        count = -(-n // global_batch_size)
+        if limit:
+            count = min(count, limit)
+        for i in range(count):
+            ids = list(range(i * global_batch_size, (i + 1) * global_batch_size))
+            yield [j if j < n else None for j in ids]

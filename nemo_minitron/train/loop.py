@@ -1,0 +1,226 @@
+"""The one training loop: Megatron-Core TP/PP/DP through ``get_forward_backward_func``.
+
+What plugs in (the distillation recipe reuses this loop through these, not a second loop):
+
+* ``forward_step(model, batch) -> output``: runs the model chunk on a micro batch. On the last
+  pipeline stage its output reaches ``loss_fn``; elsewhere it is the hidden state Megatron sends on.
+  Default: the model with ``labels``, i.e. per-token vocab-parallel cross entropy ``[b, s]``.
+  A distillation step would run a frozen teacher here too and return both logits.
+* ``loss_fn(output, batch) -> (loss_sum, num_tokens)``: a *sum* over the micro batch's counted
+  tokens and their number. The loop turns sums into the mean over the whole global batch, so the
+  loss and the gradients are the same for any micro batch size, TP, PP and DP.
+* ``callbacks``: ``cb(trainer, step, metrics)`` after every optimizer step.
+
+Loss normalization. Megatron's schedule divides each micro batch's loss by the number of micro
+batches and DDP averages gradients over the ``dp`` replicas; the loop pre-multiplies by
+``num_microbatches * dp / tokens_in_global_batch`` so that what is differentiated is exactly
+``sum(loss over all answer tokens of the global batch) / their count``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.train import checkpoint as ckpt
+
+
+def default_forward_step(model, batch):
+    """Per-token cross entropy ``[b, s]`` on the last stage (vocab-parallel: the logits are never
+    gathered); ``[s, b, hidden]`` activations on other pipeline stages."""
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                 attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+
+def masked_lm_loss(output, batch):
+    """Answer-only LM loss: (sum over loss_mask tokens, number of them)."""
+    mask = batch["loss_mask"]
+    return (output.float() * mask).sum(), mask.sum()
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int
+    micro_batch_size: int
+    global_batch_size: int
+    seq_length: int
+    log_every_n_steps: int = 1
+    val_check_interval: int = 0
+    limit_val_batches: int = 0
+    ckpt_dir: Optional[str] = None
+    ckpt_every_n_steps: int = 0
+    keep_last_n_ckpts: int = 2
+    resume: bool = True
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done == global batches consumed
+    history: List[dict] = field(default_factory=list)  # per-step metrics (every rank)
+
+
+def _reduce_for_log(sums: torch.Tensor) -> torch.Tensor:
+    """[loss_sum, tokens] of this rank's micro batches -> global sums on every rank: all-reduce
+    over DP (last stage), then broadcast from the last pipeline stage to the others."""
+    from megatron.core import parallel_state as ps
+
+    if ps.is_pipeline_last_stage():
+        dist.all_reduce(sums, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return sums
+
+
+class Trainer:
+    def __init__(self, ddp_model, optimizer, scheduler, train_data, loop: LoopConfig, *,
+                 val_data=None, forward_step: Callable = default_forward_step,
+                 loss_fn: Callable = masked_lm_loss, logger=None, callbacks: Sequence = (),
+                 extra_state: Optional[dict] = None):
+        from megatron.core import parallel_state as ps
+
+        self.model, self.optimizer, self.scheduler = ddp_model, optimizer, scheduler
+        self.train_data, self.val_data, self.loop = train_data, val_data, loop
+        self.forward_step, self.loss_fn = forward_step, loss_fn
+        self.logger, self.callbacks = logger, list(callbacks)
+        self.extra_state = extra_state or {}  # e.g. the recipe config, saved for the record
+        self.state = TrainState()
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        per_step = loop.micro_batch_size * self.dp
+        if loop.global_batch_size % per_step:
+            from nemo_minitron.errors import ConfigError
+
+            raise ConfigError(f"global_batch_size={loop.global_batch_size} is not divisible by "
+                              f"micro_batch_size * data_parallel_size = {loop.micro_batch_size} "
+                              f"* {self.dp}")
+        self.num_microbatches = loop.global_batch_size // per_step
+
+    # ---- one schedule run --------------------------------------------------------------------
+    def _run_schedule(self, micro_batches, scale: float, forward_only: bool) -> torch.Tensor:
+        """Forward (and backward) over this rank's micro batches; returns [loss_sum, tokens]
+        summed over them (zeros on non-last pipeline stages)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def step_func(data_iterator, model):
+            batch = next(data_iterator)
+            output = self.forward_step(model, batch)
+
+            def loss_func(out):
+                loss_sum, tokens = self.loss_fn(out, batch)
+                sums = torch.stack([loss_sum.detach().float(), torch.as_tensor(tokens).float()])
+                return loss_sum * scale, {"sums": sums}
+
+            return output, loss_func
+
+        results = get_forward_backward_func()(
+            forward_step_func=step_func, data_iterator=iter(micro_batches), model=[self.model],
+            num_microbatches=len(micro_batches), seq_length=self.loop.seq_length,
+            micro_batch_size=self.loop.micro_batch_size, forward_only=forward_only)
+        sums = torch.zeros(2)
+        for r in results or []:
+            sums += r["sums"]
+        return sums
+
+    def train_step(self, step: int) -> dict:
+        data, loop = self.train_data, self.loop
+        micro = data.micro_batches(step, loop.global_batch_size, loop.micro_batch_size,
+                                   self.dp_rank, self.dp)
+        total_tokens = max(1, data.num_loss_tokens(step, loop.global_batch_size))
+        # see module docstring: the schedule divides by num_microbatches, DDP averages over dp
+        scale = len(micro) * self.dp / total_tokens
+        lr = self.scheduler.apply(self.optimizer, step)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        sums = self._run_schedule(micro, scale, forward_only=False)
+        self.model.finish_grad_sync()
+        ok, grad_norm, _ = self.optimizer.step()
+        sums = _reduce_for_log(sums)
+        positions = sum(int((b["segment_ids"] >= 0).sum()) for b in micro) * self.dp
+        return dict(loss=float(sums[0] / sums[1].clamp(min=1)), lr=lr,
+                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                    update_ok=bool(ok), tokens=positions)
+
+    @torch.no_grad()
+    def validate(self) -> Optional[float]:
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        total = torch.zeros(2)
+        for rows in self.val_data.eval_batches(self.loop.global_batch_size,
+                                               self.loop.limit_val_batches):
+            micro = self.val_data.rows_to_micro_batches(rows, self.loop.micro_batch_size,
+                                                        self.dp_rank, self.dp)
+            total += self._run_schedule(micro, 1.0, forward_only=True)
+        self.model.train()
+        total = _reduce_for_log(total)
+        return float(total[0] / total[1].clamp(min=1))
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save(self) -> str:
+        state = dict(step=self.state.step, scheduler=self.scheduler.state_dict(),
+                     global_batch_size=self.loop.global_batch_size, **self.extra_state)
+        return ckpt.save_checkpoint(self.loop.ckpt_dir, self.state.step, self.model.module,
+                                    self.optimizer, state, keep_last=self.loop.keep_last_n_ckpts)
+
+    def maybe_resume(self) -> Optional[str]:
+        if not (self.loop.resume and self.loop.ckpt_dir):
+            return None
+        path = ckpt.latest_checkpoint(self.loop.ckpt_dir)
+        if path is None:
+            return None
+        state = ckpt.load_checkpoint(path, self.model.module, self.optimizer)
+        if state.get("global_batch_size") != self.loop.global_batch_size:
+            from nemo_minitron.errors import CheckpointError
+
+            raise CheckpointError(f"{path} was written with global_batch_size="
+                                  f"{state.get('global_batch_size')}, now "
+                                  f"{self.loop.global_batch_size}: the data position would differ")
+        self.state.step = int(state["step"])
+        return path
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _log(self, step, split, **metrics):
+        if self.logger is not None:
+            self.logger.log(step, split, **metrics)
+
+    def fit(self) -> TrainState:
+        loop = self.loop
+        resumed = self.maybe_resume()
+        if resumed and self.logger is not None:
+            self.logger.info(f"resumed from {resumed} at step {self.state.step}")
+        self.model.train()
+        last_saved = self.state.step if resumed else None
+        last_val = None
+        while self.state.step < loop.max_steps:
+            t0 = time.perf_counter()
+            metrics = self.train_step(self.state.step)
+            dt = time.perf_counter() - t0
+            self.state.step += 1
+            step = self.state.step
+            metrics.update(step=step, step_time_s=dt, tokens_per_s=metrics["tokens"] / dt)
+            self.state.history.append(metrics)
+            if loop.log_every_n_steps and step % loop.log_every_n_steps == 0:
+                self._log(step, "train", loss=metrics["loss"], lr=metrics["lr"],
+                          grad_norm=metrics["grad_norm"], tokens_per_s=metrics["tokens_per_s"],
+                          step_time_s=dt)
+            if loop.val_check_interval and step % loop.val_check_interval == 0:
+                last_val = (step, self.validate())
+                self._log(step, "val", loss=last_val[1])
+            if loop.ckpt_dir and loop.ckpt_every_n_steps and step % loop.ckpt_every_n_steps == 0:
+                self.save()
+                last_saved = step
+            for cb in self.callbacks:
+                cb(self, step, metrics)
+        if self.val_data is not None and (last_val is None or last_val[0] != self.state.step):
+            last_val = (self.state.step, self.validate())
+            self._log(self.state.step, "val", loss=last_val[1])
+        if loop.ckpt_dir and last_saved != self.state.step:
+            self.save()
+        self.state.val_loss = last_val[1] if last_val else None
+        # every rank leaves together: on torch 2.3 + megatron-core 0.7.0 a rank that tears down
+        # its process group while a pipeline peer still completes its last send can hang
+        dist.barrier()
+        return self.state

@@ -1,0 +1,46 @@
+"""This rank's trainable model: built at the current TP/PP, filled from an HF checkpoint (or left
+at Megatron's seeded random init for tests), wrapped in Megatron DDP."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from nemo_minitron.config.arch import ModelConfig
+from nemo_minitron.errors import ConfigError
+
+PRECISIONS = {"bf16": "bfloat16", "bf16-mixed": "bfloat16", "fp32": "float32", "32": "float32"}
+
+
+def params_dtype(precision: str) -> str:
+    try:
+        return PRECISIONS[str(precision)]
+    except KeyError:
+        raise ConfigError(f"trainer.precision={precision!r} is not one of bf16, fp32") from None
+
+
+def recompute_overrides(granularity: Optional[str], num_layers: int = 1) -> dict:
+    """TransformerConfig fields for activation recomputation ("full": each chunk of ``num_layers``
+    layers keeps only its input and reruns its forward during backward)."""
+    if granularity in (None, "", "none", "null"):
+        return {}
+    if granularity != "full":
+        raise ConfigError(f"model.activations_checkpoint_granularity={granularity!r}: only 'full' "
+                          "is supported (selective recompute needs Transformer Engine attention)")
+    return dict(recompute_granularity="full", recompute_method="uniform",
+                recompute_num_layers=num_layers)
+
+
+def build_train_model(cfg: ModelConfig, *, precision: str = "bf16", hf_dir: Optional[str] = None,
+                      seed: int = 1234, recompute: Optional[str] = None,
+                      recompute_num_layers: int = 1):
+    """GPTModel for this rank (TP/PP from Megatron's parallel state), weights from ``hf_dir``."""
+    from nemo_minitron.model.build import build_gpt_model
+    from nemo_minitron.model.load import load_hf_into_model
+
+    torch.manual_seed(seed)  # CPU init draws the full weight from this generator, then splits it
+    model = build_gpt_model(cfg, dtype=params_dtype(precision), parallel_output=True,
+                            config_overrides=recompute_overrides(recompute, recompute_num_layers))
+    if hf_dir:
+        load_hf_into_model(model, cfg, hf_dir)
+    return model

@@ -1,0 +1,151 @@
+"""Full-parameter SFT of a Llama-3.1 / Minitron HF checkpoint with Megatron-Core (TP, PP, DP).
+
+    nemo-minitron finetune --model BASE_HF_DIR --data TRAIN.jsonl --out OUT_DIR \\
+        [--config conf/finetune/minitron_4b_width_sft.yaml] [trainer.max_steps=20 ...]
+
+    # the same recipe under a launcher (one process per GPU; srun works the same way):
+    torchrun --nproc-per-node 8 recipes/finetune.py --config conf/finetune/minitron_4b_width_sft.yaml \\
+        model.restore_from_path=BASE data.train_ds.file_path=TRAIN.jsonl out=OUT_DIR
+
+Skeleton: load config -> setup (parallel state, model, data, optimizer) -> train loop -> save the
+final HF checkpoint -> cleanup. Everything reusable lives in ``nemo_minitron.train``; this file
+only wires it. Resumes from the newest checkpoint in ``trainer.ckpt_dir`` (default ``OUT.ckpt``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def load_recipe_config(config_path: Optional[str], overrides: List[str]):
+    from nemo_minitron.train.config import FinetuneConfig, load_config
+
+    return load_config(FinetuneConfig, config_path, overrides)
+
+
+def validate(cfg) -> None:
+    """Everything that can be checked before any process group or model exists."""
+    from nemo_minitron.errors import ConfigError
+    from nemo_minitron.train.export import check_output_path
+
+    check_output_path(cfg.out)
+    if not cfg.model.restore_from_path:
+        raise ConfigError("no base model given (--model / model.restore_from_path)")
+    if not cfg.data.train_ds.file_path:
+        raise ConfigError("no training data given (--data / data.train_ds.file_path)")
+    if cfg.trainer.max_steps < 0:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
+
+
+def setup_data(cfg, model_cfg, seq_length: int):
+    """Tokenize train (and validation) data; all data errors surface here, before training."""
+    from nemo_minitron.train.data import SFTData, SFTTokenizer, load_sft_samples
+
+    eos = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, int) \
+        else model_cfg.eos_token_id[0]
+    tok = SFTTokenizer(cfg.model.restore_from_path, eos_token_id=eos)
+    d = cfg.data
+
+    def build(ds, shuffle):
+        samples = load_sft_samples(ds.file_path, tok, d.prompt_template, seq_length,
+                                   truncation=d.truncation, max_num_samples=ds.max_num_samples)
+        return SFTData(samples, seq_length, pad_id=eos, packed=d.packed_sequence,
+                       shuffle=shuffle, seed=cfg.trainer.seed)
+
+    train = build(d.train_ds, d.shuffle)
+    val = build(d.validation_ds, False) if d.validation_ds.file_path else None
+    return train, val
+
+
+def setup(cfg):
+    import torch.distributed as dist
+
+    from nemo_minitron.config.hf import read_hf_config
+    from nemo_minitron.config.parallel import validate_parallel
+    from nemo_minitron.dist import init_megatron
+    from nemo_minitron.train.config import to_dict
+    from nemo_minitron.train.logs import MetricsLogger
+    from nemo_minitron.train.loop import LoopConfig, Trainer
+    from nemo_minitron.train.model import build_train_model
+    from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp
+
+    t, m = cfg.trainer, cfg.model
+    model_cfg = read_hf_config(m.restore_from_path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_parallel(model_cfg, t.tensor_model_parallel_size, t.pipeline_model_parallel_size,
+                      world_size=world)
+    train_data, val_data = setup_data(cfg, model_cfg, cfg.data.seq_length)
+    init_megatron(tp=t.tensor_model_parallel_size, pp=t.pipeline_model_parallel_size, seed=t.seed)
+    model = build_train_model(model_cfg, precision=t.precision, hf_dir=m.restore_from_path,
+                              seed=t.seed, recompute=m.activations_checkpoint_granularity,
+                              recompute_num_layers=m.activations_checkpoint_num_layers)
+    ddp = wrap_ddp(model, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+    optimizer = build_optimizer(ddp, cfg.optim, t.precision)
+    scheduler = build_scheduler(cfg.optim, t.max_steps)
+    ckpt_dir = t.ckpt_dir or os.path.abspath(cfg.out).rstrip("/") + ".ckpt"
+    loop = LoopConfig(max_steps=t.max_steps, micro_batch_size=m.micro_batch_size,
+                      global_batch_size=m.global_batch_size, seq_length=cfg.data.seq_length,
+                      log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_check_interval,
+                      limit_val_batches=t.limit_val_batches, ckpt_dir=ckpt_dir,
+                      ckpt_every_n_steps=t.ckpt_every_n_steps, keep_last_n_ckpts=t.keep_last_n_ckpts,
+                      resume=t.resume)
+    logger = MetricsLogger(t.log_dir or os.path.join(ckpt_dir, "logs"), enabled=dist.get_rank() == 0,
+                           total_steps=t.max_steps, progress_bar=t.progress_bar)
+    logger.info(f"finetune: {len(train_data)} training rows of {cfg.data.seq_length} positions, "
+                f"TP={t.tensor_model_parallel_size} PP={t.pipeline_model_parallel_size} "
+                f"DP={world // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)}, "
+                f"checkpoints in {ckpt_dir}")
+    trainer = Trainer(ddp, optimizer, scheduler, train_data, loop, val_data=val_data, logger=logger,
+                      extra_state={"config": to_dict(cfg)})
+    return trainer, model, model_cfg, logger
+
+
+def run(cfg, overwrite: bool = False):
+    """Train and write the final checkpoint; returns the trainer state (every rank)."""
+    from nemo_minitron.dist import destroy_megatron
+    from nemo_minitron.train.export import save_final_output
+
+    validate(cfg)
+    trainer, model, model_cfg, logger = setup(cfg)
+    try:
+        state = trainer.fit()
+        path = save_final_output(model, model_cfg, cfg.out, base_dir=cfg.model.restore_from_path,
+                                 overwrite=overwrite)
+        if path:
+            logger.info(f"wrote {path}")
+    finally:
+        logger.close()
+        destroy_megatron()
+    return state
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from nemo_minitron.errors import MinitronError
+    from nemo_minitron.train.config import merge, prune_none
+
+    parser = argparse.ArgumentParser(prog="nemo-minitron finetune",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="recipe YAML (sections trainer/model/data/optim)")
+    parser.add_argument("--model", help="base HF checkpoint dir (model.restore_from_path)")
+    parser.add_argument("--data", help="training JSONL (data.train_ds.file_path)")
+    parser.add_argument("--out", help="output HF checkpoint dir (out)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. trainer.max_steps=20")
+    args = parser.parse_args(argv)
+    # --model/--data/--out are overrides too, kept as strings (a path is never YAML-typed)
+    flags = {"model": {"restore_from_path": args.model}, "data": {"train_ds": {"file_path": args.data}},
+             "out": args.out}
+    try:
+        cfg = load_recipe_config(args.config, args.overrides)
+        merge(cfg, prune_none(flags))
+        run(cfg, overwrite=args.overwrite)
+    except MinitronError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
