@@ -130,7 +130,7 @@ def _job_values(args, names) -> dict:
 
 def cmd_generate(args) -> int:
     from nemo_minitron.inference.job import GenerateJobConfig, run_generate
-    from nemo_minitron.recipe_config import load_config
+    from nemo_minitron.config.recipe import load_config
 
     values = _job_values(args, ("model", "prompt", "prompts", "out", "greedy"))
     if args.max_new_tokens is not None:
@@ -141,7 +141,7 @@ def cmd_generate(args) -> int:
 
 def cmd_eval_ppl(args) -> int:
     from nemo_minitron.inference.job import PerplexityJobConfig, run_perplexity
-    from nemo_minitron.recipe_config import load_config
+    from nemo_minitron.config.recipe import load_config
 
     run_perplexity(load_config(PerplexityJobConfig, args.config, args.overrides,
                                _job_values(args, ("model", "data"))))

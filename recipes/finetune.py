@@ -19,10 +19,11 @@ import sys
 from typing import List, Optional
 
 
-def load_recipe_config(config_path: Optional[str], overrides: List[str]):
-    from nemo_minitron.train.config import FinetuneConfig, load_config
+def load_recipe_config(config_path: Optional[str], overrides: List[str], values=None):
+    from nemo_minitron.config.recipe import load_config
+    from nemo_minitron.train.config import FinetuneConfig
 
-    return load_config(FinetuneConfig, config_path, overrides)
+    return load_config(FinetuneConfig, config_path, overrides, values=values)
 
 
 def validate(cfg) -> None:
@@ -65,7 +66,7 @@ def setup(cfg):
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.config.parallel import validate_parallel
     from nemo_minitron.dist import init_megatron
-    from nemo_minitron.train.config import to_dict
+    from nemo_minitron.config.recipe import to_dict
     from nemo_minitron.train.logs import MetricsLogger
     from nemo_minitron.train.loop import LoopConfig, Trainer
     from nemo_minitron.train.model import build_train_model
@@ -123,7 +124,7 @@ def run(cfg, overwrite: bool = False):
 
 def main(argv: Optional[List[str]] = None) -> int:
     from nemo_minitron.errors import MinitronError
-    from nemo_minitron.train.config import merge, prune_none
+    from nemo_minitron.config.recipe import without_none
 
     parser = argparse.ArgumentParser(prog="nemo-minitron finetune",
                                      description=__doc__.split("\n")[0])
@@ -138,8 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     flags = {"model": {"restore_from_path": args.model}, "data": {"train_ds": {"file_path": args.data}},
              "out": args.out}
     try:
-        cfg = load_recipe_config(args.config, args.overrides)
-        merge(cfg, prune_none(flags))
+        cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
         run(cfg, overwrite=args.overwrite)
     except MinitronError as e:
         print(f"error: {e}", file=sys.stderr)

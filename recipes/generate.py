@@ -14,7 +14,7 @@ import sys
 
 from nemo_minitron.errors import MinitronError
 from nemo_minitron.inference.job import GenerateJobConfig, run_generate
-from nemo_minitron.recipe_config import load_config
+from nemo_minitron.config.recipe import load_config
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ from typing import List, Optional
 if __package__ in (None, ""):  # `python recipes/prune.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nemo_minitron.config.recipe import dump_recipe_config, load_recipe_config  # noqa: E402
+from nemo_minitron.config.recipe import load_config, to_dict  # noqa: E402
 from nemo_minitron.dist import cluster_environment, is_rank0  # noqa: E402
 from nemo_minitron.errors import ConfigError, MinitronError  # noqa: E402
 
@@ -153,7 +153,7 @@ def save(cfg: PruneConfig, state: dict, scores: dict) -> Optional[str]:
         plan = rankings(scores, teacher, target, cfg.depth_metric)
         log(f"keeping layers {plan['layers']}" if plan["dropped_layers"] else "keeping all layers")
         tensors = prune_tensors(state["reader"], teacher, target.config, plan)
-        meta = dict(plan, config=dump_recipe_config(cfg), student=target.config.to_dict())
+        meta = dict(plan, config=to_dict(cfg), student=target.config.to_dict())
         path = write_student(cfg.out, target.config, tensors, cfg.model, overwrite=cfg.overwrite,
                              extra={"pruning.json": write_json(meta),
                                     "importance.pt": lambda p: save_scores(p, scores)})
@@ -178,8 +178,8 @@ def parse_args(argv: Optional[List[str]] = None) -> PruneConfig:
     parser.add_argument("--out", help="student output (same as out=...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)  # key=value may come before or after options
-    flags = [f"{k}={v}" for k in ("model", "data", "out") if (v := getattr(args, k)) is not None]
-    return load_recipe_config(PruneConfig, args.config, flags + args.overrides)
+    flags = {k: v for k in ("model", "data", "out") if (v := getattr(args, k)) is not None}
+    return load_config(PruneConfig, args.config, args.overrides, values=flags)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -12,7 +12,7 @@ import pytest
 from nemo_minitron.cli import main
 from nemo_minitron.errors import ConfigError
 from nemo_minitron.inference.job import GenerateJobConfig
-from nemo_minitron.recipe_config import load_config
+from nemo_minitron.config.recipe import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,9 +23,9 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
     job = load_config(GenerateJobConfig, str(conf), ["temperature=1", "top_k=3", "prompt=a: b"])
     assert (job.max_new_tokens, job.temperature, job.top_k, job.stop, job.prompt, job.top_p) == \
         (5, 1.0, 3, ["\n"], "a: b", 1.0)
-    with pytest.raises(ConfigError, match="unknown GenerateJobConfig key\\(s\\): topk"):
+    with pytest.raises(ConfigError, match="unknown config key 'topk' for GenerateJobConfig"):
         load_config(GenerateJobConfig, str(conf), ["topk=3"])
-    with pytest.raises(ConfigError, match="GenerateJobConfig.max_new_tokens='many' must be of type int"):
+    with pytest.raises(ConfigError, match="max_new_tokens='many' must be of type int"):
         load_config(GenerateJobConfig, None, ["max_new_tokens=many"])
 
 
@@ -39,7 +39,7 @@ def test_conf_files_start_with_their_command_and_load(name):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["bogus=1"], "unknown GenerateJobConfig key(s): bogus"),
+    (["bogus=1"], "unknown config key 'bogus' for GenerateJobConfig"),
     (["top_p=2"], "top_p=2.0 must be in (0, 1]"),
     (["tp=3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
     (["--prompts", "x.jsonl"], "give exactly one of prompt=TEXT or prompts=FILE.jsonl"),

@@ -7,7 +7,8 @@ import torch
 
 from nemo_minitron.cli import load_recipe, main as cli_main
 from nemo_minitron.errors import ConfigError
-from nemo_minitron.train.config import FinetuneConfig, load_config
+from nemo_minitron.config.recipe import load_config
+from nemo_minitron.train.config import FinetuneConfig
 from tests.helpers import run_ranks
 from tests.train_helpers import preimport  # noqa: F401  (warm forked workers)
 

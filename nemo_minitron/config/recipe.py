@@ -1,70 +1,156 @@
-"""Recipe configs: one dataclass per recipe, filled with the precedence written once here.
+"""Recipe configs: dataclasses (nested for NeMo-style sections) filled with one precedence rule.
 
-    dataclass defaults  <  the YAML file (only what differs)  <  ``key=value`` command-line overrides
+    dataclass defaults  <  the YAML file (only what differs)  <  programmatic values (CLI flags)
+                        <  ``key=value`` command-line overrides (dotted: ``trainer.max_steps=20``)
 
-Values are plain data (strings, numbers, lists). An override's value is parsed as YAML
-(``num_layers=16``, ``drop_layers=[16,17]``, ``out=null``); unknown keys, in the YAML or on the
-command line, are an error that names the key.
+Every recipe and job uses :func:`load_config`; no other module parses configs. Unknown keys, in the
+YAML or on the command line, are an error that names the dotted key; values are checked against
+the field's type (ints promote to floats). An override's text is parsed as YAML
+(``drop_layers=[16,17]``, ``out=null``, ``greedy=true``) except for string fields, which keep the
+text as typed (``prompt=42`` is the string "42"; ``null`` still clears an optional one). Required fields (no default) must be set.
 
-    >>> cfg = load_recipe_config(PruneConfig, "conf/prune/tiny.yaml", ["hidden_size=48"])
+    >>> cfg = load_config(PruneConfig, "conf/prune/tiny.yaml", ["hidden_size=48"])
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Optional, Type, TypeVar
+import typing
+from typing import Any, Iterable, Mapping, Optional, Type, TypeVar
 
 from nemo_minitron.errors import ConfigError
 
 T = TypeVar("T")
 
 
-def parse_overrides(items: Iterable[str]) -> dict:
-    """``["a=1", "b=[1,2]"]`` -> ``{"a": 1, "b": [1, 2]}`` (values parsed as YAML scalars/lists)."""
-    import yaml
+class _Text(str):
+    """Command-line text whose type is decided by the field it lands in."""
 
-    out = {}
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """``["trainer.max_steps=20", "seed=3"]`` -> ``{"trainer": {"max_steps": "20"}, "seed": "3"}``
+    (leaves are unparsed command-line text)."""
+    nested: dict = {}
     for item in items:
-        key, sep, raw = item.partition("=")
+        key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = _Text(text)
+    return nested
+
+
+def _unwrap_optional(hint):
+    if typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (args[0] if len(args) == 1 else hint), True
+    return hint, False
+
+
+def _coerce(value: Any, hint, key: str):
+    hint, optional = _unwrap_optional(hint)
+    if isinstance(value, _Text):
+        if optional and value.strip() in ("null", "~"):
+            return None
+        if hint is str:
+            return str(value)
+        import yaml
+
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
-            value = raw  # e.g. a path with a colon: keep the text
-        out[key] = value
+            value = str(value)
+    if value is None:
+        if optional or hint is Any:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    origin = typing.get_origin(hint)
+    if origin in (list, typing.List, tuple, typing.Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        args = typing.get_args(hint)
+        return [_coerce(v, args[0], key) for v in value] if args else list(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # from YAML: `tokenizer: 123`
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}={value!r} must be of type {hint.__name__}")
+    return value
+
+
+def _merge_dicts(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge_dicts(out[k], v)
+        else:
+            out[k] = v
     return out
 
 
-def _check_keys(cls, data: dict, where: str) -> None:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+def build(cls: Type[T], data: Mapping, prefix: str = "") -> T:
+    """Instantiate dataclass ``cls`` from nested plain ``data`` over its defaults."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} for {cls.__name__} "
-                          f"(known: {', '.join(sorted(names))})")
-
-
-def load_recipe_config(cls: Type[T], yaml_path: Optional[str] = None,
-                       overrides: Iterable[str] = ()) -> T:
-    """Build ``cls`` (a dataclass) from its defaults, then ``yaml_path``, then ``overrides``."""
-    from nemo_minitron.config.nemo import load_yaml
-
-    values = {}
-    if yaml_path:
-        data = load_yaml(yaml_path)
-        _check_keys(cls, data, yaml_path)
-        values.update(data)
-    cli = parse_overrides(overrides)
-    _check_keys(cls, cli, "command line")
-    values.update(cli)
-    missing = sorted(f.name for f in dataclasses.fields(cls)
-                     if f.default is dataclasses.MISSING
-                     and f.default_factory is dataclasses.MISSING and f.name not in values)
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(repr(prefix + k) for k in unknown)} for {cls.__name__} "
+                          f"(known: {', '.join(fields)})")
+    kwargs, missing = {}, []
+    for name, f in fields.items():
+        hint, _ = _unwrap_optional(hints[name])
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = build(hint, data.get(name) or {}, prefix + name + ".")
+        elif name in data:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            missing.append(prefix + name)
     if missing:
         raise ConfigError(f"{cls.__name__}: required key(s) not set: {', '.join(missing)}")
-    return cls(**values)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from None
 
 
-def dump_recipe_config(cfg) -> dict:
+def load_config(cls: Type[T], yaml_path: Optional[str] = None, overrides: Iterable[str] = (),
+                values: Optional[Mapping] = None) -> T:
+    """Build ``cls`` from its defaults, then ``yaml_path``, then ``values``, then ``overrides``."""
+    data: dict = {}
+    if yaml_path:
+        from nemo_minitron.config.nemo import load_yaml
+
+        data = load_yaml(yaml_path)
+    data = _merge_dicts(data, values or {})
+    data = _merge_dicts(data, parse_overrides(overrides))
+    return build(cls, data)
+
+
+def to_dict(cfg) -> dict:
     """The config as plain data (what a YAML file would hold)."""
     return dataclasses.asdict(cfg)
+
+
+def without_none(data: Mapping) -> dict:
+    """Drop None leaves (command-line flags that were not given) from a nested dict."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            v = without_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v
+    return out

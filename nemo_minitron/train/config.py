@@ -1,9 +1,8 @@
-"""Recipe configs as nested dataclasses, and the one precedence rule that fills them.
+"""The finetune recipe's config: nested dataclasses in NeMo's sections.
 
-Precedence, written once (:func:`load_config`): the dataclass defaults, then the YAML file (only what
-differs), then ``key=value`` overrides from the command line (``trainer.max_steps=20``). An unknown
-key anywhere is an error that names the dotted key. Values are plain data (strings, numbers,
-booleans), so a config dumps and round-trips cleanly (:func:`to_dict`).
+They are filled by ``nemo_minitron.config.recipe.load_config`` (the one precedence rule: defaults,
+then YAML, then dotted ``key=value`` overrides such as ``trainer.max_steps=20``). Values are plain
+data (strings, numbers, booleans), so a config dumps and round-trips cleanly.
 
 Sections follow NeMo's vocabulary (``trainer``, ``model``, ``data``, ``optim``) so a NeMo user
 recognises them; names inside keep NeMo's spelling where NeMo has one (``micro_batch_size``,
@@ -11,12 +10,8 @@ recognises them; names inside keep NeMo's spelling where NeMo has one (``micro_b
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
-
-from nemo_minitron.errors import ConfigError
+from typing import List, Optional
 
 
 @dataclass
@@ -85,100 +80,3 @@ class FinetuneConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     out: Optional[str] = None  # final HF checkpoint directory (``.nemo``: not yet, see export.py)
-
-
-# ---- precedence ---------------------------------------------------------------------------------
-def _field_types(cls) -> dict:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(value: Any, hint, key: str):
-    """Check a plain value against a field's type hint (ints promote to floats)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list")
-        return [_coerce(v, args[0], key) for v in value] if args else list(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool):
-        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            raise ConfigError(f"{key}={value!r} must be of type {hint.__name__}")
-    return value
-
-
-def merge(obj, data: dict, prefix: str = ""):
-    """Set the fields of dataclass ``obj`` from nested plain ``data``; unknown keys raise."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    types = _field_types(type(obj))
-    for key, value in data.items():
-        dotted = prefix + str(key)
-        if key not in types:
-            raise ConfigError(f"unknown config key {dotted!r}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            merge(current, value, dotted + ".")
-        else:
-            setattr(obj, key, _coerce(value, types[key], dotted))
-    return obj
-
-
-def parse_overrides(overrides: Sequence[str]) -> dict:
-    """``["trainer.max_steps=20", "optim.betas=[0.9,0.95]"]`` -> nested dict (YAML-typed values)."""
-    import yaml
-
-    nested: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text != "" else None
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with another override")
-        node[parts[-1]] = value
-    return nested
-
-
-def load_config(cls=FinetuneConfig, yaml_path: Optional[str] = None,
-                overrides: Sequence[str] = ()):
-    """Defaults of ``cls``, then ``yaml_path``, then ``key=value`` overrides."""
-    import yaml
-
-    cfg = cls()
-    if yaml_path:
-        try:
-            with open(yaml_path) as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"{yaml_path}: cannot read config ({e})") from None
-        merge(cfg, data)
-    merge(cfg, parse_overrides(overrides))
-    return cfg
-
-
-def prune_none(data: dict) -> dict:
-    """Drop None leaves (flags that were not given) from a nested dict."""
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            v = prune_none(v)
-            if v:
-                out[k] = v
-        elif v is not None:
-            out[k] = v
-    return out
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

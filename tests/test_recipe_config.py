@@ -1,0 +1,54 @@
+"""The one config precedence rule: defaults < YAML < values < key=value overrides."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import pytest
+
+from nemo_minitron.config.recipe import load_config, to_dict
+from nemo_minitron.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    steps: int = 10
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+
+
+@dataclass
+class Job:
+    model: str
+    prompt: str = ""
+    out: Optional[str] = None
+    greedy: bool = False
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_precedence(tmp_path):
+    y = tmp_path / "job.yaml"
+    y.write_text("model: from_yaml\ninner:\n  steps: 20\n  lr: 1\n")
+    cfg = load_config(Job, str(y), ["inner.steps=30", "prompt=42", "greedy=true", "out=null"],
+                      values={"model": "from_flag", "inner": {"steps": 25}})
+    assert cfg.model == "from_flag" and cfg.inner.steps == 30
+    assert cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float)  # int promoted
+    assert cfg.prompt == "42" and cfg.greedy is True and cfg.out is None
+    assert cfg.inner.betas == [0.9, 0.98]
+    assert to_dict(cfg)["inner"] == {"steps": 30, "lr": 1.0, "betas": [0.9, 0.98]}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["inner.stepz=3"], "unknown config key 'inner.stepz' for Inner"),
+    (["modle=x"], "unknown config key 'modle' for Job"),
+    (["inner.steps=many"], "inner.steps='many' must be of type int"),
+    (["inner.betas=0.9"], "inner.betas=0.9 must be a list"),
+    (["greedy"], "not of the form key=value"),
+    (["model=x", "inner=3"], "inner must be a mapping"),
+])
+def test_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(Job, None, ["model=m"] + overrides)
+
+
+def test_required_key():
+    with pytest.raises(ConfigError, match="required key.*model"):
+        load_config(Job)
