@@ -103,7 +103,6 @@ def cmd_info(args) -> int:
 def load_recipe(name: str):
     """The recipe module ``recipes/<name>.py`` of this checkout (recipes are files, not a package)."""
     import importlib.util
-    import os
 
     import nemo_minitron
 

@@ -59,7 +59,7 @@ def test_bad_files_are_one_line_exit_2(capsys, tmp_path, tiny_hf_dir):
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     cases = [(["generate", "--model", str(tmp_path), "--prompt", "x"], "no config.json"),
              (["generate", "--model", tiny_hf_dir, "--prompts", str(bad), "--out", "o.jsonl"],
-              "p.jsonl:2: expected an object with a string \"prompt\""),
+              "p.jsonl:2: missing or non-string field(s) 'prompt'"),
              (["generate", "--model", tiny_hf_dir, "--prompts", str(bad)], "needs out=FILE.jsonl"),
              (["eval-ppl", "--model", tiny_hf_dir, "--data", str(tmp_path / "none.txt"), "window=64",
                "stride=32"],

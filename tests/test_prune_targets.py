@@ -112,7 +112,7 @@ def test_calibration_data(tiny_hf_dir, tmp_path):
     assert calibration_samples(str(txt), tiny_hf_dir, 1, 4).shape == (1, 5)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": "x"}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl:1: expected an object with a string 'text'"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: missing or non-string field\(s\) 'text'"):
         calibration_samples(str(bad), tiny_hf_dir, 1, 4)
 
 

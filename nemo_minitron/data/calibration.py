@@ -21,12 +21,12 @@ Asking for more samples than the text yields is an error before any model is bui
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Iterator, List
 
 import torch
 
+from nemo_minitron.data.jsonl import iter_jsonl
 from nemo_minitron.errors import ConfigError, MinitronError
 
 BUILTIN = "pydoc"
@@ -44,17 +44,8 @@ def iter_documents(data: str) -> Iterator[str]:
     if not os.path.isfile(data):
         raise ConfigError(f"data={data!r}: neither '{BUILTIN}' nor an existing .txt/.jsonl file")
     if data.endswith(".jsonl"):
-        with open(data, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{data}:{lineno}: not valid JSON ({e})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ConfigError(f"{data}:{lineno}: expected an object with a string 'text'")
-                yield record["text"]
+        for _, record in iter_jsonl(data, ("text",)):
+            yield record["text"]
         return
     with open(data, encoding="utf-8") as f:
         block: List[str] = []

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from nemo_minitron.data.jsonl import iter_jsonl
 from nemo_minitron.errors import ConfigError, MinitronError
 from nemo_minitron.tokenizer import load_tokenizer
 
@@ -75,18 +76,7 @@ def _model_config(path: str, tp: int, pp: int):
 def read_prompts(path: str) -> List[str]:
     if not os.path.isfile(path):
         raise ConfigError(f"prompts={path}: file not found")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ConfigError(f"{path}:{n}: expected an object with a string \"prompt\"")
-            prompts.append(row["prompt"])
+    prompts = [row["prompt"] for _, row in iter_jsonl(path, ("prompt",))]
     if not prompts:
         raise ConfigError(f"prompts={path}: no prompts")
     return prompts
@@ -95,23 +85,13 @@ def read_prompts(path: str) -> List[str]:
 def read_documents(path: str) -> List[str]:
     if not os.path.isfile(path):
         raise ConfigError(f"data={path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        if not path.endswith(".jsonl"):
+    if not path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
             text = f.read()
-            if not text.strip():
-                raise ConfigError(f"data={path}: empty")
-            return [text]
-        docs = []
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ConfigError(f"{path}:{n}: expected an object with a string \"text\"")
-            docs.append(row["text"])
+        if not text.strip():
+            raise ConfigError(f"data={path}: empty")
+        return [text]
+    docs = [row["text"] for _, row in iter_jsonl(path, ("text",))]
     if not docs:
         raise ConfigError(f"data={path}: no documents")
     return docs

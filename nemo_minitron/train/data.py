@@ -19,13 +19,13 @@ equal to its unpacked loss up to float rounding; tests/test_train_data.py measur
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from nemo_minitron.data.jsonl import iter_jsonl
 from nemo_minitron.errors import MinitronError
 
 
@@ -49,24 +49,10 @@ def read_jsonl(path: str, max_num_samples: int = 0) -> List[dict]:
     if not os.path.isfile(path):
         raise MinitronError(f"{path}: data file does not exist")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MinitronError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise MinitronError(f"{path}:{lineno}: expected a JSON object with 'input' and "
-                                    "'output' fields")
-            missing = [k for k in ("input", "output") if not isinstance(rec.get(k), str)]
-            if missing:
-                raise MinitronError(f"{path}:{lineno}: missing or non-string field(s) "
-                                    f"{', '.join(repr(k) for k in missing)}")
-            records.append(rec)
-            if max_num_samples and len(records) >= max_num_samples:
-                break
+    for _, rec in iter_jsonl(path, ("input", "output")):
+        records.append(rec)
+        if max_num_samples and len(records) >= max_num_samples:
+            break
     if not records:
         raise MinitronError(f"{path}: the dataset is empty")
     return records
