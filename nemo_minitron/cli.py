@@ -3,6 +3,11 @@
     nemo-minitron presets
     nemo-minitron info minitron_4b_width [--tp 4 --pp 2] [--format text|json|hf|nemo]
     nemo-minitron info /path/to/hf_dir_or_config.json_or_model_config.yaml_or.nemo
+    nemo-minitron convert hf-to-nemo HF_DIR OUT.nemo [--dtype bf16] [--format torch_dist|legacy]
+                                     [--tp N --pp M] [--tokenizer-type ID_OR_PATH] [--overwrite]
+    nemo-minitron convert nemo-to-hf IN.nemo OUT_DIR [--dtype bf16|fp16|fp32] [--overwrite]
+    nemo-minitron verify HF_DIR IN.nemo [--prompts FILE] [--tol 1e-4]
+    nemo-minitron inspect PATH
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2.
 """
@@ -91,6 +96,78 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_hf_to_nemo(args) -> int:
+    from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
+
+    out = hf_to_nemo(args.hf_dir, args.output, dtype=args.dtype, fmt=args.format, tp=args.tp,
+                     pp=args.pp, tokenizer_type=args.tokenizer_type, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.format}, {args.dtype}, TP={args.tp} PP={args.pp})")
+    return 0
+
+
+def cmd_nemo_to_hf(args) -> int:
+    from nemo_minitron.convert.nemo_to_hf import nemo_to_hf
+
+    out, layout = nemo_to_hf(args.nemo, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out} (from {layout} weights)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from nemo_minitron.convert.verify import verify
+
+    report = verify(args.hf_dir, args.nemo, prompts_file=args.prompts, tol=args.tol)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_inspect(args) -> int:
+    from nemo_minitron.convert.inspect import inspect_path
+
+    report = inspect_path(args.path)
+    print(report.text())
+    return 0 if not report.problems else 1
+
+
+def add_convert_parsers(sub) -> None:
+    p = sub.add_parser("convert", help="convert checkpoints between HF and .nemo")
+    conv = p.add_subparsers(dest="direction", metavar="DIRECTION")
+    conv.required = True
+    h = conv.add_parser("hf-to-nemo", help="HF checkpoint directory -> .nemo")
+    h.add_argument("hf_dir")
+    h.add_argument("output", help="the .nemo file to write")
+    h.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    h.add_argument("--format", choices=("torch_dist", "legacy"), default="torch_dist",
+                   help="weights layout: distributed checkpoint (default) or legacy .ckpt files")
+    h.add_argument("--tp", type=int, default=1, help="tensor parallel size recorded (legacy: "
+                   "files per rank)")
+    h.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    h.add_argument("--tokenizer-type", default=None,
+                   help="tokenizer.type for model_config.yaml: a hub id or path (default: a "
+                        "non-gated hub id; the HF tokenizer files are packed either way)")
+    h.add_argument("--overwrite", action="store_true")
+    h.set_defaults(func=cmd_hf_to_nemo)
+    n = conv.add_parser("nemo-to-hf", help=".nemo (file or extracted dir) -> HF directory")
+    n.add_argument("nemo")
+    n.add_argument("output")
+    n.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="output dtype (default: the stored one)")
+    n.add_argument("--overwrite", action="store_true")
+    n.set_defaults(func=cmd_nemo_to_hf)
+
+    v = sub.add_parser("verify", help="compare transformers and Megatron-from-.nemo logits")
+    v.add_argument("hf_dir")
+    v.add_argument("nemo")
+    v.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    v.add_argument("--tol", type=float, default=1e-4, help="max |delta logit| allowed (fp32)")
+    v.set_defaults(func=cmd_verify)
+
+    i = sub.add_parser("inspect", help="describe a .nemo file, extracted .nemo or HF directory "
+                                       "and diagnose known bad states")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
 
@@ -111,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json", "hf", "nemo"), default="text",
                    help="text summary, our config as JSON, HF config.json, or NeMo model_config.yaml")
     p.set_defaults(func=cmd_info)
+    add_convert_parsers(sub)
     return parser
 
 

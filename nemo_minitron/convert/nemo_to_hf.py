@@ -145,7 +145,8 @@ def nemo_to_hf(nemo_path: str, out_dir: str, *, dtype: Optional[str] = None,
                 f.write("\n")
             if tok is not None:
                 for name in os.listdir(tok):
-                    if name.startswith("tokenizer") or name == "special_tokens_map.json":
+                    if name.startswith("tokenizer") or name in ("special_tokens_map.json",
+                                                                "generation_config.json"):
                         shutil.copyfile(os.path.join(tok, name), os.path.join(tmp, name))
             else:  # NeMo-written .nemo: no files inside; the family's Llama-3.1 tokenizer
                 from nemo_minitron.tokenizer import write_tokenizer_files
