@@ -46,20 +46,27 @@ def test_round_trip_bit_identical(hf_dir, tmp_path, fmt, tp, pp):
     assert not [e for e in os.listdir(tmp_path) if e.startswith(".")]  # no temporaries left
 
 
-def test_fp32_and_extracted_dir_and_gzip(hf_dir, tmp_path):
+def test_fp32_and_extracted_dir(hf_dir, tmp_path):
     nemo = hf_to_nemo(hf_dir, str(tmp_path / "m.nemo"), dtype="fp32")
     tree = tmp_path / "tree"
     tree.mkdir()
     safe_extract(nemo, str(tree))
-    gz = tmp_path / "m.nemo.tgz"
-    with tarfile.open(gz, "w:gz") as tar:
-        tar.add(str(tree), arcname=".")
     ref = {k: v.float() for k, v in read_hf_dir(hf_dir).items()}
-    for src in (str(tree), str(gz)):
-        out, _ = nemo_to_hf(src, str(tmp_path / "back"), overwrite=True)
-        assert_same_tensors(ref, read_hf_dir(out))  # bf16 -> fp32 is exact; stored dtype kept
+    out, _ = nemo_to_hf(str(tree), str(tmp_path / "back"))
+    assert_same_tensors(ref, read_hf_dir(out))  # bf16 -> fp32 is exact; stored dtype kept
     out, _ = nemo_to_hf(str(tree), str(tmp_path / "bf"), dtype="bf16")
     assert_same_tensors(read_hf_dir(hf_dir), read_hf_dir(out))
+
+
+def test_gzipped_nemo(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    safe_extract(os.path.join(GOLDEN, "zarr_tp1.nemo"), str(tree))
+    gz = tmp_path / "m.nemo"
+    with tarfile.open(gz, "w:gz") as tar:
+        tar.add(str(tree), arcname=".")
+    out, _ = nemo_to_hf(str(gz), str(tmp_path / "back"))
+    assert_same_tensors(golden_hf_state(), read_hf_dir(out))
 
 
 def test_model_config_yaml(hf_dir, tmp_path):

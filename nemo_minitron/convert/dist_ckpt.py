@@ -22,7 +22,6 @@ whose class (``StorageMeta``) torch 2.3 lacks (``AttributeError: Can't get attri
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
@@ -44,31 +43,66 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
 
 
-@contextlib.contextmanager
-def process_group():
-    """A 1-rank gloo group with Megatron's parallel state (and the CPU shim) for dist_checkpointing,
-    unless one exists (e.g. inside a multi-rank job); torn down on exit if created here, so a later
-    fork (test workers) does not inherit it."""
+def run_with_process_group(fn, *args):
+    """``fn(*args)`` where torch.distributed and Megatron's parallel state are initialized.
+
+    Inside a job that has a process group: called directly. Otherwise in a forked child that
+    creates a 1-rank gloo group (and the CPU shim), runs ``fn`` and exits: a process that has used
+    torch.distributed cannot safely fork afterwards (measured: forked gloo workers then hang), so
+    the caller's process never initializes it. The child's exception is re-raised here.
+    """
+    import multiprocessing
     import torch.distributed as dist
 
     if dist.is_initialized():
-        yield
-        return
-    from nemo_minitron.dist import destroy_megatron, init_megatron
-
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
-    for k in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
-        os.environ.pop(k, None)
-    init_megatron(tp=1, pp=1)
+        return fn(*args)
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(fn, args, send))
+    child.start()
+    send.close()
     try:
-        yield
-    finally:
+        status, payload = recv.recv()
+    except EOFError:
+        status, payload = "error", CheckpointError(f"conversion process died (exit code "
+                                                   f"{child.join() or child.exitcode})")
+    child.join()
+    if status == "error":
+        raise payload
+    return payload
+
+
+def _child(fn, args, send):
+    from nemo_minitron.dist import destroy_megatron, free_port, init_megatron
+
+    try:
+        torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork()
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        init_megatron(tp=1, pp=1)
+        result = fn(*args)
         destroy_megatron()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        send.send(("ok", result))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+        if not isinstance(e, Exception) or not _picklable(e):
+            e = CheckpointError(f"{type(e).__name__}: {e}")
+        send.send(("error", e))
+    finally:
+        send.close()
+        import multiprocessing
+
+        for proc in multiprocessing.active_children():  # dist_checkpointing's writer manager
+            proc.terminate()
+            proc.join(5)
+        os._exit(0)
+
+
+def _picklable(e) -> bool:
+    try:
+        pickle.loads(pickle.dumps(e))
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -155,13 +189,18 @@ def save_torch_dist(cfg: ModelConfig, chunks: Iterable[Sequence[Tuple[str, torch
                     out_dir: str) -> None:
     """Write ``model_weights/`` (``out_dir``, created here) from chunks of (layer-indexed
     checkpoint name, full tensor); every chunk is saved by ``dist_checkpointing.save`` and freed
-    before the next one is produced."""
+    before the next one is produced. The chunks are produced (and the HF files read) in the
+    process that writes (see :func:`run_with_process_group`)."""
+    os.makedirs(out_dir)
+    run_with_process_group(_save_chunks, cfg, chunks, out_dir)
+
+
+def _save_chunks(cfg: ModelConfig, chunks, out_dir: str) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-    os.makedirs(out_dir)
     parts, written = [], set()
-    with process_group():
+    if True:
         for k, chunk in enumerate(chunks):
             names = [n for n, _ in chunk]
             dup = written.intersection(names)
