@@ -6,8 +6,6 @@
     nemo-minitron convert hf-to-nemo HF_DIR OUT.nemo [--dtype bf16] [--format torch_dist|legacy]
                                      [--tp N --pp M] [--tokenizer-type ID_OR_PATH] [--overwrite]
     nemo-minitron convert nemo-to-hf IN.nemo OUT_DIR [--dtype bf16|fp16|fp32] [--overwrite]
-    nemo-minitron verify HF_DIR IN.nemo [--prompts FILE] [--tol 1e-4]
-    nemo-minitron inspect PATH
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2.
 """
@@ -113,22 +111,6 @@ def cmd_nemo_to_hf(args) -> int:
     return 0
 
 
-def cmd_verify(args) -> int:
-    from nemo_minitron.convert.verify import verify
-
-    report = verify(args.hf_dir, args.nemo, prompts_file=args.prompts, tol=args.tol)
-    print(report.summary())
-    return 0 if report.ok else 1
-
-
-def cmd_inspect(args) -> int:
-    from nemo_minitron.convert.inspect import inspect_path
-
-    report = inspect_path(args.path)
-    print(report.text())
-    return 0 if not report.problems else 1
-
-
 def add_convert_parsers(sub) -> None:
     p = sub.add_parser("convert", help="convert checkpoints between HF and .nemo")
     conv = p.add_subparsers(dest="direction", metavar="DIRECTION")
@@ -154,18 +136,6 @@ def add_convert_parsers(sub) -> None:
                    help="output dtype (default: the stored one)")
     n.add_argument("--overwrite", action="store_true")
     n.set_defaults(func=cmd_nemo_to_hf)
-
-    v = sub.add_parser("verify", help="compare transformers and Megatron-from-.nemo logits")
-    v.add_argument("hf_dir")
-    v.add_argument("nemo")
-    v.add_argument("--prompts", default=None, help="text file, one prompt per line")
-    v.add_argument("--tol", type=float, default=1e-4, help="max |delta logit| allowed (fp32)")
-    v.set_defaults(func=cmd_verify)
-
-    i = sub.add_parser("inspect", help="describe a .nemo file, extracted .nemo or HF directory "
-                                       "and diagnose known bad states")
-    i.add_argument("path")
-    i.set_defaults(func=cmd_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:
