@@ -200,35 +200,34 @@ def _save_chunks(cfg: ModelConfig, chunks, out_dir: str) -> None:
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     parts, written = [], set()
-    if True:
-        for k, chunk in enumerate(chunks):
-            names = [n for n, _ in chunk]
-            dup = written.intersection(names)
-            if dup:
-                raise CheckpointError(f"tensor(s) written twice: {', '.join(sorted(dup))}")
-            written.update(names)
-            scratch = os.path.join(out_dir, f".chunk-{k:05d}")
-            os.makedirs(scratch)
-            # thread_count=1: one .distcp file per chunk
-            strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-            sharded, base = _sharded_chunk(cfg, chunk)
-            # validate_access_integrity=False: the extra-state objects name their global layer
-            # (shard_<layer>_<num_layers>), so a chunk holds only some of them
-            dist_checkpointing.save(sharded, scratch, sharded_strategy=strategy,
-                                    validate_access_integrity=False)
-            del chunk, sharded
-            with open(os.path.join(scratch, ".metadata"), "rb") as f:
-                md = pickle.load(f)
-            _shift(md, base, cfg.num_layers)
-            renames = {}
-            for j, path in enumerate(sorted(glob.glob(os.path.join(scratch, "*.distcp")))):
-                new = f"__{k}_{j}.distcp"
-                os.rename(path, os.path.join(out_dir, new))
-                renames[os.path.basename(path)] = new
-            parts.append((md, renames))
-            if k == 0:
-                os.rename(os.path.join(scratch, "common.pt"), os.path.join(out_dir, "common.pt"))
-            shutil.rmtree(scratch)
+    for k, chunk in enumerate(chunks):
+        names = [n for n, _ in chunk]
+        dup = written.intersection(names)
+        if dup:
+            raise CheckpointError(f"tensor(s) written twice: {', '.join(sorted(dup))}")
+        written.update(names)
+        scratch = os.path.join(out_dir, f".chunk-{k:05d}")
+        os.makedirs(scratch)
+        # thread_count=1: one .distcp file per chunk
+        strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+        sharded, base = _sharded_chunk(cfg, chunk)
+        # validate_access_integrity=False: the extra-state objects name their global layer
+        # (shard_<layer>_<num_layers>), so a chunk holds only some of them
+        dist_checkpointing.save(sharded, scratch, sharded_strategy=strategy,
+                                validate_access_integrity=False)
+        del chunk, sharded
+        with open(os.path.join(scratch, ".metadata"), "rb") as f:
+            md = pickle.load(f)
+        _shift(md, base, cfg.num_layers)
+        renames = {}
+        for j, path in enumerate(sorted(glob.glob(os.path.join(scratch, "*.distcp")))):
+            new = f"__{k}_{j}.distcp"
+            os.rename(path, os.path.join(out_dir, new))
+            renames[os.path.basename(path)] = new
+        parts.append((md, renames))
+        if k == 0:
+            os.rename(os.path.join(scratch, "common.pt"), os.path.join(out_dir, "common.pt"))
+        shutil.rmtree(scratch)
     merged = _merge_metadata(parts)
     _check_coverage(cfg, merged, written)
     with open(os.path.join(out_dir, ".metadata"), "wb") as f:
