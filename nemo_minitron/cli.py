@@ -8,9 +8,12 @@
     nemo-minitron generate --model HF_DIR --prompt TEXT [--greedy] [--max-new-tokens N] [key=value ...]
     nemo-minitron generate --model HF_DIR --prompts IN.jsonl --out OUT.jsonl [--config YAML] [key=value ...]
     nemo-minitron eval-ppl --model HF_DIR --data FILE.txt|FILE.jsonl [window=2048 stride=512 ...]
+    nemo-minitron convert hf-to-nemo HF_DIR OUT.nemo [--dtype bf16] [--format torch_dist|legacy]
+                                     [--tp N --pp M] [--tokenizer-type ID_OR_PATH] [--overwrite]
+    nemo-minitron convert nemo-to-hf IN.nemo OUT_DIR [--dtype bf16|fp16|fp32] [--overwrite]
 
-generate/eval-ppl run the same under python, torchrun and srun (tp=.. pp=.. overrides); only rank 0
-prints. Config precedence: defaults, then --config YAML, then flags and key=value overrides.
+Jobs run the same under python, torchrun and srun (tp=.. pp=.. overrides); only rank 0 prints.
+Config precedence: defaults, then --config YAML, then flags and key=value overrides.
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2.
 """
@@ -147,6 +150,50 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_hf_to_nemo(args) -> int:
+    from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
+
+    out = hf_to_nemo(args.hf_dir, args.output, dtype=args.dtype, fmt=args.format, tp=args.tp,
+                     pp=args.pp, tokenizer_type=args.tokenizer_type, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.format}, {args.dtype}, TP={args.tp} PP={args.pp})")
+    return 0
+
+
+def cmd_nemo_to_hf(args) -> int:
+    from nemo_minitron.convert.nemo_to_hf import nemo_to_hf
+
+    out, layout = nemo_to_hf(args.nemo, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out} (from {layout} weights)")
+    return 0
+
+
+def add_convert_parsers(sub) -> None:
+    p = sub.add_parser("convert", help="convert checkpoints between HF and .nemo")
+    conv = p.add_subparsers(dest="direction", metavar="DIRECTION")
+    conv.required = True
+    h = conv.add_parser("hf-to-nemo", help="HF checkpoint directory -> .nemo")
+    h.add_argument("hf_dir")
+    h.add_argument("output", help="the .nemo file to write")
+    h.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    h.add_argument("--format", choices=("torch_dist", "legacy"), default="torch_dist",
+                   help="weights layout: distributed checkpoint (default) or legacy .ckpt files")
+    h.add_argument("--tp", type=int, default=1, help="tensor parallel size recorded (legacy: "
+                   "files per rank)")
+    h.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    h.add_argument("--tokenizer-type", default=None,
+                   help="tokenizer.type for model_config.yaml: a hub id or path (default: a "
+                        "non-gated hub id; the HF tokenizer files are packed either way)")
+    h.add_argument("--overwrite", action="store_true")
+    h.set_defaults(func=cmd_hf_to_nemo)
+    n = conv.add_parser("nemo-to-hf", help=".nemo (file or extracted dir) -> HF directory")
+    n.add_argument("nemo")
+    n.add_argument("output")
+    n.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="output dtype (default: the stored one)")
+    n.add_argument("--overwrite", action="store_true")
+    n.set_defaults(func=cmd_nemo_to_hf)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
 
@@ -199,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="window, stride, batch_size, tp, pp, dtype")
     p.set_defaults(func=cmd_eval_ppl)
+
+    add_convert_parsers(sub)
     return parser
 
 

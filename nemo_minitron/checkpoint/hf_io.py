@@ -131,3 +131,77 @@ def iter_tensors(hf_dir: str, weight_map: Optional[Dict[str, str]] = None
         with safe_open(os.path.join(hf_dir, shard), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def plan_shards(specs: List[Tuple[str, tuple, torch.dtype]], max_shard_bytes: int
+                ) -> List[List[Tuple[str, tuple, torch.dtype]]]:
+    """Greedy split of ``(name, shape, dtype)`` in order into shards of <= max_shard_bytes (a larger
+    tensor alone) -- the same split :func:`write_safetensors_shards` makes."""
+    shards, current, size = [], [], 0
+    for spec in specs:
+        n = int(torch.Size(spec[1]).numel()) * torch.empty(0, dtype=spec[2]).element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += n
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_safetensors_streaming(specs: List[Tuple[str, tuple, torch.dtype]],
+                                tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str, *,
+                                max_shard_bytes: int = 5 * 10**9,
+                                on_tensor=None) -> Dict[str, str]:
+    """Write sharded safetensors + index holding one tensor in memory at a time.
+
+    Every name, shape and dtype is known up front (``specs``, in the order ``tensors`` yields
+    them), so each shard's header (JSON: name -> dtype, shape, byte offsets; padded to 8 bytes as
+    the safetensors library pads it) is written first and the tensors' bytes are appended as they
+    arrive. A tensor that disagrees with its spec is an error.
+    """
+    import json as _json
+
+    shards = plan_shards(specs, max_shard_bytes)
+    count = len(shards)
+    weight_map: Dict[str, str] = {}
+    total = 0
+    it = iter(tensors)
+    for k, shard in enumerate(shards, start=1):
+        final = f"model-{k:05d}-of-{count:05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype in shard:
+            n = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = _json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(out_dir, final), "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for name, shape, dtype in shard:
+                try:
+                    got_name, tensor = next(it)
+                except StopIteration:
+                    raise CheckpointError(f"tensor {name} was never produced") from None
+                if got_name != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise CheckpointError(f"produced {got_name} {list(tensor.shape)} {tensor.dtype}, "
+                                          f"expected {name} {list(shape)} {dtype}")
+                data = tensor.contiguous().view(torch.uint8).numpy() if tensor.numel() else b""
+                f.write(memoryview(data))
+                weight_map[name] = final
+                total += tensor.numel() * tensor.element_size()
+                if on_tensor is not None:
+                    on_tensor(tensor.numel() * tensor.element_size())
+    extra = next(it, None)
+    if extra is not None:
+        raise CheckpointError(f"unexpected extra tensor {extra[0]}")
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+        _json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        f.write("\n")
+    return weight_map

@@ -259,3 +259,52 @@ def check_model_names(model, expected: Mapping[str, object]) -> None:
     if have != want:
         raise CheckpointError(f"model parameters do not match the mapping: missing "
                               f"{sorted(want - have)[:4]}, unexpected {sorted(have - want)[:4]}")
+
+
+# ---- distributed-checkpoint (stacked) keys ------------------------------------------------------
+# Modules whose Transformer-Engine layers carry an ``_extra_state`` entry (FP8 metadata) in every
+# layer. NeMo 24.05 restores into a TE-spec model, whose sharded state dict asks for them; Megatron's
+# local spec asks for the same keys. Stored as ShardedObjects with value None (no FP8 state): what
+# Megatron's local spec writes and what TE's set_extra_state accepts (it returns on None).
+EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj",
+                       "mlp.linear_fc1", "mlp.linear_fc2")
+VOCAB_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def stacked_key(name: str) -> Tuple[str, Optional[int]]:
+    """``decoder.layers.3.mlp.linear_fc1.weight`` -> (``decoder.layers.mlp.linear_fc1.weight``, 3).
+
+    A distributed checkpoint stores each per-layer tensor once, stacked over layers:
+    ``[num_layers, *per_layer_shape]``; non-layer tensors keep their own name and layer None.
+    """
+    m = _LAYER_RE.match(name)
+    if m is None:
+        return name, None
+    return m.group(1) + name[m.end():], int(m.group(2))
+
+
+def layer_name(key: str, layer: Optional[int]) -> str:
+    """Inverse of :func:`stacked_key`."""
+    if layer is None:
+        return key
+    return key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
+
+
+def megatron_shapes(cfg: ModelConfig, tp: int = 1) -> Dict[str, Tuple[int, ...]]:
+    """Full (unsharded) Megatron tensor shapes by checkpoint name, vocab padded for ``tp``."""
+    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.padded_vocab_size(tp)
+    per_layer = {
+        "self_attention.linear_qkv.weight": (cfg.q_size + 2 * cfg.kv_size, h),
+        "self_attention.linear_proj.weight": (h, cfg.q_size),
+        "mlp.linear_fc1.weight": (2 * f, h),
+        "mlp.linear_fc2.weight": (h, f),
+        "self_attention.linear_qkv.layer_norm_weight": (h,),
+        "mlp.linear_fc1.layer_norm_weight": (h,),
+    }
+    out = {}
+    for name, _, layer in megatron_names(cfg):
+        if layer is None:
+            out[name] = (v, h) if name in VOCAB_NAMES else (h,)
+        else:
+            out[name] = per_layer[name.split(f"decoder.layers.{layer}.", 1)[1]]
+    return out

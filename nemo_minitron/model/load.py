@@ -62,3 +62,51 @@ def load_hf_into_model(model, cfg: ModelConfig, hf_dir: str, reader: Optional[HF
                                       f"model parameter {list(param.shape)} (TP={tp})")
             param.copy_(shard.to(param.dtype))
     return model
+
+
+def load_nemo_into_model(model, cfg: ModelConfig, nemo_path: str):
+    """Fill ``model`` (this rank's part, at Megatron's current TP/PP) from a .nemo file or extracted
+    directory, whatever its weight layout.
+
+    torch_dist: Megatron's ``dist_checkpointing.load`` into ``model.sharded_state_dict(prefix=...)``
+    (what NeMo's restore does; reshards to any TP/PP). zarr and legacy files (any TP/PP): full
+    tensors from the converter's readers, this rank's TP shard copied in, like load_hf_into_model.
+    """
+    from megatron.core import parallel_state as ps
+
+    from nemo_minitron.convert.nemo_file import WEIGHTS_DIR, opened_nemo
+    from nemo_minitron.convert.nemo_to_hf import check_stored_keys, checked_getter, weights_reader
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    with opened_nemo(nemo_path) as root:
+        layout, reader = weights_reader(root, cfg)
+        check_stored_keys(cfg, reader)
+        padded = cfg.padded_vocab_size(tp)
+        if layout == "torch_dist" and reader.shapes()["embedding.word_embeddings.weight"][0][0] == padded:
+            from megatron.core import dist_checkpointing
+
+            sharded = model.sharded_state_dict(prefix=reader.prefix)
+            loaded = dist_checkpointing.load(sharded, os.path.join(root, WEIGHTS_DIR))
+            missing, unexpected = model.load_state_dict(
+                {k[len(reader.prefix):]: v for k, v in loaded.items()}, strict=False)
+            if missing or [k for k in unexpected if not k.endswith("_extra_state")]:
+                raise CheckpointError(f"{nemo_path}: model parameters not filled: {missing[:4]}")
+            return model
+        get = checked_getter(cfg, reader)
+        offset = mapping.layer_offset(cfg, pp_rank, pp)
+        names = mapping.stage_names(cfg, pp_rank, pp)
+        params = mapping.model_params(model)
+        mapping.check_model_names(model, {mapping.to_local_layer(n, offset) for n, _, _ in names})
+        with torch.no_grad():
+            for name, rule, _ in names:
+                full = get(name)
+                if name in mapping.VOCAB_NAMES:  # stored padding -> this TP's padding
+                    full = rule.transform.merge(cfg, rule.transform.split(cfg, full), padded)
+                shard = mapping.tp_shard(name, full, tp_rank, tp)
+                param = params[mapping.to_local_layer(name, offset)]
+                if tuple(shard.shape) != tuple(param.shape):
+                    raise CheckpointError(f"{name}: stored shard {list(shard.shape)} does not fit "
+                                          f"the model parameter {list(param.shape)} (TP={tp})")
+                param.copy_(shard.to(param.dtype))
+    return model

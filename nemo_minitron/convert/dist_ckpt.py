@@ -1,0 +1,474 @@
+"""NeMo's distributed-checkpoint weights (``model_weights/``): written through Megatron-Core's
+``dist_checkpointing`` (torch_dist), read back as torch_dist or as NeMo 24.05's zarr.
+
+Layout (shared/FACTS.md section 3): keys carry the prefix ``model.``; per-layer tensors are stacked,
+``model.decoder.layers.mlp.linear_fc1.weight [num_layers, 2*ffn, hidden]``, each layer one chunk at
+offset ``(layer, 0, 0)`` (what a TP=1/PP=1 GPTModel's sharded state dict holds); embedding and output
+layer are ``[padded_vocab, hidden]``; ``_extra_state`` objects per layer for linear_qkv/proj/fc1/fc2.
+
+Streaming write: one ``dist_checkpointing.save`` per chunk of tensors (the embedding, a run of
+consecutive layers, the output layer), each into a scratch directory; the chunks' ``.distcp`` files
+are then moved into ``model_weights/`` and their DCP ``.metadata`` merged into one. Peak memory is
+one chunk, not the model. A chunk holding layers [a, b) saves each stacked key as a
+``[b - a, ...]`` tensor (Megatron's torch_dist strategy insists that a rank's shards form a complete
+regular grid, so in a 1-rank world a chunk cannot declare the full ``[num_layers, ...]`` shape); the
+merge shifts those chunks' offsets by ``a`` and sets the global size to ``num_layers``. DCP stores
+every shard as its own item, addressed only through this metadata, so the shift is the whole change. Every file is the one
+Megatron wrote; only the metadata is re-assembled, and the tests load the result with Megatron's own
+``dist_checkpointing.load`` (current stack and megatron-core 0.7.0 / torch 2.3).
+
+torch 2.3 compatibility: the merged ``Metadata`` is pickled without its ``storage_meta`` attribute,
+whose class (``StorageMeta``) torch 2.3 lacks (``AttributeError: Can't get attribute 'StorageMeta'``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import pickle
+import shutil
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from nemo_minitron.config.arch import ModelConfig
+from nemo_minitron.convert import mapping
+from nemo_minitron.errors import CheckpointError
+
+PREFIX = "model."
+KNOWN_PREFIXES = ("model.module.", "model.")  # NeMo writes model.module. under megatron_amp_O2
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                 "common_backend": "torch", "common_backend_version": 1}
+
+
+def run_with_process_group(fn, *args):
+    """``fn(*args)`` where torch.distributed and Megatron's parallel state are initialized.
+
+    Inside a job that has a process group: called directly. Otherwise in a forked child that
+    creates a 1-rank gloo group (and the CPU shim), runs ``fn`` and exits: a process that has used
+    torch.distributed cannot safely fork afterwards (measured: forked gloo workers then hang), so
+    the caller's process never initializes it. The child's exception is re-raised here.
+    """
+    import multiprocessing
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return fn(*args)
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(fn, args, send))
+    child.start()
+    send.close()
+    try:
+        status, payload = recv.recv()
+    except EOFError:
+        status, payload = "error", CheckpointError(f"conversion process died (exit code "
+                                                   f"{child.join() or child.exitcode})")
+    child.join()
+    if status == "error":
+        raise payload
+    return payload
+
+
+def _child(fn, args, send):
+    from nemo_minitron.dist import destroy_megatron, free_port, init_megatron
+
+    try:
+        torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork()
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        init_megatron(tp=1, pp=1)
+        result = fn(*args)
+        destroy_megatron()
+        send.send(("ok", result))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+        if not isinstance(e, Exception) or not _picklable(e):
+            e = CheckpointError(f"{type(e).__name__}: {e}")
+        send.send(("error", e))
+    finally:
+        send.close()
+        import multiprocessing
+
+        for proc in multiprocessing.active_children():  # dist_checkpointing's writer manager
+            proc.terminate()
+            proc.join(5)
+        os._exit(0)
+
+
+def _picklable(e) -> bool:
+    try:
+        pickle.loads(pickle.dumps(e))
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# ---- writing ------------------------------------------------------------------------------------
+def _sharded_chunk(cfg: ModelConfig, tensors: Sequence[Tuple[str, torch.Tensor]]) -> dict:
+    """Megatron ShardedTensors/Objects for full tensors named by layer-indexed checkpoint names."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    out, layers = {}, []
+    for name, tensor in tensors:
+        key, layer = mapping.stacked_key(name)
+        if layer is None:
+            out[name] = ShardedTensor.from_rank_offsets(PREFIX + key, tensor, replica_id=0)
+        else:  # one [1, *shape] chunk of the stacked [num_layers, *shape] tensor
+            layers.append(layer)
+    base = min(layers) if layers else 0
+    if layers and sorted(set(layers)) != list(range(base, max(layers) + 1)):
+        raise CheckpointError(f"a chunk must hold consecutive layers, got {sorted(set(layers))}")
+    span = max(layers) + 1 - base if layers else 0
+    for name, tensor in tensors:
+        key, layer = mapping.stacked_key(name)
+        if layer is not None:  # one [1, *shape] chunk of the chunk-local stacked [span, *shape]
+            out[name] = ShardedTensor.from_rank_offsets(
+                PREFIX + key, tensor, (0, layer - base, span), replica_id=0, prepend_axis_num=1)
+    layers = sorted(set(layers))
+    for layer in layers:
+        for module in mapping.EXTRA_STATE_MODULES:
+            key = f"{PREFIX}decoder.layers.{module}._extra_state"
+            out[f"{key}.{layer}"] = ShardedObject(key, None, (cfg.num_layers,), (layer,),
+                                                  replica_id=0)
+    return out, base
+
+
+def _is_stacked(fqn: str) -> bool:
+    return fqn.startswith(PREFIX + "decoder.layers.") and "/shard_" not in fqn
+
+
+def _shift(md, base: int, num_layers: int) -> None:
+    """Chunk-local stacked keys -> their place in the [num_layers, ...] global tensor."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    for key, smd in md.state_dict_metadata.items():
+        if isinstance(smd, TensorStorageMetadata) and _is_stacked(key):
+            smd.size = torch.Size((num_layers,) + tuple(smd.size[1:]))
+            smd.chunks = [dataclasses.replace(c, offsets=torch.Size(
+                (c.offsets[0] + base,) + tuple(c.offsets[1:]))) for c in smd.chunks]
+    md.storage_data = {
+        (dataclasses.replace(i, offset=torch.Size((i.offset[0] + base,) + tuple(i.offset[1:])))
+         if _is_stacked(i.fqn) and i.offset is not None else i): info
+        for i, info in md.storage_data.items()}
+
+
+def _merge_metadata(parts: List[Tuple[object, Dict[str, str]]]):
+    """One DCP Metadata from the chunks' (shifted metadata, {old file name: new file name})."""
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    merged = Metadata(state_dict_metadata={}, planner_data={}, storage_data={})
+    mcore_data = {}
+    for md, renames in parts:
+        for key, smd in md.state_dict_metadata.items():
+            have = merged.state_dict_metadata.get(key)
+            if have is None:
+                merged.state_dict_metadata[key] = smd
+            elif isinstance(smd, TensorStorageMetadata) and isinstance(have, TensorStorageMetadata) \
+                    and have.size == smd.size and have.properties.dtype == smd.properties.dtype:
+                have.chunks.extend(smd.chunks)  # more layers of a stacked key
+            else:
+                raise CheckpointError(f"{key}: written twice with different metadata")
+        for index, info in md.storage_data.items():
+            merged.storage_data[index] = dataclasses.replace(
+                info, relative_path=renames[info.relative_path])
+        if isinstance(md.planner_data, dict):
+            merged.planner_data.update(md.planner_data)
+        mcore_data.update(getattr(md, "mcore_data", None) or {})
+        if getattr(md, "version", None) is not None:
+            merged.version = md.version
+    if mcore_data:
+        merged.mcore_data = mcore_data
+    # torch 2.3 cannot unpickle StorageMeta: leave the attribute out of the pickle entirely
+    merged.__dict__.pop("storage_meta", None)
+    return merged
+
+
+def save_torch_dist(cfg: ModelConfig, chunks: Iterable[Sequence[Tuple[str, torch.Tensor]]],
+                    out_dir: str) -> None:
+    """Write ``model_weights/`` (``out_dir``, created here) from chunks of (layer-indexed
+    checkpoint name, full tensor); every chunk is saved by ``dist_checkpointing.save`` and freed
+    before the next one is produced. The chunks are produced (and the HF files read) in the
+    process that writes (see :func:`run_with_process_group`)."""
+    os.makedirs(out_dir)
+    run_with_process_group(_save_chunks, cfg, chunks, out_dir)
+
+
+def _save_chunks(cfg: ModelConfig, chunks, out_dir: str) -> None:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    parts, written = [], set()
+    for k, chunk in enumerate(chunks):
+        names = [n for n, _ in chunk]
+        dup = written.intersection(names)
+        if dup:
+            raise CheckpointError(f"tensor(s) written twice: {', '.join(sorted(dup))}")
+        written.update(names)
+        scratch = os.path.join(out_dir, f".chunk-{k:05d}")
+        os.makedirs(scratch)
+        # thread_count=1: one .distcp file per chunk
+        strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+        sharded, base = _sharded_chunk(cfg, chunk)
+        # validate_access_integrity=False: the extra-state objects name their global layer
+        # (shard_<layer>_<num_layers>), so a chunk holds only some of them
+        dist_checkpointing.save(sharded, scratch, sharded_strategy=strategy,
+                                validate_access_integrity=False)
+        del chunk, sharded
+        with open(os.path.join(scratch, ".metadata"), "rb") as f:
+            md = pickle.load(f)
+        _shift(md, base, cfg.num_layers)
+        renames = {}
+        for j, path in enumerate(sorted(glob.glob(os.path.join(scratch, "*.distcp")))):
+            new = f"__{k}_{j}.distcp"
+            os.rename(path, os.path.join(out_dir, new))
+            renames[os.path.basename(path)] = new
+        parts.append((md, renames))
+        if k == 0:
+            os.rename(os.path.join(scratch, "common.pt"), os.path.join(out_dir, "common.pt"))
+        shutil.rmtree(scratch)
+    merged = _merge_metadata(parts)
+    _check_coverage(cfg, merged, written)
+    with open(os.path.join(out_dir, ".metadata"), "wb") as f:
+        pickle.dump(merged, f)
+    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+        json.dump(METADATA_JSON, f)
+
+
+def _check_coverage(cfg: ModelConfig, md, written) -> None:
+    """Every stacked key has all its layers, every expected tensor was written."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    want = set(mapping.megatron_shapes(cfg))
+    if want != set(written):
+        raise CheckpointError(f"distributed checkpoint incomplete: missing "
+                              f"{sorted(want - set(written))[:4]}, extra {sorted(set(written) - want)[:4]}")
+    for key, smd in md.state_dict_metadata.items():
+        if isinstance(smd, TensorStorageMetadata):
+            covered = sum(int(np.prod(c.sizes)) for c in smd.chunks)
+            if covered != int(np.prod(smd.size)):
+                raise CheckpointError(f"{key}: chunks cover {covered} of {int(np.prod(smd.size))} "
+                                      "elements")
+
+
+# ---- reading ------------------------------------------------------------------------------------
+def read_backend(weights_dir: str) -> str:
+    path = os.path.join(weights_dir, "metadata.json")
+    try:
+        with open(path) as f:
+            backend = json.load(f)["sharded_backend"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a distributed-checkpoint metadata.json ({e})") from None
+    if backend not in ("torch_dist", "zarr"):
+        raise CheckpointError(f"{path}: sharded_backend {backend!r} is not supported "
+                              "(torch_dist or zarr)")
+    return backend
+
+
+def _strip_prefix(keys: Iterable[str], where: str) -> Tuple[str, Dict[str, str]]:
+    """(prefix, {key without prefix: stored key}) for keys stored under model. / model.module."""
+    keys = list(keys)
+    for prefix in KNOWN_PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return prefix, {k[len(prefix):]: k for k in keys}
+    raise CheckpointError(f"{where}: tensor keys do not all start with 'model.' or 'model.module.' "
+                          f"(e.g. {sorted(keys)[:2]})")
+
+
+class _LayerCachedReader:
+    """``get(name)`` for layer-indexed names; loads a whole layer at once and keeps one layer."""
+
+    def __init__(self, where: str, stored: Dict[str, Tuple[Tuple[int, ...], torch.dtype]]):
+        self.where = where
+        # generic key (no prefix, stacked) -> (stored key, global shape, dtype)
+        self.prefix, plain = _strip_prefix(stored, where)
+        self.keys = {k: (s, tuple(stored[s][0]), stored[s][1]) for k, s in plain.items()
+                     if not k.endswith("_extra_state")}
+        self._cache: Dict[str, torch.Tensor] = {}
+        self._cached_layer = object()
+
+    def shapes(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+        """Generic (stacked) key -> (global shape, dtype)."""
+        return {k: (shape, dtype) for k, (_, shape, dtype) in self.keys.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        key, layer = mapping.stacked_key(name)
+        if key not in self.keys:
+            raise CheckpointError(f"{self.where}: tensor {self.prefix}{key} is missing")
+        if layer != self._cached_layer or name not in self._cache:
+            if layer is None:
+                group = [key]  # non-layer tensors are large (embeddings): one at a time
+            else:  # every stacked tensor of this layer in one read
+                group = [k for k in self.keys if k.startswith("decoder.layers.")]
+            self._cache = {mapping.layer_name(k, layer): t
+                           for k, t in self._load(group, layer).items()}
+            self._cached_layer = layer
+        return self._cache.pop(name)
+
+    def _load(self, keys: List[str], layer: Optional[int]) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class TorchDistReader(_LayerCachedReader):
+    """torch_dist weights read with torch DCP's own ``FileSystemReader`` (storage format, offsets,
+    any chunking: per layer, per TP shard, gate/up halves), one layer's slice at a time.
+
+    Not ``dist_checkpointing.load``: in a 1-rank world Megatron's torch_dist strategy accepts only
+    requests that cover the whole regular grid of a tensor (a whole ``[num_layers, ...]`` stack), which
+    would hold e.g. 3.6 GB of 4B-Width's fc1 at once; no process group is needed either.
+    """
+
+    def __init__(self, weights_dir: str):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.weights_dir = weights_dir
+        if not os.path.isfile(os.path.join(weights_dir, ".metadata")):
+            raise CheckpointError(f"{weights_dir}: torch_dist checkpoint without .metadata")
+        try:
+            self.reader = FileSystemReader(weights_dir)
+            self.metadata = self.reader.read_metadata()
+            self.reader.set_up_storage_reader(self.metadata, True)
+        except Exception as e:  # noqa: BLE001 - pickle/torch raise many types for bad files
+            raise CheckpointError(f"{weights_dir}/.metadata: unreadable "
+                                  f"({type(e).__name__}: {_first_line(e)})") from None
+        tensors = {k: (tuple(v.size), v.properties.dtype)
+                   for k, v in self.metadata.state_dict_metadata.items()
+                   if isinstance(v, TensorStorageMetadata)}
+        for index, info in self.metadata.storage_data.items():
+            if getattr(info, "transform_descriptors", None):
+                raise CheckpointError(f"{weights_dir}: {index.fqn} is stored with transforms "
+                                      f"{info.transform_descriptors} (not supported)")
+            path = os.path.join(weights_dir, info.relative_path)
+            if index.fqn in tensors and not os.path.isfile(path):
+                raise CheckpointError(f"{path}: data file named in .metadata is missing")
+        super().__init__(weights_dir, tensors)
+
+    def _load(self, keys, layer):
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+        from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+        out, items = {}, []
+        for key in keys:
+            stored, shape, dtype = self.keys[key]
+            lo = [0] * len(shape)
+            hi = list(shape)
+            if layer is not None:
+                lo[0], hi[0] = layer, layer + 1
+            out[key] = torch.empty([h - l for l, h in zip(lo, hi)], dtype=dtype)
+            covered = 0
+            for chunk in self.metadata.state_dict_metadata[stored].chunks:
+                start = [max(o, l) for o, l in zip(chunk.offsets, lo)]
+                stop = [min(o + n, h) for o, n, h in zip(chunk.offsets, chunk.sizes, hi)]
+                if any(a >= b for a, b in zip(start, stop)):
+                    continue
+                lengths = torch.Size([b - a for a, b in zip(start, stop)])
+                covered += int(np.prod(lengths))
+                items.append(ReadItem(
+                    type=LoadItemType.TENSOR,
+                    dest_index=MetadataIndex(key), dest_offsets=torch.Size(
+                        [a - l for a, l in zip(start, lo)]),
+                    storage_index=MetadataIndex(stored, torch.Size(chunk.offsets)),
+                    storage_offsets=torch.Size([a - o for a, o in zip(start, chunk.offsets)]),
+                    lengths=lengths))
+            if covered != out[key].numel():  # chunks of one key never overlap
+                raise CheckpointError(f"{self.weights_dir}: {stored} is incomplete (layer {layer}: "
+                                      f"{covered} of {out[key].numel()} elements stored)")
+        try:
+            self.reader.read_data(LoadPlan(items), _Planner(out)).wait()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self.weights_dir}: reading {', '.join(keys[:3])} failed "
+                                  f"({type(e).__name__}: {_first_line(e)})") from None
+        return {k: (t[0] if layer is not None else t) for k, t in out.items()}
+
+
+class _Planner:
+    """The three LoadPlanner calls FileSystemReader.read_data makes: narrow the destination."""
+
+    def __init__(self, out: Dict[str, torch.Tensor]):
+        self.out = out
+
+    def resolve_tensor(self, item):
+        t = self.out[item.dest_index.fqn]
+        for dim, (offset, length) in enumerate(zip(item.dest_offsets, item.lengths)):
+            t = t.narrow(dim, offset, length)
+        return t
+
+    def commit_tensor(self, item, tensor):
+        pass
+
+    def load_bytes(self, item, value):
+        raise CheckpointError(f"{item.dest_index.fqn}: unexpected bytes item")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+_ZARR_DTYPES = {"bfloat16": (np.uint16, torch.bfloat16), "<f4": (np.float32, torch.float32),
+                "<f2": (np.float16, torch.float16), "<f8": (np.float64, torch.float64)}
+
+
+class ZarrReader(_LayerCachedReader):
+    """NeMo 24.05's default format, read without zarr: each key is a zarr v2 array directory
+    (``.zarray``: shape, chunks, dtype ``"bfloat16"`` or numpy's, compressor null) of raw C-order
+    chunk files named ``i.j.k``; megatron-core 0.7 writes one chunk per layer (and TP shard)."""
+
+    def __init__(self, weights_dir: str):
+        self.weights_dir = weights_dir
+        self.arrays = {}
+        for entry in sorted(os.listdir(weights_dir)):
+            zarray = os.path.join(weights_dir, entry, ".zarray")
+            if not os.path.isfile(zarray):
+                continue
+            try:
+                with open(zarray) as f:
+                    spec = json.load(f)
+                shape, chunks, dtype = tuple(spec["shape"]), tuple(spec["chunks"]), spec["dtype"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{zarray}: not a zarr array header ({e})") from None
+            if spec.get("compressor") is not None or spec.get("filters"):
+                raise CheckpointError(f"{zarray}: compressed zarr arrays are not supported "
+                                      "(megatron-core writes them uncompressed)")
+            if dtype not in _ZARR_DTYPES or spec.get("order", "C") != "C":
+                raise CheckpointError(f"{zarray}: dtype {dtype!r} / order {spec.get('order')!r} "
+                                      "not supported")
+            self.arrays[entry] = (shape, chunks, dtype, spec.get("dimension_separator", "."))
+        if not self.arrays:
+            raise CheckpointError(f"{weights_dir}: no zarr arrays")
+        super().__init__(weights_dir, {k: (v[0], _ZARR_DTYPES[v[2]][1])
+                                       for k, v in self.arrays.items()})
+
+    def _read_region(self, stored: str, layer: Optional[int]) -> torch.Tensor:
+        shape, chunks, dtype, sep = self.arrays[stored]
+        np_dtype, torch_dtype = _ZARR_DTYPES[dtype]
+        lo = [0] * len(shape)
+        hi = list(shape)
+        if layer is not None:
+            lo[0], hi[0] = layer, layer + 1
+        out = np.empty([h - l for l, h in zip(lo, hi)], dtype=np_dtype)
+        grid = [range(l // c, -(-h // c)) for l, h, c in zip(lo, hi, chunks)]
+        for index in np.ndindex(*[len(g) for g in grid]):
+            cidx = [g[i] for g, i in zip(grid, index)]
+            path = os.path.join(self.weights_dir, stored, sep.join(map(str, cidx)))
+            expect = int(np.prod(chunks)) * np.dtype(np_dtype).itemsize
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+            except OSError:
+                raise CheckpointError(f"{path}: zarr chunk is missing") from None
+            if len(raw) != expect:
+                raise CheckpointError(f"{path}: zarr chunk has {len(raw)} bytes, expected {expect}")
+            block = np.frombuffer(raw, dtype=np_dtype).reshape(chunks)
+            src, dst = [], []
+            for c, cs, l, h in zip(cidx, chunks, lo, hi):
+                start, stop = max(c * cs, l), min((c + 1) * cs, h)
+                src.append(slice(start - c * cs, stop - c * cs))
+                dst.append(slice(start - l, stop - l))
+            out[tuple(dst)] = block[tuple(src)]
+        tensor = torch.from_numpy(out).view(torch_dtype)
+        return tensor[0] if layer is not None else tensor
+
+    def _load(self, keys, layer):
+        return {k: self._read_region(self.keys[k][0], layer) for k in keys}

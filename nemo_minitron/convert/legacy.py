@@ -1,0 +1,124 @@
+"""NeMo's legacy weight files: ``model_weights.ckpt`` (TP=PP=1) or one per rank
+(``mp_rank_XX/`` for TP>1, ``tp_rank_XX_pp_rank_XXX/`` for PP>1), each a ``torch.save``'d state dict
+of that rank's GPTModel: keys ``model.<name>`` (``model.module.<name>`` when NeMo wrapped the model for
+O2 mixed precision), TP-sharded tensors, and layer indices local to the pipeline stage.
+
+Files are read with ``weights_only=True`` (no code runs on load) and memory-mapped, so a tensor is
+read from disk when the converter asks for it. They must match the runtime TP/PP when loaded into a
+model; the converter reassembles full tensors from any layout.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Set, Tuple
+
+import torch
+
+from nemo_minitron.config.arch import ModelConfig
+from nemo_minitron.convert import mapping
+from nemo_minitron.convert.nemo_file import rank_file
+from nemo_minitron.errors import CheckpointError
+
+# Entries a legacy state dict may hold that carry no weights: TE FP8 metadata, RoPE buffers.
+IGNORED_SUFFIXES = ("_extra_state", "rotary_pos_emb.inv_freq")
+
+
+def write_legacy(cfg: ModelConfig, get_full: Callable[[str], torch.Tensor], root: str, tp: int,
+                 pp: int, on_tensor=None) -> None:
+    """Write every rank's file under ``root`` from full Megatron tensors (``get_full(name)``, vocab
+    padded for ``tp``). One rank's state dict is in memory at a time."""
+    per = cfg.num_layers // pp
+    for pp_rank in range(pp):
+        names = mapping.stage_names(cfg, pp_rank, pp)
+        offset = mapping.layer_offset(cfg, pp_rank, pp)
+        fulls = {name: get_full(name) for name, _, _ in names}  # this stage, unsharded
+        for tp_rank in range(tp):
+            state = {}
+            for name, _, layer in names:
+                local = mapping.to_local_layer(name, offset)
+                state["model." + local] = mapping.tp_shard(name, fulls[name], tp_rank, tp).clone()
+            for local_layer in range(per):  # TE modules' FP8 state: none
+                for module in mapping.EXTRA_STATE_MODULES:
+                    state[f"model.decoder.layers.{local_layer}.{module}._extra_state"] = None
+            path = rank_file(root, tp_rank, pp_rank, tp, pp)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(state, path)
+            if on_tensor is not None:
+                on_tensor(sum(t.numel() * t.element_size() for t in state.values()
+                              if isinstance(t, torch.Tensor)), len(names) if tp_rank == 0 else 0)
+            del state
+        del fulls
+
+
+def _load(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: weights file is missing")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # old pickle format
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt or unsafe files
+        raise CheckpointError(f"{path}: not a loadable weights file with weights_only=True "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                              ) from None
+
+
+class LegacyReader:
+    """``get(name)``: the full (TP-unsharded) tensor of a layer-indexed Megatron checkpoint name."""
+
+    def __init__(self, root: str, cfg: ModelConfig, tp: int, pp: int):
+        if cfg.num_layers % pp:
+            raise CheckpointError(f"{root}: PP={pp} does not divide num_layers={cfg.num_layers}")
+        self.root, self.cfg, self.tp, self.pp = root, cfg, tp, pp
+        self.states: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
+        self.unused: Set[Tuple[int, int, str]] = set()
+        for pp_rank in range(pp):
+            for tp_rank in range(tp):
+                state = _load(rank_file(root, tp_rank, pp_rank, tp, pp))
+                if not isinstance(state, dict):
+                    raise CheckpointError(f"{rank_file(root, tp_rank, pp_rank, tp, pp)}: not a "
+                                          "state dict")
+                if isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
+                    state = state["state_dict"]
+                plain = {}
+                for key, value in state.items():
+                    if key.endswith(IGNORED_SUFFIXES):
+                        continue
+                    for prefix in ("model.module.", "model."):
+                        if key.startswith(prefix):
+                            plain[mapping.te_spec_name(key[len(prefix):])] = value
+                            break
+                    else:
+                        raise CheckpointError(f"{rank_file(root, tp_rank, pp_rank, tp, pp)}: key "
+                                              f"{key!r} has neither 'model.' nor 'model.module.'")
+                self.states[(tp_rank, pp_rank)] = plain
+                self.unused.update((tp_rank, pp_rank, k) for k in plain)
+
+    def get(self, name: str) -> torch.Tensor:
+        _, layer = mapping.stacked_key(name)
+        per = self.cfg.num_layers // self.pp
+        if layer is not None:
+            pp_rank = layer // per
+        else:
+            pp_rank = 0 if name.startswith("embedding.") else self.pp - 1
+        local = mapping.to_local_layer(name, pp_rank * per)
+        shards: List[torch.Tensor] = []
+        for tp_rank in range(self.tp):
+            state = self.states[(tp_rank, pp_rank)]
+            if local not in state:
+                raise CheckpointError(f"{rank_file(self.root, tp_rank, pp_rank, self.tp, self.pp)}:"
+                                      f" tensor {local} is missing")
+            self.unused.discard((tp_rank, pp_rank, local))
+            shards.append(state[local])
+        return mapping.tp_unshard(name, shards)
+
+    def check_all_used(self) -> None:
+        if self.unused:
+            shown = sorted(f"{rank_file(self.root, t, p, self.tp, self.pp)}:{k}"
+                           for t, p, k in self.unused)
+            raise CheckpointError(f"{len(shown)} tensor(s) not consumed by the mapping: "
+                                  f"{', '.join(shown[:4])}")
+
