@@ -15,6 +15,7 @@ target, calibration samples: every input error happens here, before any model is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -25,14 +26,15 @@ if __package__ in (None, ""):  # `python recipes/prune.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nemo_minitron.config.recipe import load_config, to_dict  # noqa: E402
+from nemo_minitron.convert.io import as_hf_dir, is_nemo  # noqa: E402
 from nemo_minitron.dist import cluster_environment, is_rank0  # noqa: E402
 from nemo_minitron.errors import ConfigError, MinitronError  # noqa: E402
 
 
 @dataclass
 class PruneConfig:
-    model: str  # teacher: HF checkpoint directory (.nemo: once the reader lands)
-    out: str  # student: a directory (HF checkpoint) or a .nemo file (once the writer lands)
+    model: str  # teacher: HF checkpoint directory or .nemo (converted to a temporary HF copy)
+    out: str  # student: a directory (HF checkpoint) or a .nemo file
     target: Optional[str] = None  # a preset: minitron_4b_width, minitron_4b_depth, tiny_minitron_*
     hidden_size: Optional[int] = None  # explicit targets override the preset's
     ffn_hidden_size: Optional[int] = None
@@ -69,18 +71,41 @@ def _target_overrides(cfg: PruneConfig) -> dict:
 
 # ---- setup: every input error before any model is built ----------------------------------------
 def setup(cfg: PruneConfig) -> dict:
-    from nemo_minitron.config.parallel import validate_parallel
-    from nemo_minitron.data.calibration import calibration_samples
+    """Check the output, make an HF view of the teacher, then :func:`_setup_teacher`. A .nemo
+    teacher is converted by every rank to its own temporary HF copy next to the output (simple,
+    but N copies at N ranks: for large teachers convert once with `nemo-minitron convert
+    nemo-to-hf` and pass the directory)."""
     from nemo_minitron.prune.depth import DEPTH_METRICS
-    from nemo_minitron.prune.importance import load_scores
-    from nemo_minitron.prune.prune import check_output, read_teacher
-    from nemo_minitron.prune.targets import resolve_target
+    from nemo_minitron.prune.prune import check_output
 
     if cfg.depth_metric not in DEPTH_METRICS:
         raise ConfigError(f"depth_metric={cfg.depth_metric!r} is not one of "
                           f"{', '.join(DEPTH_METRICS)}")
     check_output(cfg.out, cfg.overwrite)
-    teacher, reader, tokenizer_dir = read_teacher(cfg.model)
+    teacher_dir = cfg.model
+    if is_nemo(cfg.model):  # every rank converts its own temporary HF copy (see the docstring)
+        state_dirs = contextlib.ExitStack()
+        teacher_dir = state_dirs.enter_context(
+            as_hf_dir(cfg.model, workdir=os.path.dirname(os.path.abspath(cfg.out))))
+        log(f"teacher {cfg.model} (.nemo) converted to {teacher_dir}")
+    try:
+        state = _setup_teacher(cfg, teacher_dir)
+    except BaseException:
+        if teacher_dir != cfg.model:
+            state_dirs.close()  # the temporary HF copy of a .nemo teacher
+        raise
+    state["temp_dirs"] = state_dirs if teacher_dir != cfg.model else None
+    return state
+
+
+def _setup_teacher(cfg: PruneConfig, teacher_dir: str) -> dict:
+    from nemo_minitron.config.parallel import validate_parallel
+    from nemo_minitron.data.calibration import calibration_samples
+    from nemo_minitron.prune.importance import load_scores
+    from nemo_minitron.prune.prune import read_teacher
+    from nemo_minitron.prune.targets import resolve_target
+
+    teacher, reader, tokenizer_dir = read_teacher(teacher_dir)
     world = cluster_environment().world_size()  # python, torchrun or srun
     layout = validate_parallel(teacher, cfg.tp, cfg.pp, world)
     target = resolve_target(teacher, cfg.target, _target_overrides(cfg), tp=cfg.tp)
@@ -90,7 +115,7 @@ def setup(cfg: PruneConfig) -> dict:
         f"({target.config.num_query_groups} groups), head_dim {target.config.head_dim}: "
         f"{target.config.num_params():,} parameters")
     state = dict(teacher=teacher, reader=reader, target=target, layout=layout, samples=None,
-                 scores=None)
+                 scores=None, teacher_dir=teacher_dir)
     depth_by_loss = (target.drop_layers is None and cfg.depth_metric == "loss"
                      and target.config.num_layers < teacher.num_layers)
     state["block_lengths"] = [teacher.num_layers - target.config.num_layers] if depth_by_loss else []
@@ -131,7 +156,7 @@ def run(cfg: PruneConfig, state: dict) -> dict:
     teacher = state["teacher"]
     # local spec (use_te=False): its RMSNorms are modules whose outputs the hooks can see
     model = build_gpt_model(teacher, dtype=cfg.dtype, use_te=False)
-    load_hf_into_model(model, teacher, cfg.model, reader=state["reader"])
+    load_hf_into_model(model, teacher, state["teacher_dir"], reader=state["reader"])
     log(f"teacher loaded at TP={cfg.tp} PP={cfg.pp} DP={state['layout'].dp}, dtype {cfg.dtype}")
     scores = compute_scores(model, teacher, state["samples"], micro_batch_size=cfg.micro_batch_size,
                             block_lengths=state["block_lengths"], progress=log)
@@ -154,7 +179,8 @@ def save(cfg: PruneConfig, state: dict, scores: dict) -> Optional[str]:
         log(f"keeping layers {plan['layers']}" if plan["dropped_layers"] else "keeping all layers")
         tensors = prune_tensors(state["reader"], teacher, target.config, plan)
         meta = dict(plan, config=to_dict(cfg), student=target.config.to_dict())
-        path = write_student(cfg.out, target.config, tensors, cfg.model, overwrite=cfg.overwrite,
+        path = write_student(cfg.out, target.config, tensors, state["teacher_dir"],
+                             overwrite=cfg.overwrite,
                              extra={"pruning.json": write_json(meta),
                                     "importance.pt": lambda p: save_scores(p, scores)})
         log(f"wrote {path}: {target.config.num_params():,} parameters")
@@ -164,6 +190,8 @@ def save(cfg: PruneConfig, state: dict, scores: dict) -> Optional[str]:
 
 
 def cleanup(state: dict) -> None:
+    if state.get("temp_dirs") is not None:
+        state["temp_dirs"].close()
     if state.get("owns_megatron"):
         from nemo_minitron.dist import destroy_megatron
 

@@ -180,3 +180,20 @@ def test_rerun_from_saved_scores(width_student, tiny_hf_dir, tmp_path, capsys):
     assert sorted(cos[plan["layers"]].tolist()) == sorted(cos.tolist())[2:]  # the 2 most important
     assert main(base + ["--out", str(tmp_path / "x"), "target=tiny_minitron_depth"]) == 2
     assert "no LM losses for dropping 2 contiguous layers" in capsys.readouterr().err
+
+
+@pytest.mark.megatron
+def test_nemo_teacher_to_nemo_student(width_student, tiny_hf_dir, tmp_path):
+    """A .nemo teacher in, a .nemo student out: the same student as HF in, HF out."""
+    from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
+    from nemo_minitron.convert.nemo_to_hf import nemo_to_hf
+
+    teacher = hf_to_nemo(tiny_hf_dir, str(tmp_path / "teacher.nemo"), progress=False)
+    out = str(tmp_path / "student.nemo")
+    run_ranks(_prune_with_recipe, 1, args=(
+        ["--config", "conf/prune/tiny.yaml", "--model", teacher, "--out", out, *SMALL],))
+    assert os.path.isfile(out + ".importance.pt") and os.path.isfile(out + ".pruning.json")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # temporaries removed
+    back, _ = nemo_to_hf(out, str(tmp_path / "student_hf"), progress=False)
+    a, b = _tensors(width_student), _tensors(back)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -142,16 +142,7 @@ def test_cli_errors_before_forward(capsys, tiny_hf_dir, tmp_path, extra, message
     assert not (tmp_path / "s").exists()
 
 
-def test_nemo_input_and_output_are_clear_errors(capsys, tiny_hf_dir, tmp_path):
-    from nemo_minitron.prune.prune import read_teacher, write_student
-
-    with pytest.raises(MinitronError, match="reading a .nemo teacher is not available yet"):
-        read_teacher(str(tmp_path / "teacher.nemo"))
-    with pytest.raises(MinitronError, match="writing .nemo is not available yet"):
-        write_student(str(tmp_path / "s.nemo"), get_preset("tiny_llama31"), iter(()), tiny_hf_dir)
-    # through the command: before anything is read
-    code, out, err = _cli(capsys, "prune", "--model", tiny_hf_dir, "--out", str(tmp_path / "s.nemo"))
-    assert code == 2 and "out=" in err and "writing .nemo is not available yet" in err
+def test_existing_output_is_refused_before_any_work(capsys, tiny_hf_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     code, out, err = _cli(capsys, "prune", "--model", tiny_hf_dir, "--out", str(tmp_path / "taken"))
     assert code == 2 and "taken exists; pass overwrite=true" in err

@@ -20,7 +20,7 @@ def _jsonl(path, records):
 
 
 def test_answer_only_mask_matches_the_tokenizer(tiny_hf_dir, tmp_path):
-    tokenizers = pytest.importorskip("tokenizers", reason="the NeMo 24.05 venv has no tokenizers")
+    tokenizers = pytest.importorskip("tokenizers", reason="needs the tokenizers library")
     tok = tokenizers.Tokenizer.from_file(f"{tiny_hf_dir}/tokenizer.json")
     path = _jsonl(tmp_path / "d.jsonl", [{"input": "What is the capital of France?",
                                           "output": "Paris."}])

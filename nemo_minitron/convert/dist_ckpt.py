@@ -77,6 +77,8 @@ def _child(fn, args, send):
 
     try:
         torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork()
+        for var in [v for v in os.environ if v.startswith(("SLURM_", "TORCHELASTIC_"))]:
+            del os.environ[var]  # a world of one, whatever launched the parent
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
         init_megatron(tp=1, pp=1)

@@ -155,45 +155,33 @@ def write_hf_student(out_dir: str, target: ModelConfig, tensors, teacher_dir: Op
     return os.path.abspath(out_dir)
 
 
-def _nemo_converter():
-    """>>> .nemo OUTPUT PLUGS IN HERE <<<  The .nemo writer is being built on branch ``convert``
-    (an HF-directory -> .nemo converter in nemo_minitron/convert/). Once it lands, import it here:
-    :func:`write_student` writes the HF student to a temporary directory and converts it."""
-    try:
-        from nemo_minitron.convert.hf_to_nemo import convert_hf_to_nemo
-    except ImportError:
-        raise MinitronError(
-            "writing .nemo is not available yet (the HF -> .nemo converter has not landed in "
-            "nemo_minitron.convert); give an output directory to get an HF checkpoint, and "
-            "convert it once the converter is there") from None
-    return convert_hf_to_nemo
-
-
 def check_output(out: str, overwrite: bool) -> None:
     """Fail before any work when the student cannot be written."""
-    if out.endswith(".nemo"):
-        try:
-            _nemo_converter()
-        except MinitronError as e:
-            raise MinitronError(f"out={out}: {e}") from None
     if os.path.exists(out) and not overwrite:
         raise MinitronError(f"out={out} exists; pass overwrite=true to replace it")
 
 
 def write_student(out: str, target: ModelConfig, tensors, teacher_dir: Optional[str], **kwargs
                   ) -> str:
-    """The student writer: an HF directory, or a ``.nemo`` file (see :func:`_nemo_converter`)."""
+    """The student writer: an HF directory, or a ``.nemo`` file (the HF student converted)."""
     if out.endswith(".nemo"):
-        check_output(out, overwrite=True)
-        convert_hf_to_nemo = _nemo_converter()
         import tempfile
+
+        from nemo_minitron.convert.io import hf_dir_to_nemo
 
         with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
             hf_dir = write_hf_student(os.path.join(tmp, "hf"), target, tensors, teacher_dir,
                                       **kwargs)
-            convert_hf_to_nemo(hf_dir, out)
-        return os.path.abspath(out)
+            path = hf_dir_to_nemo(hf_dir, out, dtype=_nemo_dtype(target.dtype),
+                                  overwrite=kwargs.get("overwrite", False))
+            for name in kwargs.get("extra") or {}:  # pruning.json, importance.pt beside the .nemo
+                shutil.copy(os.path.join(hf_dir, name), f"{path}.{name}")
+            return path
     return write_hf_student(out, target, tensors, teacher_dir, **kwargs)
+
+
+def _nemo_dtype(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
 
 
 def write_json(obj) -> Callable[[str], None]:
@@ -205,20 +193,12 @@ def write_json(obj) -> Callable[[str], None]:
 
 
 def read_teacher(path: str):
-    """(config, lazy tensor reader, tokenizer directory) of the teacher checkpoint.
-
-    >>> .nemo INPUT PLUGS IN HERE <<<  HF directories now; a .nemo reader (branch ``convert``)
-    will return the same triple (its weights mapped to HF names through convert/mapping.py).
-    """
+    """(config, lazy tensor reader, tokenizer directory) of an HF teacher checkpoint directory
+    (a .nemo teacher is converted to one first: nemo_minitron.convert.io.as_hf_dir)."""
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.errors import CheckpointError
     from nemo_minitron.model.load import HFReader
 
-    if path.endswith(".nemo") or (os.path.isdir(path)
-                                  and os.path.isfile(os.path.join(path, "model_config.yaml"))):
-        raise MinitronError(f"model={path}: reading a .nemo teacher is not available yet (the "
-                            ".nemo reader has not landed in nemo_minitron.convert); give the "
-                            "teacher as an HF checkpoint directory")
     if not os.path.isdir(path):
         raise CheckpointError(f"model={path}: not an HF checkpoint directory")
     return read_hf_config(path), HFReader(path), path

@@ -87,7 +87,19 @@ def save_final_output(model, cfg: ModelConfig, out: str, base_dir: Optional[str]
     check_output_path(out)
     full = gather_megatron_state(model, cfg)
     path = None
-    if full is not None:
+    if full is not None and out.endswith(".nemo"):
+        import tempfile
+
+        from nemo_minitron.convert.io import hf_dir_to_nemo
+
+        if os.path.exists(out) and not overwrite:
+            raise MinitronError(f"{out} exists; pass --overwrite to replace it")
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
+            hf_dir = write_hf_checkpoint(full, cfg, os.path.join(tmp, "hf"), base_dir=base_dir)
+            path = hf_dir_to_nemo(hf_dir, out, dtype={"bfloat16": "bf16", "float16": "fp16",
+                                                      "float32": "fp32"}[cfg.dtype],
+                                  overwrite=overwrite)
+    elif full is not None:
         path = write_hf_checkpoint(full, cfg, out, base_dir=base_dir, overwrite=overwrite)
     if dist.is_initialized():
         dist.barrier()
@@ -98,8 +110,3 @@ def check_output_path(out: str) -> None:
     """Called before training, so a bad output path fails first, not after hours."""
     if not out:
         raise MinitronError("no output path given (--out)")
-    if out.endswith(".nemo"):
-        # >>> .nemo output plugs in here: the .nemo writer lands from the `convert` branch; until
-        # then only HF directories are written. <<<
-        raise MinitronError(f"{out}: writing .nemo files is not available yet; give an output "
-                            "directory (an HF checkpoint is written there) and convert it later")
