@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipe, recipe="finetune")
 
     p = sub.add_parser("generate", help="complete prompts with the Megatron model (KV cache, TP/PP)")
-    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--model", help="HF checkpoint directory or .nemo")
     p.add_argument("--prompt", help="one prompt: its completion alone is printed")
     p.add_argument("--prompts", help="JSONL file with a \"prompt\" per line")
     p.add_argument("--out", help="JSONL file for the completions of --prompts")
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval-ppl", help="sliding-window perplexity of a text or JSONL file")
-    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--model", help="HF checkpoint directory or .nemo")
     p.add_argument("--data", help="text file (one document) or JSONL with a \"text\" per line")
     p.add_argument("--config", help="YAML job config")
     p.add_argument("overrides", nargs="*", metavar="key=value",

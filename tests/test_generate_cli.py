@@ -95,8 +95,12 @@ def test_python_and_torchrun_runs_match_transformers(tiny_hf_dir, tmp_path):
     prompt, document = topics["while"][:120], topics["pass"][:600]
     text, ppl = _hf_reference(tiny_hf_dir, prompt, 10, document)
     env = dict(os.environ, PYTHONPATH=ROOT)
+    from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
+
+    # the python run reads a .nemo of the same (bf16) weights: the reference stays transformers
+    nemo = hf_to_nemo(tiny_hf_dir, str(tmp_path / "tiny.nemo"), progress=False)
     proc = subprocess.run([sys.executable, "-m", "nemo_minitron.cli", "generate", "--model",
-                           tiny_hf_dir, "--prompt", prompt, "--greedy", "--max-new-tokens", "10",
+                           nemo, "--prompt", prompt, "--greedy", "--max-new-tokens", "10",
                            "dtype=float32"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == text + "\n"  # only the completion, exactly

@@ -8,6 +8,7 @@ torch.distributed or any weight is touched, and fails as one :class:`MinitronErr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -132,6 +133,23 @@ def cleanup() -> None:
 
 
 # ---- the jobs --------------------------------------------------------------------------------
+def _with_hf_model(run):
+    """Jobs read HF directories; a .nemo model is converted to a temporary HF copy first."""
+    import functools
+
+    @functools.wraps(run)
+    def wrapper(job, *args, **kwargs):
+        from nemo_minitron.convert.io import as_hf_dir, is_nemo
+
+        if not (job.model and is_nemo(job.model)):
+            return run(job, *args, **kwargs)
+        with as_hf_dir(job.model) as hf_dir:
+            return run(dataclasses.replace(job, model=hf_dir), *args, **kwargs)
+
+    return wrapper
+
+
+@_with_hf_model
 def run_generate(job: GenerateJobConfig, stdout=None) -> Optional[list]:
     """Generate for ``job``; returns the completions (on every rank)."""
     import sys
@@ -184,6 +202,7 @@ def _write_jsonl(path: str, texts, completions) -> None:
     os.replace(tmp, path)
 
 
+@_with_hf_model
 def run_perplexity(job: PerplexityJobConfig, stdout=None):
     """Sliding-window perplexity of ``job.data``; rank 0 prints one JSON line."""
     import sys
