@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from nemo_minitron.compat import quiet_fallback_warnings
+
+    quiet_fallback_warnings()
     parser = build_parser()
     # parse_known_args: recipe commands (prune, finetune) parse their own options
     args, rest = parser.parse_known_args(argv)

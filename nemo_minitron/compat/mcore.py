@@ -163,3 +163,4 @@ def gather_tp_last_dim(tensor: torch.Tensor) -> torch.Tensor:
     from megatron.core.tensor_parallel import mappings
 
     return mappings.gather_from_tensor_model_parallel_region(tensor)
+
