@@ -11,6 +11,7 @@
     nemo-minitron convert hf-to-nemo HF_DIR OUT.nemo [--dtype bf16] [--format torch_dist|legacy]
                                      [--tp N --pp M] [--tokenizer-type ID_OR_PATH] [--overwrite]
     nemo-minitron convert nemo-to-hf IN.nemo OUT_DIR [--dtype bf16|fp16|fp32] [--overwrite]
+    nemo-minitron inspect PATH (.nemo, extracted .nemo dir or HF dir)
 
 Jobs run the same under python, torchrun and srun (tp=.. pp=.. overrides); only rank 0 prints.
 Config precedence: defaults, then --config YAML, then flags and key=value overrides.
@@ -167,6 +168,14 @@ def cmd_nemo_to_hf(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from nemo_minitron.convert.inspect import inspect_path
+
+    report = inspect_path(args.path)
+    print(report.text())
+    return 1 if report.problems else 0
+
+
 def add_convert_parsers(sub) -> None:
     p = sub.add_parser("convert", help="convert checkpoints between HF and .nemo")
     conv = p.add_subparsers(dest="direction", metavar="DIRECTION")
@@ -192,6 +201,11 @@ def add_convert_parsers(sub) -> None:
                    help="output dtype (default: the stored one)")
     n.add_argument("--overwrite", action="store_true")
     n.set_defaults(func=cmd_nemo_to_hf)
+
+    p = sub.add_parser("inspect", help="describe a .nemo or HF checkpoint and diagnose known "
+                                       "problems (exit 1 when any is found)")
+    p.add_argument("path", help=".nemo file, extracted .nemo directory, or HF directory")
+    p.set_defaults(func=cmd_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:
