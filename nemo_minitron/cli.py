@@ -12,6 +12,7 @@
                                      [--tp N --pp M] [--tokenizer-type ID_OR_PATH] [--overwrite]
     nemo-minitron convert nemo-to-hf IN.nemo OUT_DIR [--dtype bf16|fp16|fp32] [--overwrite]
     nemo-minitron inspect PATH (.nemo, extracted .nemo dir or HF dir)
+    nemo-minitron verify HF_DIR IN.nemo [--prompts FILE] [--atol 1e-3]
 
 Jobs run the same under python, torchrun and srun (tp=.. pp=.. overrides); only rank 0 prints.
 Config precedence: defaults, then --config YAML, then flags and key=value overrides.
@@ -176,6 +177,14 @@ def cmd_inspect(args) -> int:
     return 1 if report.problems else 0
 
 
+def cmd_verify(args) -> int:
+    from nemo_minitron.convert.verify import report, verify
+
+    results = verify(args.hf_dir, args.nemo, args.prompts)
+    print(report(results, args.atol))
+    return 0 if max(r.max_abs_diff for r in results) <= args.atol else 1
+
+
 def add_convert_parsers(sub) -> None:
     p = sub.add_parser("convert", help="convert checkpoints between HF and .nemo")
     conv = p.add_subparsers(dest="direction", metavar="DIRECTION")
@@ -206,6 +215,16 @@ def add_convert_parsers(sub) -> None:
                                        "problems (exit 1 when any is found)")
     p.add_argument("path", help=".nemo file, extracted .nemo directory, or HF directory")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="logits of the .nemo's Megatron model vs transformers on "
+                                      "the HF checkpoint (exit 1 past --atol)")
+    p.add_argument("hf_dir")
+    p.add_argument("nemo", help=".nemo file or extracted directory")
+    p.add_argument("--prompts", help="JSONL with \"prompt\" or a text file, one prompt per line "
+                                     "(default: English prose from Python's documentation)")
+    p.add_argument("--atol", type=float, default=1e-3,
+                   help="largest acceptable |delta logit| in fp32 (default 1e-3)")
+    p.set_defaults(func=cmd_verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""nemo-minitron inspect: every known bad state is diagnosed (exit 1); healthy ones pass (exit 0)."""
+"""nemo-minitron inspect (every known bad state diagnosed, exit 1) and verify (logits vs transformers)."""
 import json
 import os
 import shutil
@@ -82,3 +82,27 @@ def test_hf_problems(capsys, tiny_hf_dir, tmp_path):
 def test_unreadable_input(capsys, tmp_path):
     code, out = _run(capsys, tmp_path)
     assert code == 2 and "neither a .nemo" in out
+
+
+@pytest.mark.hf
+def test_verify_passes_on_a_faithful_conversion_and_fails_on_another_model(capsys, tiny_hf_dir,
+                                                                          extracted, tmp_path):
+    pytest.importorskip("transformers")
+    from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
+    from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "The while statement is used for repeated execution"})
+                       + "\n")
+    code, out = _run_verify(capsys, tiny_hf_dir, extracted[0], prompts)
+    assert code == 0 and "PASS" in out and "top-1 agreement 100.00%" in out, out
+    other = write_tiny_hf_checkpoint(str(tmp_path / "other_hf"), "tiny_llama31", seed=7)
+    other_nemo = hf_to_nemo(other, str(tmp_path / "other.nemo"), progress=False)
+    code, out = _run_verify(capsys, tiny_hf_dir, other_nemo, prompts)
+    assert code == 1 and "FAIL" in out, out
+
+
+def _run_verify(capsys, hf_dir, nemo, prompts):
+    code = main(["verify", str(hf_dir), str(nemo), "--prompts", str(prompts)])
+    out, err = capsys.readouterr()
+    return code, out + err

@@ -8,5 +8,6 @@ def quiet_fallback_warnings() -> None:
     import warnings
 
     for pattern in (r".*(Apex|apex|Transformer Engine|TE) (is |are )?not installed.*",
-                    r"full scope is deprecated.*", r".*custom_layers\.transformer_engine.*"):
+                    r"full scope is deprecated.*", r".*custom_layers\.transformer_engine.*",
+                    r"`load_state_dict` is deprecated.*", r"Please use DTensor instead.*"):
         warnings.filterwarnings("ignore", message=pattern)

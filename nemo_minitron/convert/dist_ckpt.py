@@ -69,7 +69,7 @@ def run_with_process_group(fn, *args):
     child.join()
     if status == "error":
         raise payload
-    return payload
+    return pickle.loads(payload)
 
 
 def _child(fn, args, send):
@@ -84,7 +84,9 @@ def _child(fn, args, send):
         init_megatron(tp=1, pp=1)
         result = fn(*args)
         destroy_megatron()
-        send.send(("ok", result))
+        # plain pickle: tensors travel by value (multiprocessing's pickler would share them
+        # through file descriptors that close with this process)
+        send.send(("ok", pickle.dumps(result)))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         if not isinstance(e, Exception) or not _picklable(e):
             e = CheckpointError(f"{type(e).__name__}: {e}")
