@@ -112,3 +112,39 @@ def test_distillation_lowers_held_out_kl(tiny_hf_dir, student_dir, tmp_path):
     ids = torch.tensor([[128000, 791, 4062, 14198, 39935]])
     with torch.no_grad():
         assert not torch.allclose(a(ids).logits, b(ids).logits)
+
+
+def test_data_formats(tiny_hf_dir, tmp_path):
+    """Text (pydoc, .txt, JSONL text): every position counted, the last val_samples held out.
+    SFT JSONL: the finetune data path (loss on the answer only)."""
+    pytest.importorskip("tokenizers", reason="the NeMo 24.05 venv has no tokenizers")
+    from nemo_minitron.config.hf import read_hf_config
+    from nemo_minitron.data.calibration import token_samples
+    from nemo_minitron.train.distill import data_format
+
+    recipe = load_recipe("distill")
+    model_cfg = read_hf_config(tiny_hf_dir)
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"input": "2 + 3 =", "output": "5"}) + "\n")
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "Hello there. " * 40}) + "\n")
+    assert [data_format(p, "auto") for p in ("pydoc", str(sft), str(text))] == ["text", "sft", "text"]
+    assert data_format(str(sft), "text") == "text"  # an explicit format wins
+
+    def cfg(path, *extra):
+        return recipe.load_recipe_config(None, [f"model.restore_from_path={tiny_hf_dir}",
+                                                f"data.train_ds.file_path={path}",
+                                                "data.seq_length=16", *extra])
+
+    fmt, train, val = recipe.setup_data(cfg("pydoc", "data.train_ds.max_num_samples=6",
+                                            "data.val_samples=2", "data.shuffle=false"), model_cfg)
+    ids = token_samples("pydoc", tiny_hf_dir, 16, 8)  # the same stream, independently cut
+    assert fmt == "text" and len(train) == 6 and len(val) == 2
+    assert torch.equal(train.rows[0]["input_ids"], ids[0, :-1])
+    assert torch.equal(train.rows[5]["labels"], ids[5, 1:])
+    assert torch.equal(val.rows[1]["labels"], ids[7, 1:])  # held out: the last samples
+    assert all(bool(r["loss_mask"].all()) for r in train.rows + val.rows)
+
+    fmt, train, val = recipe.setup_data(cfg(sft), model_cfg)
+    mask = train.rows[0]["loss_mask"]
+    assert fmt == "sft" and val is None and 0 < mask.sum() < (train.rows[0]["segment_ids"] >= 0).sum()
