@@ -5,6 +5,7 @@
     nemo-minitron info /path/to/hf_dir_or_config.json_or_model_config.yaml_or.nemo
     nemo-minitron prune --config conf/prune/tiny.yaml --model TEACHER --out STUDENT [key=value ...]
     nemo-minitron finetune --model BASE --data TRAIN.jsonl --out OUT [--config YAML] [key=value ...]
+    nemo-minitron distill --teacher T --student S --data DATA --out OUT [--config YAML] [key=value ...]
     nemo-minitron generate --model HF_DIR --prompt TEXT [--greedy] [--max-new-tokens N] [key=value ...]
     nemo-minitron generate --model HF_DIR --prompts IN.jsonl --out OUT.jsonl [--config YAML] [key=value ...]
     nemo-minitron eval-ppl --model HF_DIR --data FILE.txt|FILE.jsonl [window=2048 stride=512 ...]
@@ -260,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--model BASE --data TRAIN.jsonl --out OUT [--config YAML] [key=value ...]")
     p.set_defaults(func=cmd_recipe, recipe="finetune")
 
+    p = sub.add_parser("distill", add_help=False,
+                       help="logit distillation of a student from a frozen teacher (recipes/distill.py)")
+    p.add_argument("recipe_args", nargs=argparse.REMAINDER,
+                   help="--teacher T --student S --data DATA --out OUT [--config YAML] [key=value ...]")
+    p.set_defaults(func=cmd_recipe, recipe="distill")
+
     p = sub.add_parser("generate", help="complete prompts with the Megatron model (KV cache, TP/PP)")
     p.add_argument("--model", help="HF checkpoint directory or .nemo")
     p.add_argument("--prompt", help="one prompt: its completion alone is printed")
@@ -289,7 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     quiet_fallback_warnings()
     parser = build_parser()
-    # parse_known_args: recipe commands (prune, finetune) parse their own options
+    # parse_known_args: recipe commands (prune, finetune, distill) parse their own options
     args, rest = parser.parse_known_args(argv)
     if rest and not hasattr(args, "recipe_args"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

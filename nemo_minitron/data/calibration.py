@@ -80,25 +80,37 @@ def _load_tokenizer_file(path: str, mtime_ns: int, size: int):
     return Tokenizer.from_file(path)
 
 
+def token_samples(data: str, tokenizer_dir: str, seq_length: int, max_samples: int = 0,
+                  bos_token_id: int = 128000, eos_token_id: int = 128001) -> torch.Tensor:
+    """``[n, seq_length + 1]`` int64: every whole sample the text yields (at most ``max_samples``
+    when > 0). Also the pretraining-style data of distillation (loss on every token)."""
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
+        raise ConfigError(f"seq_length={seq_length!r} must be a positive integer")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    need = max_samples * (seq_length + 1) if max_samples > 0 else None
+    stream: List[int] = []
+    for text in iter_documents(data):
+        stream.append(bos_token_id)
+        stream.extend(tokenizer.encode(text, add_special_tokens=False).ids)
+        stream.append(eos_token_id)
+        if need is not None and len(stream) >= need:
+            break
+    n = len(stream) // (seq_length + 1)
+    if need is not None:
+        n = min(n, max_samples)
+    return torch.tensor(stream[:n * (seq_length + 1)], dtype=torch.int64).view(n, seq_length + 1)
+
+
 def calibration_samples(data: str, tokenizer_dir: str, num_samples: int, seq_length: int,
                         bos_token_id: int = 128000, eos_token_id: int = 128001) -> torch.Tensor:
     """``[num_samples, seq_length + 1]`` int64 token ids (see the module docstring)."""
     for name, value in (("calib_samples", num_samples), ("seq_length", seq_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    need = num_samples * (seq_length + 1)
-    stream: List[int] = []
-    for text in iter_documents(data):
-        stream.append(bos_token_id)
-        stream.extend(tokenizer.encode(text, add_special_tokens=False).ids)
-        stream.append(eos_token_id)
-        if len(stream) >= need:
-            break
-    available = len(stream) // (seq_length + 1)
-    if available < num_samples:
+    ids = token_samples(data, tokenizer_dir, seq_length, num_samples, bos_token_id, eos_token_id)
+    if ids.shape[0] < num_samples:
         raise ConfigError(
-            f"calibration data {data!r} yields {available} samples of seq_length+1 = "
-            f"{seq_length + 1} tokens ({len(stream)} tokens in all), fewer than "
+            f"calibration data {data!r} yields {ids.shape[0]} samples of seq_length+1 = "
+            f"{seq_length + 1} tokens, fewer than "
             f"calib_samples={num_samples}: use more text, fewer samples or a shorter seq_length")
-    return torch.tensor(stream[:need], dtype=torch.int64).view(num_samples, seq_length + 1)
+    return ids

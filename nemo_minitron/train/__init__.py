@@ -5,6 +5,7 @@
     model.py       the trainable model for this rank
     optim.py       Megatron DDP, optimizer (Megatron's or the plain-torch fallback), LR schedule
     loop.py        Trainer: forward_step / loss_fn hooks, grad accumulation, validation, logging
+    distill.py     logit distillation as loop hooks: frozen teacher, vocab-parallel KL, text data
     checkpoint.py  atomic distributed checkpoints and exact resume
     export.py      the final HF checkpoint (TP/PP gathered on rank 0)
     logs.py        console / CSV / optional TensorBoard

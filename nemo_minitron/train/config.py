@@ -80,3 +80,42 @@ class FinetuneConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     out: Optional[str] = None  # final HF checkpoint directory (``.nemo``: not yet, see export.py)
+
+
+# ---- distillation (recipes/distill.py) ----------------------------------------------------------
+@dataclass
+class TeacherSection:
+    restore_from_path: Optional[str] = None  # HF checkpoint directory of the frozen teacher
+    precision: Optional[str] = None  # bf16 | fp32; None: trainer.precision (the teacher is never
+    # trained, so bf16 only halves its memory and time; the KL is computed in fp32 either way)
+
+
+@dataclass
+class KDSection:
+    """Minitron's recipe (shared/FACTS.md section 5): forward KL on logits, T=1, LM loss off."""
+
+    loss: str = "forward_kl"  # forward_kl: KL(teacher || student) | reverse_kl: KL(student || teacher)
+    temperature: float = 1.0  # both softmaxes use logits / T; the KL is scaled by T^2
+    kd_weight: float = 1.0
+    lm_weight: float = 0.0  # > 0: add the student's LM (cross-entropy) loss on the same tokens
+    chunk_tokens: int = 128  # tokens per fp32 [chunk, vocab/TP] KL temporary
+
+
+@dataclass
+class DistillDataSection(DataSection):
+    # auto: a .jsonl whose first record has "input"/"output" is SFT (loss on the answer), anything
+    # else (pydoc, .txt, .jsonl with "text") is pretraining-style text (loss on every token)
+    format: str = "auto"  # auto | sft | text
+    # text data without a validation file: hold out the last N samples of the training text
+    val_samples: int = 0
+
+
+@dataclass
+class DistillConfig:
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelSection = field(default_factory=ModelSection)  # the student (trained)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    kd: KDSection = field(default_factory=KDSection)
+    data: DistillDataSection = field(default_factory=DistillDataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    out: Optional[str] = None  # the distilled student as an HF checkpoint directory

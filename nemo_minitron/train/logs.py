@@ -12,8 +12,10 @@ COLUMNS = ("step", "split", "loss", "lr", "grad_norm", "tokens_per_s", "step_tim
 
 class MetricsLogger:
     def __init__(self, log_dir: Optional[str], enabled: bool, total_steps: int,
-                 progress_bar: bool = True, start_step: int = 0):
+                 progress_bar: bool = True, start_step: int = 0, extra_columns=()):
         self.enabled = enabled
+        # extra_columns: a recipe's own metrics (distillation: kl, lm) after the common ones
+        self.columns = COLUMNS + tuple(extra_columns)
         self._csv = self._tb = self._bar = None
         if not enabled:
             return
@@ -22,7 +24,7 @@ class MetricsLogger:
             path = os.path.join(log_dir, "metrics.csv")
             new = not os.path.exists(path)
             self._file = open(path, "a", newline="")
-            self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
+            self._csv = csv.DictWriter(self._file, fieldnames=self.columns)
             if new:
                 self._csv.writeheader()
             try:  # optional
@@ -45,7 +47,7 @@ class MetricsLogger:
         row = {"step": step, "split": split}
         row.update({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items()})
         if self._csv:
-            self._csv.writerow({k: row.get(k, "") for k in COLUMNS})
+            self._csv.writerow({k: row.get(k, "") for k in self.columns})
             self._file.flush()
         if self._tb:
             for k, v in metrics.items():

@@ -10,6 +10,10 @@ What plugs in (the distillation recipe reuses this loop through these, not a sec
   tokens and their number. The loop turns sums into the mean over the whole global batch, so the
   loss and the gradients are the same for any micro batch size, TP, PP and DP.
 * ``callbacks``: ``cb(trainer, step, metrics)`` after every optimizer step.
+* ``metric_names``: extra per-token metrics; ``loss_fn`` then returns a third element, a dict of
+  their sums over the same tokens (e.g. distillation's ``kl`` and ``lm``). They are reduced like the
+  loss and logged as means (train and validation). The names are fixed up front so every pipeline
+  stage agrees on the size of the reduced vector.
 
 Loss normalization. Megatron's schedule divides each micro batch's loss by the number of micro
 batches and DDP averages gradients over the ``dp`` replicas; the loop pre-multiplies by
@@ -79,7 +83,7 @@ class Trainer:
     def __init__(self, ddp_model, optimizer, scheduler, train_data, loop: LoopConfig, *,
                  val_data=None, forward_step: Callable = default_forward_step,
                  loss_fn: Callable = masked_lm_loss, logger=None, callbacks: Sequence = (),
-                 extra_state: Optional[dict] = None):
+                 extra_state: Optional[dict] = None, metric_names: Sequence[str] = ()):
         from megatron.core import parallel_state as ps
 
         self.model, self.optimizer, self.scheduler = ddp_model, optimizer, scheduler
@@ -88,6 +92,8 @@ class Trainer:
         self.logger, self.callbacks = logger, list(callbacks)
         self.extra_state = extra_state or {}  # e.g. the recipe config, saved for the record
         self.state = TrainState()
+        self.metric_names = tuple(metric_names)
+        self.last_val_metrics: dict = {}
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per_step = loop.micro_batch_size * self.dp
         if loop.global_batch_size % per_step:
@@ -100,8 +106,8 @@ class Trainer:
 
     # ---- one schedule run --------------------------------------------------------------------
     def _run_schedule(self, micro_batches, scale: float, forward_only: bool) -> torch.Tensor:
-        """Forward (and backward) over this rank's micro batches; returns [loss_sum, tokens]
-        summed over them (zeros on non-last pipeline stages)."""
+        """Forward (and backward) over this rank's micro batches; returns [loss_sum, tokens,
+        *metric sums] summed over them (zeros on non-last pipeline stages)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def step_func(data_iterator, model):
@@ -109,8 +115,11 @@ class Trainer:
             output = self.forward_step(model, batch)
 
             def loss_func(out):
-                loss_sum, tokens = self.loss_fn(out, batch)
-                sums = torch.stack([loss_sum.detach().float(), torch.as_tensor(tokens).float()])
+                loss_sum, tokens, *extra = self.loss_fn(out, batch)
+                extra = extra[0] if extra else {}
+                sums = torch.stack([loss_sum.detach().float(), torch.as_tensor(tokens).float()]
+                                   + [torch.as_tensor(extra[n]).detach().float().reshape(())
+                                      for n in self.metric_names])
                 return loss_sum * scale, {"sums": sums}
 
             return output, loss_func
@@ -119,7 +128,7 @@ class Trainer:
             forward_step_func=step_func, data_iterator=iter(micro_batches), model=[self.model],
             num_microbatches=len(micro_batches), seq_length=self.loop.seq_length,
             micro_batch_size=self.loop.micro_batch_size, forward_only=forward_only)
-        sums = torch.zeros(2)
+        sums = torch.zeros(2 + len(self.metric_names))
         for r in results or []:
             sums += r["sums"]
         return sums
@@ -141,14 +150,18 @@ class Trainer:
         positions = sum(int((b["segment_ids"] >= 0).sum()) for b in micro) * self.dp
         return dict(loss=float(sums[0] / sums[1].clamp(min=1)), lr=lr,
                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                    update_ok=bool(ok), tokens=positions)
+                    update_ok=bool(ok), tokens=positions, **self._metric_means(sums))
+
+    def _metric_means(self, sums: torch.Tensor) -> dict:
+        return {n: float(sums[2 + i] / sums[1].clamp(min=1))
+                for i, n in enumerate(self.metric_names)}
 
     @torch.no_grad()
     def validate(self) -> Optional[float]:
         if self.val_data is None:
             return None
         self.model.eval()
-        total = torch.zeros(2)
+        total = torch.zeros(2 + len(self.metric_names))
         for rows in self.val_data.eval_batches(self.loop.global_batch_size,
                                                self.loop.limit_val_batches):
             micro = self.val_data.rows_to_micro_batches(rows, self.loop.micro_batch_size,
@@ -156,7 +169,9 @@ class Trainer:
             total += self._run_schedule(micro, 1.0, forward_only=True)
         self.model.train()
         total = _reduce_for_log(total)
-        return float(total[0] / total[1].clamp(min=1))
+        loss = float(total[0] / total[1].clamp(min=1))
+        self.last_val_metrics = dict(loss=loss, **self._metric_means(total))
+        return loss
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> str:
@@ -205,10 +220,10 @@ class Trainer:
             if loop.log_every_n_steps and step % loop.log_every_n_steps == 0:
                 self._log(step, "train", loss=metrics["loss"], lr=metrics["lr"],
                           grad_norm=metrics["grad_norm"], tokens_per_s=metrics["tokens_per_s"],
-                          step_time_s=dt)
+                          step_time_s=dt, **{n: metrics[n] for n in self.metric_names})
             if loop.val_check_interval and step % loop.val_check_interval == 0:
                 last_val = (step, self.validate())
-                self._log(step, "val", loss=last_val[1])
+                self._log(step, "val", **self.last_val_metrics)
             if loop.ckpt_dir and loop.ckpt_every_n_steps and step % loop.ckpt_every_n_steps == 0:
                 self.save()
                 last_saved = step
@@ -216,7 +231,7 @@ class Trainer:
                 cb(self, step, metrics)
         if self.val_data is not None and (last_val is None or last_val[0] != self.state.step):
             last_val = (self.state.step, self.validate())
-            self._log(self.state.step, "val", loss=last_val[1])
+            self._log(self.state.step, "val", **self.last_val_metrics)
         if loop.ckpt_dir and last_saved != self.state.step:
             self.save()
         self.state.val_loss = last_val[1] if last_val else None

@@ -1,0 +1,194 @@
+"""Knowledge distillation of a (pruned) student from a frozen teacher, Minitron-style, on Megatron-Core.
+
+    nemo-minitron distill --teacher TEACHER_HF_DIR --student STUDENT_HF_DIR --data DATA --out OUT_DIR \\
+        [--config conf/distill/llama31_8b_to_minitron_4b_width.yaml] [trainer.max_steps=20 ...]
+
+    # the same recipe under a launcher (one process per GPU; srun works the same way):
+    torchrun --nproc-per-node 8 recipes/distill.py --config conf/distill/llama31_8b_to_minitron_4b_width.yaml \\
+        teacher.restore_from_path=TEACHER model.restore_from_path=STUDENT \\
+        data.train_ds.file_path=DATA out=OUT_DIR
+
+DATA: ``pydoc`` (CPython's documentation, for demos), a ``.txt`` file or a JSONL with ``text``
+(pretraining-style, loss on every token), or NeMo SFT JSONL with ``input``/``output`` (loss on the
+answer). Loss: forward KL(teacher || student) on logits at temperature ``kd.temperature`` (1), LM
+loss off (``kd.lm_weight`` > 0 mixes it in; ``kd.loss=reverse_kl`` swaps the KL). Validation
+reports the KL and the student's LM loss. TP and DP; PP > 1 is refused (nemo_minitron/train/distill.py).
+
+Skeleton: load config -> setup (parallel state, teacher, student, data, optimizer) -> the one
+training loop (nemo_minitron.train.loop.Trainer with distillation hooks) -> save the student as an
+HF checkpoint -> cleanup. Resumes from the newest checkpoint in ``trainer.ckpt_dir`` (default
+``OUT.ckpt``); checkpoints hold the student and its optimizer only, the teacher is never written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def load_recipe_config(config_path: Optional[str], overrides: List[str], values=None):
+    from nemo_minitron.config.recipe import load_config
+    from nemo_minitron.train.config import DistillConfig
+
+    return load_config(DistillConfig, config_path, overrides, values=values)
+
+
+def validate(cfg) -> None:
+    """Everything that can be checked before any process group or model exists."""
+    from nemo_minitron.errors import ConfigError
+    from nemo_minitron.train.distill import check_kd, check_layout
+    from nemo_minitron.train.export import check_output_path
+
+    check_output_path(cfg.out)
+    if not cfg.teacher.restore_from_path:
+        raise ConfigError("no teacher given (--teacher / teacher.restore_from_path)")
+    if not cfg.model.restore_from_path:
+        raise ConfigError("no student given (--student / model.restore_from_path)")
+    if not cfg.data.train_ds.file_path:
+        raise ConfigError("no training data given (--data / data.train_ds.file_path)")
+    if os.path.abspath(cfg.out) in (os.path.abspath(cfg.teacher.restore_from_path),
+                                    os.path.abspath(cfg.model.restore_from_path)):
+        raise ConfigError(f"--out {cfg.out} is an input checkpoint; the inputs are never written")
+    if cfg.trainer.max_steps < 0:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
+    check_layout(cfg.trainer.tensor_model_parallel_size, cfg.trainer.pipeline_model_parallel_size)
+    check_kd(cfg.kd)
+
+
+def setup_data(cfg, model_cfg):
+    """Tokenize train (and validation) data with the student's tokenizer (checked equal to the
+    teacher's); all data errors surface here, before training."""
+    from nemo_minitron.train.data import SFTData, SFTTokenizer, load_sft_samples
+    from nemo_minitron.train.distill import data_format, text_data
+
+    d, tok_dir, seed = cfg.data, cfg.model.restore_from_path, cfg.trainer.seed
+    eos = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, int) \
+        else model_cfg.eos_token_id[0]
+    bos = model_cfg.bos_token_id
+    fmt = data_format(d.train_ds.file_path, d.format)
+    if fmt == "sft":
+        tok = SFTTokenizer(tok_dir, eos_token_id=eos)
+
+        def build(ds, shuffle):
+            samples = load_sft_samples(ds.file_path, tok, d.prompt_template, d.seq_length,
+                                       truncation=d.truncation, max_num_samples=ds.max_num_samples)
+            return SFTData(samples, d.seq_length, pad_id=eos, packed=d.packed_sequence,
+                           shuffle=shuffle, seed=seed)
+
+        train = build(d.train_ds, d.shuffle)
+        val = build(d.validation_ds, False) if d.validation_ds.file_path else None
+        return fmt, train, val
+    held_out = 0 if d.validation_ds.file_path else d.val_samples
+    train, val = text_data(d.train_ds.file_path, tok_dir, d.seq_length, bos=bos, eos=eos,
+                           max_num_samples=d.train_ds.max_num_samples, val_samples=held_out,
+                           shuffle=d.shuffle, seed=seed)
+    if d.validation_ds.file_path:
+        val, _ = text_data(d.validation_ds.file_path, tok_dir, d.seq_length, bos=bos, eos=eos,
+                           max_num_samples=d.validation_ds.max_num_samples, shuffle=False)
+    return fmt, train, val
+
+
+def setup(cfg):
+    import torch.distributed as dist
+
+    from nemo_minitron.config.hf import read_hf_config
+    from nemo_minitron.config.parallel import validate_parallel
+    from nemo_minitron.config.recipe import to_dict
+    from nemo_minitron.dist import init_megatron
+    from nemo_minitron.train.distill import (KD_METRICS, LogitDistillation, build_teacher,
+                                             check_same_tokenizer)
+    from nemo_minitron.train.logs import MetricsLogger
+    from nemo_minitron.train.loop import LoopConfig, Trainer
+    from nemo_minitron.train.model import build_train_model
+    from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp
+
+    t, m = cfg.trainer, cfg.model
+    student_cfg = read_hf_config(m.restore_from_path)
+    teacher_cfg = read_hf_config(cfg.teacher.restore_from_path)
+    check_same_tokenizer(cfg.teacher.restore_from_path, teacher_cfg, m.restore_from_path,
+                         student_cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for c in (teacher_cfg, student_cfg):
+        validate_parallel(c, t.tensor_model_parallel_size, t.pipeline_model_parallel_size,
+                          world_size=world)
+    fmt, train_data, val_data = setup_data(cfg, student_cfg)
+    init_megatron(tp=t.tensor_model_parallel_size, pp=t.pipeline_model_parallel_size, seed=t.seed)
+    teacher = build_teacher(teacher_cfg, cfg.teacher.restore_from_path,
+                            precision=cfg.teacher.precision or t.precision, seed=t.seed)
+    student = build_train_model(student_cfg, precision=t.precision, hf_dir=m.restore_from_path,
+                                seed=t.seed, recompute=m.activations_checkpoint_granularity,
+                                recompute_num_layers=m.activations_checkpoint_num_layers)
+    ddp = wrap_ddp(student, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+    optimizer = build_optimizer(ddp, cfg.optim, t.precision)
+    scheduler = build_scheduler(cfg.optim, t.max_steps)
+    ckpt_dir = t.ckpt_dir or os.path.abspath(cfg.out).rstrip("/") + ".ckpt"
+    loop = LoopConfig(max_steps=t.max_steps, micro_batch_size=m.micro_batch_size,
+                      global_batch_size=m.global_batch_size, seq_length=cfg.data.seq_length,
+                      log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_check_interval,
+                      limit_val_batches=t.limit_val_batches, ckpt_dir=ckpt_dir,
+                      ckpt_every_n_steps=t.ckpt_every_n_steps, keep_last_n_ckpts=t.keep_last_n_ckpts,
+                      resume=t.resume)
+    logger = MetricsLogger(t.log_dir or os.path.join(ckpt_dir, "logs"), enabled=dist.get_rank() == 0,
+                           total_steps=t.max_steps, progress_bar=t.progress_bar,
+                           extra_columns=KD_METRICS)
+    logger.info(f"distill: {len(train_data)} training rows ({fmt}) of {cfg.data.seq_length} "
+                f"positions, {cfg.kd.loss} T={cfg.kd.temperature:g} kd_weight={cfg.kd.kd_weight:g} "
+                f"lm_weight={cfg.kd.lm_weight:g}, TP={t.tensor_model_parallel_size} "
+                f"DP={world // t.tensor_model_parallel_size}, checkpoints in {ckpt_dir}")
+    kd = LogitDistillation(teacher, cfg.kd, vocab_size=student_cfg.vocab_size)
+    trainer = Trainer(ddp, optimizer, scheduler, train_data, loop, val_data=val_data, logger=logger,
+                      forward_step=kd.forward_step, loss_fn=kd.loss_fn, metric_names=KD_METRICS,
+                      extra_state={"config": to_dict(cfg)})
+    return trainer, student, student_cfg, logger
+
+
+def run(cfg, overwrite: bool = False):
+    """Distill and write the student; returns the trainer state (every rank)."""
+    from nemo_minitron.dist import destroy_megatron
+    from nemo_minitron.train.export import save_final_output
+
+    validate(cfg)
+    trainer, student, student_cfg, logger = setup(cfg)
+    try:
+        state = trainer.fit()
+        state.val_metrics = trainer.last_val_metrics
+        path = save_final_output(student, student_cfg, cfg.out, base_dir=cfg.model.restore_from_path,
+                                 overwrite=overwrite)
+        if path:
+            logger.info(f"wrote {path}")
+    finally:
+        logger.close()
+        destroy_megatron()
+    return state
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from nemo_minitron.config.recipe import without_none
+    from nemo_minitron.errors import MinitronError
+
+    parser = argparse.ArgumentParser(prog="nemo-minitron distill",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="recipe YAML (sections trainer/model/teacher/kd/data/optim)")
+    parser.add_argument("--teacher", help="frozen teacher HF dir (teacher.restore_from_path)")
+    parser.add_argument("--student", help="student HF dir, e.g. the pruning output "
+                                          "(model.restore_from_path)")
+    parser.add_argument("--data", help="pydoc, .txt, JSONL text or SFT (data.train_ds.file_path)")
+    parser.add_argument("--out", help="output HF checkpoint dir for the student (out)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. kd.temperature=2")
+    args = parser.parse_args(argv)
+    flags = {"teacher": {"restore_from_path": args.teacher},
+             "model": {"restore_from_path": args.student},
+             "data": {"train_ds": {"file_path": args.data}}, "out": args.out}
+    try:
+        cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
+        run(cfg, overwrite=args.overwrite)
+    except MinitronError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
