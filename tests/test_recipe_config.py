@@ -27,13 +27,15 @@ class Job:
 def test_precedence(tmp_path):
     y = tmp_path / "job.yaml"
     y.write_text("model: from_yaml\ninner:\n  steps: 20\n  lr: 1\n")
-    cfg = load_config(Job, str(y), ["inner.steps=30", "prompt=42", "greedy=true", "out=null"],
+    cfg = load_config(Job, str(y), ["inner.steps=30", "prompt=42", "greedy=true", "out=null",
+                                    "inner.lr=3e-3"],
                       values={"model": "from_flag", "inner": {"steps": 25}})
     assert cfg.model == "from_flag" and cfg.inner.steps == 30
-    assert cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float)  # int promoted
+    assert cfg.inner.lr == 3e-3  # YAML 1.1 would leave "3e-3" a string
     assert cfg.prompt == "42" and cfg.greedy is True and cfg.out is None
     assert cfg.inner.betas == [0.9, 0.98]
-    assert to_dict(cfg)["inner"] == {"steps": 30, "lr": 1.0, "betas": [0.9, 0.98]}
+    assert to_dict(cfg)["inner"] == {"steps": 30, "lr": 3e-3, "betas": [0.9, 0.98]}
+    assert load_config(Job, str(y)).inner.lr == 1.0  # an int in YAML is promoted
 
 
 @pytest.mark.parametrize("overrides, message", [

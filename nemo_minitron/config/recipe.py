@@ -77,6 +77,11 @@ def _coerce(value: Any, hint, key: str):
         return [_coerce(v, args[0], key) for v in value] if args else list(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # from YAML: `tokenizer: 123`
     if hint in (int, float, str, bool):
