@@ -8,6 +8,8 @@
     nemo-minitron generate --model HF_DIR --prompt TEXT [--greedy] [--max-new-tokens N] [key=value ...]
     nemo-minitron generate --model HF_DIR --prompts IN.jsonl --out OUT.jsonl [--config YAML] [key=value ...]
     nemo-minitron eval-ppl --model HF_DIR --data FILE.txt|FILE.jsonl [window=2048 stride=512 ...]
+    nemo-minitron eval-harness --model HF_DIR --tasks mmlu,hellaswag [num_fewshot=5 tp=2 ...]
+    nemo-minitron serve --model HF_DIR [--host 127.0.0.1] [--port 8000] [tp=2 ...]
 
 generate/eval-ppl run the same under python, torchrun and srun (tp=.. pp=.. overrides); only rank 0
 prints. Config precedence: defaults, then --config YAML, then flags and key=value overrides.
@@ -148,6 +150,17 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_eval_harness(args) -> int:
+    from nemo_minitron.config.recipe import load_config
+    from nemo_minitron.inference.job import EvalHarnessJobConfig, run_eval_harness
+
+    values = _job_values(args, ("model",))
+    if args.tasks:
+        values["tasks"] = [t for t in args.tasks.split(",") if t]
+    run_eval_harness(load_config(EvalHarnessJobConfig, args.config, args.overrides, values))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
 
@@ -200,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="window, stride, batch_size, tp, pp, dtype")
     p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("eval-harness", help="lm-evaluation-harness tasks (needs pip install lm-eval)")
+    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--tasks", help="comma-separated lm-eval task names")
+    p.add_argument("--config", help="YAML job config")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="num_fewshot, limit, batch_size, max_gen_toks, out, tp, pp, dtype")
+    p.set_defaults(func=cmd_eval_harness)
     return parser
 
 
