@@ -161,6 +161,17 @@ def cmd_eval_harness(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from nemo_minitron.config.recipe import load_config
+    from nemo_minitron.inference.serve import ServeJobConfig, run_serve
+
+    values = _job_values(args, ("model", "host"))
+    if args.port is not None:
+        values["port"] = args.port
+    run_serve(load_config(ServeJobConfig, args.config, args.overrides, values))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
 
@@ -221,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="num_fewshot, limit, batch_size, max_gen_toks, out, tp, pp, dtype")
     p.set_defaults(func=cmd_eval_harness)
+
+    p = sub.add_parser("serve", help="HTTP completions server (POST /v1/completions, GET /health)")
+    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
+    p.add_argument("--config", help="YAML job config")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="tp, pp, dtype, seed, request_timeout_s")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
