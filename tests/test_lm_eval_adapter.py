@@ -8,8 +8,7 @@ import torch
 
 from tests.helpers import run_ranks
 
-transformers = pytest.importorskip("transformers")
-pytestmark = [pytest.mark.megatron, pytest.mark.hf]
+pytestmark = pytest.mark.megatron
 
 
 class Req:  # lm-eval's Instance, as far as an LM sees it
@@ -27,6 +26,7 @@ def _texts():
 
 @pytest.fixture(scope="module")
 def hf(tiny_fp32_hf_dir):
+    transformers = pytest.importorskip("transformers")
     tok = transformers.AutoTokenizer.from_pretrained(tiny_fp32_hf_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_fp32_hf_dir,
                                                               dtype=torch.float32).eval()
@@ -75,6 +75,7 @@ def _adapter(rank, hf_dir, ll, rolling, gen):
             [lm.encode_pair(*a) for a in ll])
 
 
+@pytest.mark.hf
 def test_requests_match_transformers(tiny_fp32_hf_dir, hf):
     """TP=1 (the TP/PP code paths of scoring, is-greedy flags and generation are checked against
     TP=1 in test_inference_engine.py; a TP=2 run here costs ~40 s on 2 CPU cores)."""
@@ -83,7 +84,8 @@ def test_requests_match_transformers(tiny_fp32_hf_dir, hf):
     # a continuation the model itself would produce greedily (is_greedy must be True), and one
     # it would not; a context with a trailing space; an empty context (scored after BOS alone)
     free = _hf_greedy(tok, model, text, 8)
-    ll = [(text, _greedy_continuation(tok, model, text)), (text, " lorem ipsum"), ("The answer is: ", "yes"), ("", "Hello world")]
+    ll = [(text, _greedy_continuation(tok, model, text)), (text, " lorem ipsum"),
+          ("The answer is: ", "yes"), ("", "Hello world")]
     rolling = [long_text, "x"]
     until = free[2:5]  # a stop string that really occurs in the greedy text
     gen = [(text, {"until": [until], "max_gen_toks": 12}),

@@ -1,5 +1,6 @@
 """An lm-evaluation-harness model on the Megatron runner: loglikelihood, rolling loglikelihood
-and generate_until under TP/PP, for the model-card table (MMLU, HellaSwag, Winogrande, ARC-C, GSM8K).
+and generate_until under TP/PP, for the model-card table (MMLU, HellaSwag, Winogrande, ARC-C,
+GSM8K).
 
     torchrun --nproc-per-node 4 -m nemo_minitron.cli eval-harness --model HF_DIR \\
         --tasks mmlu,hellaswag,winogrande,arc_challenge,gsm8k tp=4 batch_size=8
@@ -85,7 +86,7 @@ class MinitronLM:
         return context_ids, whole[len(context_ids):]
 
     # ---- loglikelihood ------------------------------------------------------------------------
-    def loglikelihood(self, requests) -> List[Tuple[float, bool]]:
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
         """(sum of log p(continuation tokens | context), whether greedy decoding would produce
         exactly the continuation) per request of args (context, continuation)."""
         sequences, counts = [], []
@@ -108,7 +109,7 @@ class MinitronLM:
             results.append((float(logp[-n:].double().sum()), bool(is_max[-n:].all())))
         return results
 
-    def loglikelihood_rolling(self, requests) -> List[float]:
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         """Sum of log p of every token of each string (args (text,)), BOS as the first context,
         in disjoint windows of max_length (lm-eval's rolling windows; one token of overlap)."""
         out = []
@@ -140,9 +141,9 @@ class MinitronLM:
         return SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, max_new_tokens=max_gen, stop=tuple(until)), max_gen
 
-    def generate_until(self, requests) -> List[str]:
+    def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         """The completion of each args (context, gen_kwargs) request, cut before the first of
-        ``until`` (the end-of-text token also ends it); requests with the same kwargs are batched."""
+        ``until`` (the end-of-text token also ends it); requests with equal kwargs are batched."""
         parsed = []
         for request in requests:
             context, gen_kwargs = _args(request)[:2]
