@@ -16,7 +16,9 @@ queue that rank 0's main thread drains one at a time: it broadcasts each request
 concurrent clients are served in turn and each gets its own answer. While idle, rank 0 sends a
 heartbeat every ``HEARTBEAT_S`` so the other ranks' blocking broadcast never reaches the process
 group timeout (30 min for gloo and NCCL by default). SIGINT/SIGTERM (or :meth:`stop`) stops it:
-pending clients get 503, the other ranks get a stop message, every rank returns.
+pending clients get 503, the other ranks get a stop message, every rank returns. A request that
+fails inside generation answers 500 and the server goes on; the checks up front exist so that this
+never happens halfway through a collective (which would leave the ranks out of step).
 
 Request fields: prompt (text, or a list of token ids; text is encoded with BOS), max_tokens (16),
 temperature (1.0; 0 is greedy), top_k (0: off), top_p (1.0), seed (the server's), stop (string or
@@ -61,6 +63,9 @@ class RequestError(MinitronError, ValueError):
         self.status = status
 
 
+_ENCODE_LOCK = threading.Lock()  # HF fast tokenizers can raise "Already borrowed" across threads
+
+
 def parse_request(body: bytes, cfg, tokenizer, default_seed: int = 1234):
     """(prompt ids, SamplingParams) of a /v1/completions body, or :class:`RequestError` with a
     4xx status: 400 for what is not a well-formed request, 422 for values out of range."""
@@ -77,7 +82,8 @@ def parse_request(body: bytes, cfg, tokenizer, default_seed: int = 1234):
     if isinstance(prompt, str) and prompt:
         if tokenizer is None:
             raise RequestError(422, "this server has no tokenizer: send prompt as token ids")
-        ids = tokenizer.encode(prompt)  # adds <|begin_of_text|> as HF does
+        with _ENCODE_LOCK:
+            ids = tokenizer.encode(prompt)  # adds <|begin_of_text|> as HF does
     elif isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = list(prompt)
