@@ -112,10 +112,12 @@ def _random_rank(rank, repeat):
     return ref, sampled, _serve_with_client(runner, None, lambda b: _random_client(b, repeat))
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_completions_equal_the_engine_bad_requests_are_4xx_and_serving_goes_on(tp):
-    repeat = 2 if tp == 1 else 1  # TP=2 steps are ~4x slower on 2 shared CPU cores
-    per_rank = run_ranks(_random_rank, world_size=tp, tp=tp, args=(repeat,), timeout=180)
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
+def test_completions_equal_the_engine_bad_requests_are_4xx_and_serving_goes_on(tp, pp):
+    """(1, 2): the sampling rank is the last stage (rank 1), not the rank that serves."""
+    repeat = 2 if tp * pp == 1 else 1  # two forked ranks share the 2 CPU cores: fewer requests
+    per_rank = run_ranks(_random_rank, world_size=tp * pp, tp=tp, pp=pp, args=(repeat,),
+                         timeout=180)
     ref, sampled, res = per_rank[0]
     assert res["health"] == (200, {"status": "ok", "queued": 0})
     for key in ("first", "after"):  # the same request before and after the bad ones
@@ -135,7 +137,7 @@ def test_completions_equal_the_engine_bad_requests_are_4xx_and_serving_goes_on(t
     for (status, body), (_, want, phrase) in zip(res["bad"], BAD):
         assert status == want and phrase in body["error"], (status, body)
     assert res["not_found"][0] == 404
-    if tp == 2:
+    if tp * pp == 2:  # the other rank computed the same references and served no HTTP
         assert per_rank[1][:2] == per_rank[0][:2] and per_rank[1][2] is None
 
 
