@@ -170,9 +170,15 @@ class MinitronLM:
         return results
 
 
+_HARNESS_CLASS = None  # built and registered once: lm-eval refuses a second class of one name
+
+
 def harness_lm_class():
     """``MinitronLM`` as an ``lm_eval.api.model.LM`` subclass, registered as "nemo_minitron"
-    (``lm_eval --model nemo_minitron --model_args pretrained=HF_DIR,tp=2``)."""
+    (``simple_evaluate(model="nemo_minitron", model_args="pretrained=HF_DIR,tp=2")``)."""
+    global _HARNESS_CLASS
+    if _HARNESS_CLASS is not None:
+        return _HARNESS_CLASS
     try:
         from lm_eval.api.model import LM
         from lm_eval.api.registry import register_model
@@ -185,20 +191,25 @@ def harness_lm_class():
             from lm_eval.utils import simple_parse_args_string
 
             args = simple_parse_args_string(arg_string)
-            args.update({k: v for k, v in (additional_config or {}).items() if v is not None})
+            # the harness's own extras: batch_size is ours; device / max_batch_size do not apply
+            # (the device comes from the launch: one GPU per rank)
+            extra = additional_config or {}
+            if extra.get("batch_size") is not None:
+                args.setdefault("batch_size", extra["batch_size"])
             return from_pretrained(cls, **args)
 
-    try:
-        register_model("nemo_minitron")(HarnessLM)
-    except (AssertionError, ValueError):  # already registered by an earlier call
-        pass
+    register_model("nemo_minitron")(HarnessLM)
+    _HARNESS_CLASS = HarnessLM
     return HarnessLM
 
 
 def from_pretrained(cls, pretrained: str, tp: int = 1, pp: int = 1, dtype: str = "auto",
                     batch_size=8, max_length=None, max_gen_toks=DEFAULT_MAX_GEN_TOKS, seed=1234,
-                    **ignored):
+                    **unknown):
     """Initialize Megatron at TP/PP (if not yet) and build ``cls`` on the HF checkpoint."""
+    if unknown:
+        raise MinitronError(f"unknown model_args {sorted(unknown)} for nemo_minitron; known: "
+                            "pretrained, tp, pp, dtype, batch_size, max_length, max_gen_toks, seed")
     from megatron.core import parallel_state as ps
 
     from nemo_minitron.inference.job import _dtype
