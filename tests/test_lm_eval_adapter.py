@@ -136,3 +136,35 @@ def test_without_lm_eval_the_harness_class_and_command_say_how_to_install(capsys
     code = main(["eval-harness", "--model", tiny_hf_dir, "--tasks", "hellaswag"])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and "lm-eval is not installed: pip install lm-eval" in err
+
+
+def _harness(rank, hf_dir):
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import get_model
+
+    from nemo_minitron.inference.lm_eval_adapter import MinitronLM, harness_lm_class
+    from nemo_minitron.tokenizer import load_tokenizer
+
+    cls = harness_lm_class()
+    assert harness_lm_class() is cls and get_model("nemo_minitron") is cls and issubclass(cls, LM)
+    lm = cls.create_from_arg_string(f"pretrained={hf_dir},dtype=float32", {"batch_size": 4})
+    plain = MinitronLM(lm.runner, load_tokenizer(hf_dir), batch_size=4)
+    ll = [Instance("loglikelihood", {}, ("The if statement is", " used"), 0)]
+    gen = [Instance("generate_until", {}, ("The if", {"until": ["\n"], "max_gen_toks": 4}), 0)]
+    got = (lm.loglikelihood(ll), lm.generate_until(gen))
+    try:
+        cls.create_from_arg_string(f"pretrained={hf_dir},bogus=1")
+        bad = None
+    except Exception as e:  # noqa: BLE001 - the message is checked
+        bad = str(e)
+    return got, (plain.loglikelihood(ll), plain.generate_until(gen)), bad
+
+
+@pytest.mark.hf
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm_eval not installed")
+def test_with_lm_eval_the_registered_class_takes_instances(tiny_fp32_hf_dir):
+    pytest.importorskip("transformers")
+    got, plain, bad = run_ranks(_harness, args=(tiny_fp32_hf_dir,))[0]
+    assert got == plain and len(got[0]) == 1 and isinstance(got[1][0], str)
+    assert "unknown model_args ['bogus']" in bad
