@@ -90,6 +90,8 @@ def parse_request(body: bytes, cfg, tokenizer, default_seed: int = 1234):
     else:
         raise RequestError(400, "\"prompt\" is required: a non-empty string or list of token ids")
     given = {k: v for k, v in req.items() if v is not None}
+    if not isinstance(given.get("stop", ""), (str, list)):
+        raise RequestError(422, f"stop={given['stop']!r} must be a string or a list of strings")
     logprobs = given.get("logprobs", False)
     if not isinstance(logprobs, bool):
         raise RequestError(422, f"logprobs={logprobs!r} must be true or false")
