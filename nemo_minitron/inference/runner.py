@@ -154,8 +154,9 @@ class ModelRunner:
             if out.shape[-1] != self.vocab_shard:
                 raise RuntimeError(f"expected a vocab shard of {self.vocab_shard} logits, got "
                                    f"{out.shape[-1]} (is the model built with parallel_output?)")
-            # [s-1, b, V/TP] fp32; a fresh copy because the cross entropy may work in place
-            shard = out[:, :-1, :].transpose(0, 1).float().contiguous().clone()
+            # [s-1, b, V/TP] fp32 (may share memory with ``out``, which is not used afterwards;
+            # megatron's cross entropy works on it in place, so the greedy check goes first)
+            shard = out[:, :-1, :].transpose(0, 1).float().contiguous()
             first_id = self.tp_rank * self.vocab_shard
             pad_from = self.cfg.vocab_size - first_id  # local column of the first padded id
             if pad_from < self.vocab_shard:
@@ -163,7 +164,7 @@ class ModelRunner:
             targets = input_ids[:, 1:].transpose(0, 1).contiguous()  # [s-1, b]
             if greedy:  # before the cross entropy, which may modify its input
                 is_max.copy_(self._target_is_max(shard, targets, first_id).transpose(0, 1))
-            nll = vocab_parallel_cross_entropy(shard, targets)  # [s-1, b]
+            nll = vocab_parallel_cross_entropy(shard, targets)  # [s-1, b]; may modify shard
             result.copy_(-nll.transpose(0, 1))
         if self.pp > 1:  # every TP rank of the last stage holds the same all-reduced values
             dist.broadcast(result, src=self._pp_last, group=self._pp_group)
