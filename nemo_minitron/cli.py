@@ -14,6 +14,8 @@
     nemo-minitron convert nemo-to-hf IN.nemo OUT_DIR [--dtype bf16|fp16|fp32] [--overwrite]
     nemo-minitron inspect PATH (.nemo, extracted .nemo dir or HF dir)
     nemo-minitron verify HF_DIR IN.nemo [--prompts FILE] [--atol 1e-3]
+    nemo-minitron eval-harness --model HF_DIR --tasks mmlu,hellaswag [num_fewshot=5 tp=2 ...]
+    nemo-minitron serve --model HF_DIR [--host 127.0.0.1] [--port 8000] [tp=2 ...]
 
 Jobs run the same under python, torchrun and srun (tp=.. pp=.. overrides); only rank 0 prints.
 Config precedence: defaults, then --config YAML, then flags and key=value overrides.
@@ -228,6 +230,28 @@ def add_convert_parsers(sub) -> None:
     p.set_defaults(func=cmd_verify)
 
 
+def cmd_eval_harness(args) -> int:
+    from nemo_minitron.config.recipe import load_config
+    from nemo_minitron.inference.job import EvalHarnessJobConfig, run_eval_harness
+
+    values = _job_values(args, ("model",))
+    if args.tasks:
+        values["tasks"] = [t for t in args.tasks.split(",") if t]
+    run_eval_harness(load_config(EvalHarnessJobConfig, args.config, args.overrides, values))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from nemo_minitron.config.recipe import load_config
+    from nemo_minitron.inference.serve import ServeJobConfig, run_serve
+
+    values = _job_values(args, ("model", "host"))
+    if args.port is not None:
+        values["port"] = args.port
+    run_serve(load_config(ServeJobConfig, args.config, args.overrides, values))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
 
@@ -288,6 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_ppl)
 
     add_convert_parsers(sub)
+    p = sub.add_parser("eval-harness", help="lm-evaluation-harness tasks (needs pip install lm-eval)")
+    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--tasks", help="comma-separated lm-eval task names")
+    p.add_argument("--config", help="YAML job config")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="num_fewshot, limit, batch_size, max_gen_toks, out, tp, pp, dtype")
+    p.set_defaults(func=cmd_eval_harness)
+
+    p = sub.add_parser("serve", help="HTTP completions server (POST /v1/completions, GET /health)")
+    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
+    p.add_argument("--config", help="YAML job config")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="tp, pp, dtype, seed, request_timeout_s")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

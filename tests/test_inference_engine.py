@@ -76,8 +76,10 @@ def _everything(rank):
                                                        logprobs=True, ignore_eos=True))
     scores = token_logprobs(runner, [c.prompt_ids + c.tokens for c in greedy], batch_size=2)
     ppl = perplexity(runner, PROMPTS, window=8, stride=3)
+    flags = token_logprobs(runner, [c.prompt_ids + c.tokens for c in sampled], greedy=True)
     return ([c.tokens for c in greedy], [c.logprobs for c in greedy], [c.tokens for c in sampled],
-            [s.tolist() for s in scores], (ppl.nll, ppl.tokens))
+            [s.tolist() for s in scores], (ppl.nll, ppl.tokens),
+            [m.tolist() for _, m in flags])
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +101,12 @@ def test_parallel_layouts_match_tp1_and_all_ranks_agree(tp1_everything, tp, pp):
         assert got[2] == ref[2], f"rank {rank}: seeded sampled tokens differ from TP=1"
         assert _max_diff(got[3], ref[3]) < 1e-4
         assert got[4][1] == ref[4][1] and abs(got[4][0] - ref[4][0]) < 1e-3
+        assert got[5] == ref[5], f"rank {rank}: is-greedy flags differ from TP=1"
         assert got == per_rank[0], f"rank {rank} disagrees with rank 0"
 
 
 def test_scores_equal_log_softmax_of_full_logits(tp1_everything):
-    greedy_tokens, scores = tp1_everything[0], tp1_everything[3]
+    greedy_tokens, scores, sampled, flags = (tp1_everything[i] for i in (0, 3, 2, 5))
 
     def check(rank):
         from tests.inference_utils import random_runner
@@ -115,6 +118,11 @@ def test_scores_equal_log_softmax_of_full_logits(tp1_everything):
             logp = _full_logits(runner, [seq])[0, :-1, : CFG.vocab_size].log_softmax(-1)
             ref = logp.gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)
             errs.append((ref - torch.tensor(sc)).abs().max().item())
+        argmax_hits = []  # is each next token of prompt + sampled tokens the full argmax?
+        for p, toks in zip(PROMPTS, sampled):
+            seq = p + toks
+            top = _full_logits(runner, [seq])[0, :-1, : CFG.vocab_size].argmax(-1)
+            argmax_hits.append((top == torch.tensor(seq[1:])).tolist())
         # perplexity with one window per document == exp(mean NLL of the full forward)
         from nemo_minitron.inference.score import perplexity
 
@@ -123,9 +131,13 @@ def test_scores_equal_log_softmax_of_full_logits(tp1_everything):
         for p in PROMPTS:
             logp = _full_logits(runner, [p])[0, :-1, : CFG.vocab_size].log_softmax(-1)
             nll -= logp.gather(-1, torch.tensor(p[1:]).unsqueeze(-1)).sum().item()
-        return errs, ppl.ppl, math.exp(nll / sum(len(p) - 1 for p in PROMPTS)), ppl.tokens
+        return (errs, ppl.ppl, math.exp(nll / sum(len(p) - 1 for p in PROMPTS)), ppl.tokens,
+                argmax_hits)
 
-    errs, ppl, ref_ppl, tokens = run_ranks(check)[0]
+    errs, ppl, ref_ppl, tokens, argmax_hits = run_ranks(check)[0]
+    assert flags == argmax_hits
+    hits = [h for seq in argmax_hits for h in seq]
+    assert any(hits) and not all(hits)  # sampled tokens: some are the argmax, some are not
     assert max(errs) < 1e-4
     assert tokens == sum(len(p) - 1 for p in PROMPTS)
     assert ppl == pytest.approx(ref_ppl, rel=1e-5)

@@ -52,6 +52,20 @@ class PerplexityJobConfig:
     batch_size: int = 4
 
 
+@dataclass
+class EvalHarnessJobConfig:
+    model: str = ""
+    tasks: List[str] = field(default_factory=list)  # lm-eval task names (--tasks a,b)
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "auto"
+    batch_size: int = 8
+    num_fewshot: Optional[int] = None  # None: each task's default
+    limit: Optional[float] = None  # lm-eval's --limit: examples (or fraction) per task
+    max_gen_toks: int = 256
+    out: str = ""  # optional JSON file for lm-eval's full results
+
+
 # ---- checks before any expensive work ----------------------------------------------------------
 def _model_config(path: str, tp: int, pp: int):
     import torch.distributed  # noqa: F401 - only to fail early if torch is broken
@@ -232,5 +246,42 @@ def run_perplexity(job: PerplexityJobConfig, stdout=None):
                                      "window": job.window, "stride": job.stride}) + "\n")
             stdout.flush()
         return result
+    finally:
+        cleanup()
+
+
+@_with_hf_model
+def run_eval_harness(job: EvalHarnessJobConfig, stdout=None):
+    """lm-evaluation-harness tasks on the Megatron model (all ranks run every request; rank 0
+    prints lm-eval's table and writes ``out``)."""
+    import sys
+
+    from nemo_minitron.dist import is_rank0
+    from nemo_minitron.inference.lm_eval_adapter import harness_lm_class
+
+    stdout = stdout or sys.stdout
+    lm_class = harness_lm_class()  # first: a clear error when lm-eval is missing
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import make_table
+
+    if not job.tasks:
+        raise ConfigError("tasks=[...] (or --tasks a,b) is required")
+    cfg = _model_config(job.model, job.tp, job.pp)
+    if job.max_gen_toks >= cfg.max_position_embeddings:
+        raise ConfigError(f"max_gen_toks={job.max_gen_toks} must be below the model's "
+                          f"max_position_embeddings={cfg.max_position_embeddings}")
+    runner = setup(job.model, job.tp, job.pp, job.dtype)
+    try:
+        lm = lm_class(runner, load_tokenizer(job.model), batch_size=job.batch_size,
+                      max_gen_toks=job.max_gen_toks)
+        results = simple_evaluate(model=lm, tasks=list(job.tasks), num_fewshot=job.num_fewshot,
+                                  limit=job.limit)
+        if is_rank0() and results is not None:
+            stdout.write(make_table(results) + "\n")
+            stdout.flush()
+            if job.out:
+                with open(job.out, "w", encoding="utf-8") as f:
+                    json.dump(results.get("results", {}), f, indent=2, default=str)
+        return results
     finally:
         cleanup()

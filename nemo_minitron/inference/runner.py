@@ -132,11 +132,14 @@ class ModelRunner:
 
     # ---- scoring (no cache) -----------------------------------------------------------------
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, greedy: bool = False):
         """log p(input_ids[:, t+1] | input_ids[:, :t+1]) as fp32 [b, s-1], on every rank.
 
         Uses Megatron's vocab-parallel cross entropy on the [s, b, V/TP] logit shards (three
-        all-reduces over TP instead of gathering b*s*V logits).
+        all-reduces over TP instead of gathering b*s*V logits). With ``greedy=True`` also returns
+        bool [b, s-1]: whether each next token is the argmax (its logit reaches the max over the
+        whole vocabulary; two more all-reduces over TP, still without gathering), the ``is_greedy``
+        of lm-eval's loglikelihood.
         """
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -146,18 +149,39 @@ class ModelRunner:
             raise ValueError("scoring needs at least two tokens per sequence")
         out = self._stage_forward(input_ids, 0)
         result = torch.empty(b, s - 1, dtype=torch.float32, device=self.device)
+        is_max = torch.zeros(b, s - 1, dtype=torch.float32, device=self.device)  # 1.0: argmax
         if out is not None:
             if out.shape[-1] != self.vocab_shard:
                 raise RuntimeError(f"expected a vocab shard of {self.vocab_shard} logits, got "
                                    f"{out.shape[-1]} (is the model built with parallel_output?)")
-            shard = out[:, :-1, :].transpose(0, 1).float()  # [s-1, b, V/TP], a fresh fp32 copy
+            # [s-1, b, V/TP] fp32 (may share memory with ``out``, which is not used afterwards;
+            # megatron's cross entropy works on it in place, so the greedy check goes first)
+            shard = out[:, :-1, :].transpose(0, 1).float().contiguous()
             first_id = self.tp_rank * self.vocab_shard
             pad_from = self.cfg.vocab_size - first_id  # local column of the first padded id
             if pad_from < self.vocab_shard:
                 shard[..., max(pad_from, 0):] = float("-inf")  # padded ids take no probability
             targets = input_ids[:, 1:].transpose(0, 1).contiguous()  # [s-1, b]
-            nll = vocab_parallel_cross_entropy(shard.contiguous(), targets)  # [s-1, b]
+            if greedy:  # before the cross entropy, which may modify its input
+                is_max.copy_(self._target_is_max(shard, targets, first_id).transpose(0, 1))
+            nll = vocab_parallel_cross_entropy(shard, targets)  # [s-1, b]; may modify shard
             result.copy_(-nll.transpose(0, 1))
         if self.pp > 1:  # every TP rank of the last stage holds the same all-reduced values
             dist.broadcast(result, src=self._pp_last, group=self._pp_group)
-        return result
+            if greedy:
+                dist.broadcast(is_max, src=self._pp_last, group=self._pp_group)
+        return (result, is_max.bool()) if greedy else result
+
+    def _target_is_max(self, shard: torch.Tensor, targets: torch.Tensor,
+                       first_id: int) -> torch.Tensor:
+        """fp32 [s-1, b]: 1.0 where the target's logit equals the max logit over all TP shards
+        (shard: [s-1, b, V/TP] with padded ids at -inf; targets: [s-1, b] global ids)."""
+        local = targets - first_id
+        inside = (local >= 0) & (local < self.vocab_shard)
+        picked = shard.gather(-1, local.clamp(0, self.vocab_shard - 1).unsqueeze(-1)).squeeze(-1)
+        target_logit = torch.where(inside, picked, torch.zeros_like(picked))  # [s-1, b]
+        best = shard.max(-1).values  # [s-1, b]
+        if self.tp > 1:
+            dist.all_reduce(target_logit, op=dist.ReduceOp.SUM, group=self._tp_group)
+            dist.all_reduce(best, op=dist.ReduceOp.MAX, group=self._tp_group)
+        return (target_logit >= best).float()

@@ -28,8 +28,9 @@ class ScoringError(MinitronError, ValueError):
 
 
 def token_logprobs(runner: ModelRunner, sequences: Sequence[Sequence[int]],
-                   batch_size: int = 8) -> List[torch.Tensor]:
-    """For each sequence (>= 2 ids), fp32 [len-1]: log p(ids[t+1] | ids[:t+1]), on every rank.
+                   batch_size: int = 8, greedy: bool = False) -> list:
+    """For each sequence (>= 2 ids), fp32 [len-1]: log p(ids[t+1] | ids[:t+1]), on every rank;
+    with ``greedy=True`` pairs (that, bool [len-1]: ids[t+1] is the argmax next token).
 
     Sequences are right-padded into batches; with causal attention the padding after a sequence
     cannot change its scores.
@@ -43,15 +44,20 @@ def token_logprobs(runner: ModelRunner, sequences: Sequence[Sequence[int]],
                                f"max_position_embeddings={cfg.max_position_embeddings}")
         if min(ids) < 0 or max(ids) >= cfg.vocab_size:
             raise ScoringError(f"sequence {i} has token ids outside [0, {cfg.vocab_size})")
-    out: List[torch.Tensor] = []
+    out: list = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
         width = max(len(s) for s in chunk)
         batch = torch.zeros(len(chunk), width, dtype=torch.long)  # [b, s], right-padded with 0
         for i, ids in enumerate(chunk):
             batch[i, : len(ids)] = torch.as_tensor(list(ids))
-        scores = runner.score(batch).cpu()  # [b, s-1]
-        out.extend(scores[i, : len(ids) - 1] for i, ids in enumerate(chunk))
+        if greedy:
+            scores, is_max = (t.cpu() for t in runner.score(batch, greedy=True))  # [b, s-1] x2
+            out.extend((scores[i, : len(ids) - 1], is_max[i, : len(ids) - 1])
+                       for i, ids in enumerate(chunk))
+        else:
+            scores = runner.score(batch).cpu()  # [b, s-1]
+            out.extend(scores[i, : len(ids) - 1] for i, ids in enumerate(chunk))
     return out
 
 
