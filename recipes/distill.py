@@ -22,6 +22,7 @@ HF checkpoint -> cleanup. Resumes from the newest checkpoint in ``trainer.ckpt_d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import List, Optional
@@ -164,6 +165,7 @@ def run(cfg, overwrite: bool = False):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from nemo_minitron.convert.io import hf_view_of
     from nemo_minitron.config.recipe import without_none
     from nemo_minitron.errors import MinitronError
 
@@ -183,7 +185,10 @@ def main(argv: Optional[List[str]] = None) -> int:
              "data": {"train_ds": {"file_path": args.data}}, "out": args.out}
     try:
         cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
-        run(cfg, overwrite=args.overwrite)
+        with contextlib.ExitStack() as stack:  # .nemo teacher/student: read through HF views
+            hf_view_of(stack, cfg.teacher, "restore_from_path")
+            hf_view_of(stack, cfg.model, "restore_from_path")
+            run(cfg, overwrite=args.overwrite)
     except MinitronError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

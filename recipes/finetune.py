@@ -14,6 +14,7 @@ only wires it. Resumes from the newest checkpoint in ``trainer.ckpt_dir`` (defau
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import List, Optional
@@ -123,6 +124,7 @@ def run(cfg, overwrite: bool = False):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from nemo_minitron.convert.io import hf_view_of
     from nemo_minitron.errors import MinitronError
     from nemo_minitron.config.recipe import without_none
 
@@ -140,7 +142,9 @@ def main(argv: Optional[List[str]] = None) -> int:
              "out": args.out}
     try:
         cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
-        run(cfg, overwrite=args.overwrite)
+        with contextlib.ExitStack() as stack:  # a .nemo base model: read through an HF view
+            hf_view_of(stack, cfg.model, "restore_from_path")
+            run(cfg, overwrite=args.overwrite)
     except MinitronError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

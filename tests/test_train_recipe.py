@@ -83,7 +83,12 @@ def test_export_gathers_tp_and_pp_bit_exactly(tiny_hf_dir, train_jsonl, tmp_path
     """Zero steps: the written HF checkpoint must be the base checkpoint, bit for bit."""
     pytest.importorskip("tokenizers", reason="needs the tokenizers library")
     out = str(tmp_path / ("out.nemo" if layout.get("nemo") else "out"))
-    argv = ["--config", os.path.join(ROOT, "conf/finetune/tiny_sft.yaml"), "--model", tiny_hf_dir,
+    base = tiny_hf_dir
+    if layout.get("nemo"):  # .nemo in, .nemo out
+        from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
+
+        base = hf_to_nemo(tiny_hf_dir, str(tmp_path / "base.nemo"), progress=False)
+    argv = ["--config", os.path.join(ROOT, "conf/finetune/tiny_sft.yaml"), "--model", base,
             "--data", train_jsonl, "--out", out, "trainer.max_steps=0",
             f"trainer.tensor_model_parallel_size={layout.get('tp', 1)}",
             f"trainer.pipeline_model_parallel_size={layout.get('pp', 1)}"]

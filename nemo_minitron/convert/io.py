@@ -56,3 +56,11 @@ def hf_dir_to_nemo(hf_dir: str, out: str, *, dtype: str = "bf16", overwrite: boo
         message = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise CheckpointError(f"writing {out} failed: {message}")
     return os.path.abspath(out)
+
+
+def hf_view_of(stack: contextlib.ExitStack, section, attr: str) -> None:
+    """If ``section.attr`` names a .nemo, point it at a temporary HF conversion kept open by
+    ``stack`` (recipes read HF directories). Each rank converts its own copy."""
+    path = getattr(section, attr)
+    if path and is_nemo(path):
+        setattr(section, attr, stack.enter_context(as_hf_dir(path)))
