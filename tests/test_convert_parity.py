@@ -10,18 +10,14 @@ TOL = 1e-4
 
 
 def _logits_from_nemo(rank, nemo, cfg, ids):
-    from megatron.core import tensor_parallel
-
     from nemo_minitron.model.build import build_gpt_model
+    from nemo_minitron.model.forward import full_logits
     from nemo_minitron.model.load import load_nemo_into_model
 
     model = build_gpt_model(cfg, dtype="float32")
     load_nemo_into_model(model, cfg, nemo)
     model.eval()
-    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
-    with torch.no_grad():
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(ids, pos, None))
-    return logits[..., : cfg.vocab_size]
+    return full_logits(model, ids, cfg.vocab_size)
 
 
 @pytest.mark.hf

@@ -65,30 +65,14 @@ def test_unmapped_and_missing_names_are_reported():
 
 def _megatron_logits(rank, hf_dir, cfg, ids):
     """This rank's full-vocab logits (None on non-last pipeline stages)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
     from nemo_minitron.model.build import build_gpt_model
+    from nemo_minitron.model.forward import full_logits
     from nemo_minitron.model.load import load_hf_into_model
 
     model = build_gpt_model(cfg, dtype="float32")
     load_hf_into_model(model, cfg, hf_dir)
     model.eval()
-    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
-    with torch.no_grad():
-        if ps.get_pipeline_model_parallel_world_size() > 1:  # manual 2-stage pipeline
-            hidden_shape = (ids.shape[1], ids.shape[0], cfg.hidden_size)
-            if ps.is_pipeline_first_stage():
-                out = model(ids, pos, None)
-                dist.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
-                return None
-            hidden = torch.empty(hidden_shape)
-            dist.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
-            model.set_input_tensor(hidden)
-        logits = model(ids, pos, None)
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-    return logits[..., : cfg.vocab_size]
+    return full_logits(model, ids, cfg.vocab_size)
 
 
 @pytest.fixture(scope="module")

@@ -48,23 +48,14 @@ def _prompts(path: Optional[str]) -> List[str]:
 
 
 def _megatron_logits(cfg, nemo_path: str, ids: List[List[int]]) -> List[torch.Tensor]:
-    from megatron.core import tensor_parallel
-
     from nemo_minitron.model.build import build_gpt_model
+    from nemo_minitron.model.forward import full_logits
     from nemo_minitron.model.load import load_nemo_into_model
 
     model = build_gpt_model(cfg, dtype="float32", use_te=False)
     load_nemo_into_model(model, cfg, nemo_path)
     model.eval()
-    out = []
-    with torch.no_grad():
-        for seq in ids:
-            x = torch.tensor([seq])
-            pos = torch.arange(len(seq)).unsqueeze(0)
-            logits = model(x, pos, None)
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-            out.append(logits[0, :, : cfg.vocab_size].float())
-    return out
+    return [full_logits(model, torch.tensor([seq]), cfg.vocab_size)[0].float() for seq in ids]
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> PromptResult:

@@ -33,3 +33,14 @@ def stage_forward(model, ids: torch.Tensor, labels: Optional[torch.Tensor] = Non
             dist.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
             return None
     return out
+
+
+def full_logits(model, ids: torch.Tensor, vocab_size: int) -> Optional[torch.Tensor]:
+    """Logits ``[batch, seq, vocab_size]`` over the whole (unpadded) vocabulary on every TP rank of
+    the last stage (the vocab shards gathered, Megatron's padding sliced off); None elsewhere."""
+    from megatron.core import tensor_parallel
+
+    out = stage_forward(model, ids)
+    if out is None:
+        return None
+    return tensor_parallel.gather_from_tensor_model_parallel_region(out)[..., :vocab_size]
