@@ -10,7 +10,8 @@ view of ``torch`` in which CUDA devices mean the CPU:
   and turns streams, events, NVTX ranges and synchronisation into no-ops;
 * ``Tensor.cuda()`` returns the tensor itself.
 
-Plus three fixes that are not about device names: gradient clipping asserts CUDA tensor types,
+Plus four fixes that are not about device names: gradient clipping asserts CUDA tensor types,
+the mixed-precision and distributed optimizers accept only CUDA parameter type names,
 ``dist_checkpointing``'s writer uses a *spawn* manager that re-imports ``__main__`` on every first
 save (seconds per save; a fork manager is used instead), and config validation rejects fusions that
 need Transformer Engine. Everything else (HF transformers, user code, tests) keeps the real ``torch``.
@@ -186,6 +187,45 @@ def _fix_grad_clipping():
         optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor",
+                    "torch.HalfTensor": "torch.cuda.HalfTensor",
+                    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """``Tensor.type()`` answers with the CUDA type names while Megatron sorts its parameters."""
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        return name if args or kwargs else _CUDA_TYPE_NAMES.get(name, name)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _fix_param_type_checks():
+    """Megatron's mixed-precision and distributed optimizers sort parameters by
+    ``param.type() in ['torch.cuda.HalfTensor', ...]`` and raise TypeError for anything else."""
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        init = cls.__init__
+        if getattr(init, "_nemo_minitron_cpu", False):
+            continue
+
+        def __init__(self, *args, _init=init, **kwargs):
+            with _cuda_type_names():
+                _init(self, *args, **kwargs)
+
+        __init__._nemo_minitron_cpu = True
+        cls.__init__ = __init__
+
+
 def _fix_checkpoint_queue():
     """A fork manager for dist_checkpointing's write results (spawn re-imports __main__)."""
     import multiprocessing
@@ -241,7 +281,8 @@ def activate() -> bool:
     for name, module in list(sys.modules.items()):
         if (name + ".").startswith(_PREFIXES):
             _retarget(module)
-    for fix in (_fix_rng_helpers, _fix_grad_clipping, _fix_checkpoint_queue, _fix_config_defaults):
+    for fix in (_fix_rng_helpers, _fix_grad_clipping, _fix_param_type_checks, _fix_checkpoint_queue,
+                _fix_config_defaults):
         try:
             fix()
         except ImportError as e:

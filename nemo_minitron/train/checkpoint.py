@@ -88,14 +88,26 @@ def _barrier():
         dist.barrier()
 
 
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
 def _sharded_state(model, optimizer, trainer_state: dict, is_loading: bool):
     model_sd = model.sharded_state_dict()
     state = {"model": model_sd, "trainer": trainer_state, "rng": per_rank_object("rng_state",
                                                                                rng_state())}
     try:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
-    except TypeError:  # older signatures without is_loading
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        # megatron-core >= 0.14 dropped the default distributed-optimizer format (its flattened
+        # ranges no longer validate). "dp_reshardable" (Megatron-LM's default) saves each rank's
+        # buffer shards as they are, torch Adam's "step" included ("fully_reshardable" drops it on
+        # load without Apex/TE fused Adam); it resumes at the same TP/PP, any DP.
+        # Other optimizers ignore the metadata.
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                          metadata=_OPTIM_METADATA)
+    except TypeError:  # older signatures: no metadata (0.7 / 0.8), no is_loading
+        try:
+            state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        except TypeError:
+            state["optimizer"] = optimizer.sharded_state_dict(model_sd)
     return state
 
 
@@ -131,15 +143,56 @@ def save_checkpoint(ckpt_dir: str, step: int, model, optimizer, trainer_state: d
     return final
 
 
+def _init_empty_adam_state(optimizer) -> None:
+    """Give a fresh Megatron optimizer's torch Adam the state entries a checkpoint fills in.
+
+    Without Apex/TE fused Adam, megatron-core's DistributedOptimizer reads the step count from the
+    torch optimizer's per-parameter state, which is empty until the first step, so building the
+    loading template fails (``assert len(steps) == 1``). Zeros are placeholders: the load replaces
+    every one of them."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Without Apex/TE, megatron-core's DistributedOptimizer keeps torch Adam's step count in its
+    param groups' ``step`` when saving, but on loading gives every parameter state one shared
+    ``step`` tensor, which the per-bucket copy then overwrites with the placeholder; torch's
+    foreach Adam would also add 1 to a shared tensor once per parameter. Each parameter gets its
+    own step again, from the param group it belongs to (restored from the checkpoint)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                if "step" in inner.state.get(p, {}):
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]))
+
+
 def load_checkpoint(path: str, model, optimizer) -> dict:
     """Collective. Restore model, optimizer and this rank's RNG state; return the trainer state."""
     from megatron.core import dist_checkpointing
 
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    _init_empty_adam_state(optimizer)
     template = _sharded_state(model, optimizer, {}, True)
     loaded = dist_checkpointing.load(template, path)
     model.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # the dp_reshardable loader copies into main params in place
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer)
     set_rng_state(loaded["rng"])
     return loaded["trainer"]
