@@ -57,7 +57,7 @@ print(job_id)
 '''
 
 FAKE_SRUN = r'''
-import json, os, subprocess, sys
+import json, os, subprocess, sys, time
 log = os.environ["FAKE_SLURM_DIR"]
 args = sys.argv[1:]
 i = next(k for k, a in enumerate(args) if not a.startswith("-"))
@@ -66,6 +66,10 @@ keep = ("PYTHONPATH", "CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_AVOID_RECORD_ST
         "NVTE_FUSED_ATTN", "NVTE_FLASH_ATTN", "SLURM_JOB_ID")
 record = {"options": options, "command": command, "cwd": os.getcwd(),
           "env": {k: os.environ.get(k) for k in keep}}
+if os.environ.get("FAKE_SRUN_WAIT"):  # a long step: runs until the fake scontrol releases it
+    open(os.path.join(log, "started"), "w").close()
+    while not os.path.exists(os.path.join(log, "release")):
+        time.sleep(0.05)
 if os.environ.get("FAKE_SRUN_RUN"):
     assert os.environ["SLURM_NNODES"] == "1", "the fake srun runs one node"
     n = int(os.environ["SLURM_NTASKS"])
@@ -80,6 +84,14 @@ with open(os.path.join(log, "srun.jsonl"), "a") as f:
 sys.exit(max([r["rc"] for r in record.get("ranks", [])] or [0]))
 '''
 
+FAKE_SCONTROL = r'''
+import json, os, sys
+log = os.environ["FAKE_SLURM_DIR"]
+with open(os.path.join(log, "scontrol.jsonl"), "a") as f:
+    f.write(json.dumps({"argv": sys.argv[1:]}) + "\n")
+open(os.path.join(log, "release"), "w").close()  # SLURM would now stop the job's steps
+'''
+
 
 @pytest.fixture()
 def fake_slurm(tmp_path, monkeypatch):
@@ -88,7 +100,7 @@ def fake_slurm(tmp_path, monkeypatch):
     bin_dir, log = tmp_path / "fakebin", tmp_path / "fakelog"
     bin_dir.mkdir()
     log.mkdir()
-    for name, source in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN)):
+    for name, source in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(f"#!{sys.executable}\n{source}")
         (bin_dir / name).chmod(0o755)
     # a wrapper, not a symlink: a venv's interpreter finds its site-packages by its own path
@@ -216,6 +228,29 @@ def test_hostile_values_reach_the_job_verbatim_and_never_run(tmp_path, fake_slur
     assert os.path.isfile(os.path.join(os.path.dirname(script), f"{HOSTILE}-{job_id}.out"))
     assert not glob.glob(str(tmp_path / "**" / "PWNED"), recursive=True)
     assert not os.path.exists("PWNED")
+
+
+def test_preemption_signal_requeues_the_job(tmp_path, fake_slurm, monkeypatch):
+    """--signal=B:USR1 reaches the batch shell while srun runs: the trap calls scontrol requeue,
+    the script waits for the step to end and exits with its status."""
+    import signal
+    import time
+
+    opts = slurm.prepare(_opts(tmp_path, requeue=True), ["convert", "nemo-to-hf", "/a.nemo", "/b"])
+    script = tmp_path / "job.sbatch"
+    script.write_text(slurm.render(opts, ["convert", "nemo-to-hf", "/a.nemo", "/b"]))
+    monkeypatch.setenv("FAKE_SRUN_WAIT", "1")
+    proc = subprocess.Popen(["bash", str(script)], env=dict(os.environ, SLURM_JOB_ID="55"),
+                            stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (fake_slurm / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert records(fake_slurm, "scontrol") == []  # no requeue before the signal
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "requeueing job 55" in out
+    assert records(fake_slurm, "scontrol") == [{"argv": ["requeue", "55"]}]
+    assert len(records(fake_slurm, "srun")) == 1
 
 
 def test_cli_reports_bad_options_in_one_line(tmp_path, fake_slurm, capsys, monkeypatch):
