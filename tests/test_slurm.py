@@ -264,6 +264,11 @@ def test_cli_reports_bad_options_in_one_line(tmp_path, fake_slurm, capsys, monke
 def test_pipeline_chains_stages_with_afterok(tmp_path, fake_slurm, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     work = tmp_path / "run"
+    assert cli_main(["pipeline", "--teacher", str(tmp_path), "--workdir", str(work), "--data", "x",
+                     "--mounts", f"{tmp_path}:{tmp_path}", "--dry-run"]) == 2
+    assert "not an HF checkpoint directory" in capsys.readouterr().err
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text("{}")
     base = ["pipeline", "--teacher", str(tmp_path / "teacher"), "--workdir", str(work),
             "--data", "pydoc", "--prune-config", os.path.join(ROOT, "conf/prune/tiny.yaml"),
             "--distill-override", "trainer.tensor_model_parallel_size=2", "--nodes", "2",

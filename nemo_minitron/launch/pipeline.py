@@ -111,6 +111,9 @@ def main(argv: Sequence[str]) -> int:
     slurm.add_arguments(p)
     args = p.parse_args(argv)
     workdir = os.path.abspath(args.workdir)
+    if not os.path.isfile(os.path.join(args.teacher, "config.json")):
+        raise ConfigError(f"--teacher {args.teacher}: not an HF checkpoint directory (no "
+                          "config.json)")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} is not a directory")
     jobs = stages(os.path.abspath(args.teacher), workdir, args.data, args.prune_config,

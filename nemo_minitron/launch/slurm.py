@@ -356,7 +356,10 @@ def prepare(opts: SlurmOptions, command: Sequence[str]) -> SlurmOptions:
 # ---- submission ----------------------------------------------------------------------------------
 def write_script(text: str, opts: SlurmOptions) -> str:
     """Write the script into the log directory (temporary name, then rename); returns its path."""
-    os.makedirs(opts.log_dir, exist_ok=True)
+    try:
+        os.makedirs(opts.log_dir, exist_ok=True)
+    except OSError as e:
+        raise MinitronError(f"--log-dir {opts.log_dir}: {e.strerror}") from None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", opts.job_name)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=".sbatch", dir=opts.log_dir)
