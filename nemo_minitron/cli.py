@@ -16,6 +16,10 @@
     nemo-minitron verify HF_DIR IN.nemo [--prompts FILE] [--atol 1e-3]
     nemo-minitron eval-harness --model HF_DIR --tasks mmlu,hellaswag [num_fewshot=5 tp=2 ...]
     nemo-minitron serve --model HF_DIR [--host 127.0.0.1] [--port 8000] [tp=2 ...]
+    nemo-minitron slurm COMMAND [--nodes N --gpus-per-node G --partition P --account A --time T
+                        --container IMAGE --mounts SRC:DST,... --after JOBID --dry-run] [-- ARGS]
+    nemo-minitron pipeline --teacher HF_DIR --workdir DIR --data DATA [--prune-config YAML]
+                           [--distill-config YAML] [slurm options] [--dry-run]
 
 Jobs run the same under python, torchrun and srun (tp=.. pp=.. overrides); only rank 0 prints.
 Config precedence: defaults, then --config YAML, then flags and key=value overrides.
@@ -252,6 +256,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    """slurm / pipeline: nemo_minitron.launch parses its own arguments."""
+    import importlib
+
+    return importlib.import_module(f"nemo_minitron.launch.{args.launcher}").main(args.recipe_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
 
@@ -328,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="tp, pp, dtype, seed, request_timeout_s")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("slurm", add_help=False, help="submit any command above as an sbatch job "
+                       "(pyxis container, one task per GPU; nemo_minitron/launch/slurm.py)")
+    p.add_argument("recipe_args", nargs=argparse.REMAINDER,
+                   help="COMMAND --nodes N --gpus-per-node G ... [--dry-run] [-- ARGS]")
+    p.set_defaults(func=cmd_launch, launcher="slurm")
+    p = sub.add_parser("pipeline", add_help=False, help="convert -> prune -> distill -> export "
+                       "as dependent SLURM jobs (nemo_minitron/launch/pipeline.py)")
+    p.add_argument("recipe_args", nargs=argparse.REMAINDER,
+                   help="--teacher HF_DIR --workdir DIR --data DATA [slurm options] [--dry-run]")
+    p.set_defaults(func=cmd_launch, launcher="pipeline")
     return parser
 
 

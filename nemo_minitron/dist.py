@@ -40,6 +40,16 @@ def cluster_environment():
     return LightningEnvironment()
 
 
+def launched_world_size() -> int:
+    """The number of ranks of this launch, also before the process group exists (a recipe checks
+    its TP x PP layout first): 1 under python, WORLD_SIZE under torchrun, SLURM_NTASKS under srun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return cluster_environment().world_size()
+
+
 def _export_rendezvous() -> None:
     """Put rank, world size and rendezvous address in the variables torch.distributed reads."""
     env = cluster_environment()

@@ -96,7 +96,7 @@ def setup(cfg):
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.config.parallel import validate_parallel
     from nemo_minitron.config.recipe import to_dict
-    from nemo_minitron.dist import init_megatron
+    from nemo_minitron.dist import init_megatron, launched_world_size
     from nemo_minitron.train.distill import (KD_METRICS, LogitDistillation, build_teacher,
                                              check_same_tokenizer)
     from nemo_minitron.train.logs import MetricsLogger
@@ -109,7 +109,7 @@ def setup(cfg):
     teacher_cfg = read_hf_config(cfg.teacher.restore_from_path)
     check_same_tokenizer(cfg.teacher.restore_from_path, teacher_cfg, m.restore_from_path,
                          student_cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()  # python, torchrun or srun
     for c in (teacher_cfg, student_cfg):
         validate_parallel(c, t.tensor_model_parallel_size, t.pipeline_model_parallel_size,
                           world_size=world)

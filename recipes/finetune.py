@@ -66,7 +66,7 @@ def setup(cfg):
 
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.config.parallel import validate_parallel
-    from nemo_minitron.dist import init_megatron
+    from nemo_minitron.dist import init_megatron, launched_world_size
     from nemo_minitron.config.recipe import to_dict
     from nemo_minitron.train.logs import MetricsLogger
     from nemo_minitron.train.loop import LoopConfig, Trainer
@@ -75,7 +75,7 @@ def setup(cfg):
 
     t, m = cfg.trainer, cfg.model
     model_cfg = read_hf_config(m.restore_from_path)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()  # python, torchrun or srun
     validate_parallel(model_cfg, t.tensor_model_parallel_size, t.pipeline_model_parallel_size,
                       world_size=world)
     train_data, val_data = setup_data(cfg, model_cfg, cfg.data.seq_length)
