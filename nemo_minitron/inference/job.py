@@ -78,7 +78,9 @@ def _model_config(path: str, tp: int, pp: int):
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"model={path}: not an HF checkpoint directory (no config.json)")
     cfg = read_hf_config(path)
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    from nemo_minitron.dist import launched_world_size
+
+    world = launched_world_size()
     layout = validate_parallel(cfg, tp, pp, world_size=world)
     if layout.dp != 1:
         raise ConfigError(f"world size {world} != tp*pp = {tp * pp}: launch exactly tp*pp ranks "
