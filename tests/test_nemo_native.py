@@ -411,7 +411,7 @@ def test_missing_nemo_target_is_one_clear_error(patched):
 EVAL_SCRIPT = textwrap.dedent('''
     """Stand-in for megatron_gpt_eval.py: builds the model and LoRA config as NeMo would and
     records what it got."""
-    import json, sys
+    import __main__, json, os, sys
     from omegaconf import OmegaConf
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
     from nemo.collections.nlp.parts.peft_config import LoraPEFTConfig
@@ -421,9 +421,14 @@ EVAL_SCRIPT = textwrap.dedent('''
     cfg = nemo_model_cfg()
     model = MegatronGPTModel(cfg).model_provider_func(True, True)
     lora = LoraPEFTConfig(cfg).name_key_to_cfg["lora_dense_attention_adapter"]
+    # how PyTorch Lightning relaunches ranks 1.. of a `python` launch (_basic_subprocess_cmd)
+    if __main__.__spec__ is None:
+        relaunch = [sys.executable, os.path.abspath(sys.argv[0])] + sys.argv[1:]
+    else:
+        relaunch = [sys.executable, "-m", __main__.__spec__.name] + sys.argv[1:]
     with open(args["out"], "w") as f:
         json.dump({"argv": sys.argv, "inv_freq": model.rotary_pos_emb.inv_freq.tolist(),
-                   "lora_in": lora["in_features"]}, f)
+                   "lora_in": lora["in_features"], "relaunch": relaunch}, f)
     sys.exit(int(args.get("exit", 0)))
 ''')
 
@@ -435,7 +440,21 @@ def _run_cli_in_fake_nemo(rank, root, argv):
     return main(argv)
 
 
-def test_cli_runs_nemo_script_in_process_with_patches(tmp_path):
+def _run_relaunched_rank(rank, root, cmd):
+    """A rank that Lightning started with ``cmd``, as a fresh process would run it (unpatched)."""
+    import runpy
+
+    sys.path.insert(0, root)
+    assert cmd[1] == launch.RELAUNCH and not getattr(RotaryEmbedding.__init__,
+                                                     "_nemo_minitron_wrapped", False)
+    sys.argv = cmd[1:]
+    try:
+        runpy.run_path(cmd[1], run_name="__main__")
+    except SystemExit as e:
+        return e.code
+
+
+def test_cli_runs_nemo_script_in_process_with_patches(tmp_path, monkeypatch):
     root = _fake_nemo_tree(tmp_path / "NeMo")
     out = tmp_path / "result.json"
     conf = os.path.join(ROOT, "conf", "nemo", "megatron_gpt_eval_minitron_4b_width.yaml")
@@ -443,13 +462,20 @@ def test_cli_runs_nemo_script_in_process_with_patches(tmp_path):
         "nemo", "megatron_gpt_eval.py", "--overrides", conf, f"out={out}", "exit=3"]))
     assert rc == 3  # the script's exit status
     got = json.loads(out.read_text())
-    assert got["argv"][0] == str(root / "examples/nlp/language_modeling/megatron_gpt_eval.py")
     assert got["argv"][1:] == launch.hydra_overrides(conf) + [f"out={out}", "exit=3"]
     assert "inference.end_strings=['<|end_of_text|>']" in got["argv"]
     arch = get_preset("tiny_minitron_width")
     torch.testing.assert_close(torch.tensor(got["inv_freq"]), llama3_inv_freq(arch), rtol=0,
                                atol=0)
     assert got["lora_in"] == arch.num_attention_heads * arch.head_dim
+    # a rank Lightning relaunches from that command line runs the same script, patched too
+    out.unlink()
+    script = str(root / "examples/nlp/language_modeling/megatron_gpt_eval.py")
+    monkeypatch.setenv(launch.SCRIPT_ENV, script)
+    rc, = run_ranks(_run_relaunched_rank, args=(str(root), got["relaunch"]))
+    child = json.loads(out.read_text())
+    assert rc == 3 and child["argv"][1:] == got["argv"][1:]
+    assert child["inv_freq"] == got["inv_freq"] and child["lora_in"] == got["lora_in"]
 
 
 def test_script_resolution(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Run one of NeMo's own scripts in this process, after :func:`patches.apply`.
+"""Run one of NeMo's own scripts in this process, after :func:`patches.apply` (the processes
+PyTorch Lightning relaunches for more GPUs come back through relaunch.py and are patched too).
 
     nemo-minitron nemo SCRIPT [--overrides FILE.yaml]... [--dry-run] [hydra args...]
 
@@ -12,10 +13,11 @@ are passed as ``+key=value``.
 """
 from __future__ import annotations
 
+import builtins
 import os
-import runpy
 import shlex
 import sys
+import types
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from nemo_minitron.errors import ConfigError, MinitronError
@@ -138,18 +140,55 @@ def parse_args(argv: Sequence[str]) -> Tuple[str, List[str], List[str], bool]:
     return script, files, hydra, dry_run
 
 
+# PyTorch Lightning starts ranks 1.. of a plain `python` launch by re-running
+# [sys.executable, abspath(sys.argv[0])] + sys.argv[1:] (plus hydra.run.dir=... when hydra is in
+# use): lightning/fabric/strategies/launchers/subprocess_script.py, _basic_subprocess_cmd and
+# _hydra_subprocess_cmd, taken when __main__ has no __spec__. sys.argv[0] is therefore this
+# package's relaunch.py, which finds the real script in the environment and patches again.
+RELAUNCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relaunch.py")
+SCRIPT_ENV = "NEMO_MINITRON_NEMO_SCRIPT"
+
+
 def run_script(path: str, args: Sequence[str]) -> int:
-    """Run a Python script as ``python PATH ARGS...`` would, in this process."""
-    saved_argv, saved_path = sys.argv[:], sys.path[:]
-    sys.argv = [path, *args]
+    """Run a Python script as ``python PATH ARGS...`` would, in this process (sys.argv[0] is
+    :data:`RELAUNCH`, so processes the script relaunches get the patches too)."""
+    saved_argv, saved_path, saved_env = sys.argv[:], sys.path[:], os.environ.get(SCRIPT_ENV)
+    os.environ[SCRIPT_ENV] = path
+    sys.argv = [RELAUNCH, *args]
     sys.path.insert(0, os.path.dirname(path))
+    saved_main = sys.modules.get("__main__")
+    # runpy.run_path would set sys.argv[0] back to PATH while the script runs; run it by hand
+    main_module = types.ModuleType("__main__")
+    main_module.__dict__.update(__file__=path, __spec__=None, __loader__=None,
+                                __builtins__=builtins)
+    sys.modules["__main__"] = main_module
     try:
-        runpy.run_path(path, run_name="__main__")
+        with open(path, "rb") as f:
+            code = compile(f.read(), path, "exec")
+        exec(code, main_module.__dict__)  # noqa: S102 - running the user's chosen NeMo script
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # sys.exit("message"), as the interpreter would
+        return 1
     finally:
+        sys.modules["__main__"] = saved_main
         sys.argv, sys.path[:] = saved_argv, saved_path
+        if saved_env is None:
+            os.environ.pop(SCRIPT_ENV, None)
+        else:
+            os.environ[SCRIPT_ENV] = saved_env
     return 0
+
+
+def relaunched() -> int:
+    """Body of relaunch.py: patch, then run the script named by $NEMO_MINITRON_NEMO_SCRIPT."""
+    path = os.environ.get(SCRIPT_ENV)
+    if not path or not os.path.isfile(path):
+        raise MinitronError(f"{RELAUNCH} runs the NeMo script named by ${SCRIPT_ENV} "
+                            f"(now {path!r}); start with: nemo-minitron nemo SCRIPT ...")
+    patches.apply(versions.require_nemo_version())
+    return run_script(path, sys.argv[1:])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
