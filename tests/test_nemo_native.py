@@ -559,10 +559,10 @@ def test_conf_nemo_keys_exist_in_nemo_2405_config(name):
 
 def test_hydra_values_keep_special_strings(tmp_path):
     path = tmp_path / "o.yaml"
-    path.write_text("a:\n  s: \"it's <|x|>\"\n  l: [1, 2.5, true, null]\nb: {}\n"
-                    "new_keys: [a.s]\n")
+    path.write_text("a:\n  s: \"it's <|x|>\"\n  l: [1, 2.5, true, null, 'true', x/y-1.z, '1e5']\n"
+                    "b: {}\nnew_keys: [a.s]\n")
     assert launch.hydra_overrides(str(path)) == [
-        "+a.s='it\\'s <|x|>'", "a.l=[1,2.5,true,null]", "b={}"]
+        "+a.s='it\\'s <|x|>'", "a.l=[1,2.5,true,null,'true',x/y-1.z,'1e5']", "b={}"]
     path.write_text("a: 1\nnew_keys: [c]\n")
     with pytest.raises(ConfigError, match="new_keys"):
         launch.hydra_overrides(str(path))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 import shlex
 import sys
 import types
@@ -64,6 +65,10 @@ def resolve_script(script: str, root: Optional[str] = None) -> str:
     return found[0]
 
 
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")  # read back by hydra as this very string
+_KEYWORDS = {"true", "false", "null", "nan", "inf"}
+
+
 def _hydra_value(value) -> str:
     """A value in hydra's override grammar (strings quoted, so '<|end_of_text|>' stays intact)."""
     if value is None:
@@ -73,6 +78,8 @@ def _hydra_value(value) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
+        if _PLAIN.fullmatch(value) and value.lower() not in _KEYWORDS:
+            return value
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_hydra_value(v) for v in value) + "]"
