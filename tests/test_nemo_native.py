@@ -32,8 +32,9 @@ from nemo_minitron.nemo_native import launch, patches, versions
 from tests.helpers import run_ranks
 
 cpu.activate()
-import megatron.core.models.gpt  # noqa: E402,F401 - imported once, so forked workers start warm
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # noqa: E402
+import megatron.core.models.gpt  # noqa: E402,F401  (imported once: forked workers start warm)
+from megatron.core.models.common.embeddings.rotary_pos_embedding import (  # noqa: E402
+    RotaryEmbedding)
 
 cpu.activate()  # retarget what was just imported
 
@@ -69,8 +70,9 @@ class LoraPEFTConfig:
                 self.name_key_to_cfg["lora_kqv_adapter"] = self._create_lora_config(
                     cfg, lora_cfg, cfg.hidden_size, qkv_projection_size, LoraKQVAdapterConfig)
             elif module == "attention_dense":
-                self.name_key_to_cfg["lora_dense_attention_adapter"] = self._create_lora_config(
-                    cfg, lora_cfg, cfg.hidden_size, cfg.hidden_size, LoraDenseAttentionAdapterConfig)
+                dense = self._create_lora_config(cfg, lora_cfg, cfg.hidden_size, cfg.hidden_size,
+                                                 LoraDenseAttentionAdapterConfig)
+                self.name_key_to_cfg["lora_dense_attention_adapter"] = dense
 
     def _calculate_kv_channels(self, cfg):
         if cfg.get("kv_channels", None) is None:
@@ -178,7 +180,8 @@ def test_bad_version_is_one_clear_error():
 
 
 def test_hardcoded_rope_constants_of_nemo_2_0_are_checked():
-    patches.check_hardcoded_rope("2.0.0", nemo_model_cfg("minitron_4b_width"))  # Minitron's constants = NeMo's fixed ones
+    # Minitron's constants are the ones NeMo 2.0/2.1 hard-code
+    patches.check_hardcoded_rope("2.0.0", nemo_model_cfg("minitron_4b_width"))
     with pytest.raises(ConfigError, match="hard-coded"):
         patches.check_hardcoded_rope("2.1.0", nemo_model_cfg())  # tiny: original context 32
     patches.check_hardcoded_rope("2.2.0", nemo_model_cfg())  # 2.2 reads the constants
@@ -483,7 +486,8 @@ def test_script_resolution(tmp_path, monkeypatch):
                                               "tuning/megatron_gpt_finetuning.py",
                                               "other/megatron_gpt_finetuning.py"))
     lm = root / "examples" / "nlp" / "language_modeling"
-    assert launch.resolve_script("megatron_gpt_eval.py", str(root)) == str(lm / "megatron_gpt_eval.py")
+    assert launch.resolve_script("megatron_gpt_eval.py", str(root)) == \
+        str(lm / "megatron_gpt_eval.py")
     assert launch.resolve_script("tuning/megatron_gpt_finetuning.py", str(root)) == \
         str(lm / "tuning" / "megatron_gpt_finetuning.py")
     with pytest.raises(MinitronError, match="ambiguous"):

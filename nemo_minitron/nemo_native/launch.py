@@ -47,8 +47,9 @@ def resolve_script(script: str, root: Optional[str] = None) -> str:
     root = root or nemo_root()
     examples = os.path.join(root, "examples")
     if not os.path.isdir(examples):
-        raise MinitronError(f"{script}: not a file, and the NeMo install at {root} has no examples/ "
-                            "directory (a pip-installed NeMo ships none): pass the script's path")
+        raise MinitronError(f"{script}: not a file, and the NeMo install at {root} has no "
+                            "examples/ directory (a pip-installed NeMo ships none): pass the "
+                            "script's path")
     want = os.path.normpath(script)
     found = []
     for dirpath, _, files in os.walk(examples):
@@ -108,7 +109,8 @@ def load_overrides(path: str) -> Tuple[dict, List[str]]:
     leaves = [p for p, _ in _leaves(data)]
     unused = [k for k in new_keys if not any(p == k or p.startswith(k + ".") for p in leaves)]
     if unused:
-        raise ConfigError(f"{path}: {NEW_KEYS} names keys the file does not set: {', '.join(unused)}")
+        raise ConfigError(f"{path}: {NEW_KEYS} names keys the file does not set: "
+                          f"{', '.join(unused)}")
     return data, new_keys
 
 
@@ -122,8 +124,9 @@ def hydra_overrides(path: str) -> List[str]:
     return out
 
 
-def parse_args(argv: Sequence[str]) -> Tuple[str, List[str], List[str], bool]:
-    """(script, override files, hydra args, dry_run); our options may appear anywhere."""
+def parse_args(argv: Sequence[str]) -> Tuple[Optional[str], List[str], List[str], bool]:
+    """(script, override files, hydra args, dry_run); our options may appear anywhere; script is
+    None for -h/--help before SCRIPT."""
     script, files, hydra, dry_run = None, [], [], False
     it = iter(argv)
     for arg in it:
@@ -137,7 +140,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[str, List[str], List[str], bool]:
         elif arg == "--dry-run":
             dry_run = True
         elif arg in ("-h", "--help") and script is None:
-            raise SystemExit(print(USAGE) or 0)
+            return None, [], [], False
         elif script is None:
             script = arg
         else:
@@ -200,6 +203,9 @@ def relaunched() -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     script, files, hydra, dry_run = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if script is None:
+        print(USAGE)
+        return 0
     version = versions.require_nemo_version()
     path = resolve_script(script)
     args = [o for f in files for o in hydra_overrides(f)] + hydra

@@ -36,7 +36,8 @@ from nemo_minitron.config.nemo import DoubleRopeScalingError, read_rope_scaling
 from nemo_minitron.errors import ConfigError, MinitronError
 from nemo_minitron.nemo_native import versions
 
-ROTARY_TARGET = "megatron.core.models.common.embeddings.rotary_pos_embedding:RotaryEmbedding.__init__"
+ROTARY_TARGET = ("megatron.core.models.common.embeddings.rotary_pos_embedding:"
+                 "RotaryEmbedding.__init__")
 NEMO_GPT_TARGET = ("nemo.collections.nlp.models.language_modeling.megatron_gpt_model:"
                    "MegatronGPTModel.model_provider_func")
 NEMO_LORA_TARGET = "nemo.collections.nlp.parts.peft_config:LoraPEFTConfig._create_lora_config"

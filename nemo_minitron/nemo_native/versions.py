@@ -1,4 +1,5 @@
-"""Which NeMo versions need which patch, and the installed NeMo version (found without importing NeMo).
+"""Which NeMo versions need which patch, and the installed NeMo version (found without importing
+NeMo).
 
 Facts read in NVIDIA/NeMo's history (file, function, tag):
 
@@ -108,6 +109,7 @@ def require_nemo_version() -> str:
     version = installed_nemo_version()
     if version is None:
         raise NemoNotInstalledError(
-            "NeMo is not installed in this Python environment (run inside nvcr.io/nvidia/nemo:24.05, "
-            "or pass the NeMo version explicitly to nemo_minitron.nemo_native.apply)")
+            "NeMo is not installed in this Python environment (run inside "
+            "nvcr.io/nvidia/nemo:24.05, or pass the NeMo version explicitly to "
+            "nemo_minitron.nemo_native.apply)")
     return version
