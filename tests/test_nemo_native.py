@@ -481,6 +481,31 @@ def test_cli_runs_nemo_script_in_process_with_patches(tmp_path, monkeypatch):
     assert child["inv_freq"] == got["inv_freq"] and child["lora_in"] == got["lora_in"]
 
 
+def _other_entry_points(rank, root, out):
+    import importlib
+    import runpy
+
+    sys.path.insert(0, root)
+    autopatch = importlib.import_module("nemo_minitron.nemo_native.autopatch")
+    wrapped = getattr(RotaryEmbedding.__init__, "_nemo_minitron_wrapped", False)
+    sys.argv = ["-m", "megatron_gpt_eval.py", f"out={out}"]
+    try:
+        runpy.run_module("nemo_minitron.nemo_native", run_name="__main__")
+    except SystemExit as e:
+        return autopatch.APPLIED, wrapped, e.code
+
+
+def test_autopatch_import_and_python_m(tmp_path):
+    root = _fake_nemo_tree(tmp_path / "NeMo")
+    out = tmp_path / "result.json"
+    (applied, wrapped, rc), = run_ranks(_other_entry_points, args=(str(root), str(out)))
+    assert set(applied) == {"rope_llama3", "lora_dense_width"} and wrapped and rc == 0
+    got = json.loads(out.read_text())
+    arch = get_preset("tiny_minitron_width")
+    assert got["inv_freq"] == llama3_inv_freq(arch).tolist()
+    assert got["lora_in"] == arch.num_attention_heads * arch.head_dim
+
+
 def test_script_resolution(tmp_path, monkeypatch):
     root = _fake_nemo_tree(tmp_path, scripts=("megatron_gpt_eval.py",
                                               "tuning/megatron_gpt_finetuning.py",
