@@ -130,6 +130,12 @@ def load_recipe(name: str):
     return module
 
 
+def cmd_nemo(args) -> int:
+    from nemo_minitron.nemo_native.launch import main as nemo_main
+
+    return nemo_main(args.recipe_args)
+
+
 def cmd_recipe(args) -> int:
     """Commands that are recipes/<name>.py: the recipe parses its own arguments."""
     return load_recipe(args.recipe).main(args.recipe_args)
@@ -301,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe_args", nargs=argparse.REMAINDER,
                    help="--teacher T --student S --data DATA --out OUT [--config YAML] [key=value ...]")
     p.set_defaults(func=cmd_recipe, recipe="distill")
+
+    p = sub.add_parser("nemo", add_help=False,
+                       help="run a NeMo script (megatron_gpt_eval.py, ...) with the patches NeMo "
+                            "24.05 needs for this family")
+    p.add_argument("recipe_args", nargs=argparse.REMAINDER,
+                   help="SCRIPT [--overrides conf/nemo/FILE.yaml] [--dry-run] [hydra key=value ...]")
+    p.set_defaults(func=cmd_nemo)
 
     p = sub.add_parser("generate", help="complete prompts with the Megatron model (KV cache, TP/PP)")
     p.add_argument("--model", help="HF checkpoint directory or .nemo")

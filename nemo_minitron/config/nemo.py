@@ -122,7 +122,9 @@ def _check_fixed(nemo: Mapping):
                           "not supported)")
 
 
-def _read_rope(nemo: Mapping, repair_double_rope: bool) -> Optional[RopeScaling]:
+def read_rope_scaling(nemo: Mapping, repair_double_rope: bool = False) -> Optional[RopeScaling]:
+    """The llama3 RoPE scaling a NeMo model config asks for (``scale_positional_embedding``), or
+    None; raises :class:`DoubleRopeScalingError` when linear interpolation is set too."""
     llama3 = bool(nemo.get("scale_positional_embedding", False))
     interp = nemo.get("seq_len_interpolation_factor")
     if interp is not None and llama3:
@@ -177,7 +179,7 @@ def from_nemo_dict(nemo: Mapping, *, vocab_size: Optional[int] = None,
     elif "vocab_size" not in kwargs:
         raise ConfigError("model_config.yaml carries no vocab_size (NeMo takes it from the "
                           "tokenizer): pass the tokenizer's vocabulary size")
-    kwargs["rope_scaling"] = _read_rope(nemo, repair_double_rope)
+    kwargs["rope_scaling"] = read_rope_scaling(nemo, repair_double_rope)
     precision = nemo.get("precision")
     if precision is not None:
         dtype = PRECISION_TO_DTYPE.get(str(precision))

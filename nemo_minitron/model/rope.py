@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from nemo_minitron.config.arch import ModelConfig
+from nemo_minitron.config.arch import ModelConfig, RopeScaling
 
 
 def base_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -20,16 +20,20 @@ def base_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
 
 
 def llama3_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """The rotary inverse frequencies of ``cfg`` [head_dim/2], llama3-scaled when configured.
+    """The rotary inverse frequencies of ``cfg`` [head_dim/2], llama3-scaled when configured."""
+    inv_freq = base_inv_freq(cfg.head_dim, cfg.rope_theta)
+    if cfg.rope_scaling is None:
+        return inv_freq
+    return scale_llama3(inv_freq, cfg.rope_scaling)
+
+
+def scale_llama3(inv_freq: torch.Tensor, rs: RopeScaling) -> torch.Tensor:
+    """Llama-3.1 scaling of plain inverse frequencies ``inv_freq`` [head_dim/2] (same dtype).
 
     wavelen = 2*pi/inv_freq; wavelen < original/high_freq_factor: kept; > original/low_freq_factor:
     divided by factor; in between: (1-s)*inv_freq/factor + s*inv_freq with
     s = (original/wavelen - low_freq_factor)/(high_freq_factor - low_freq_factor).
     """
-    inv_freq = base_inv_freq(cfg.head_dim, cfg.rope_theta)
-    rs = cfg.rope_scaling
-    if rs is None:
-        return inv_freq
     original = rs.original_max_position_embeddings
     low_wavelen = original / rs.low_freq_factor
     high_wavelen = original / rs.high_freq_factor
