@@ -41,6 +41,17 @@ def has_rope_scaling_arg() -> bool:
     return "rope_scaling" in inspect.signature(GPTModel.__init__).parameters
 
 
+def pipeline_shapes_adjustable() -> bool:
+    """The 1F1B pipeline schedule takes ``adjust_tensor_shapes_fn`` (send/receive activations
+    wider than ``config.hidden_size``): megatron-core 0.16 yes, 0.7.0 (NeMo 24.05) no."""
+    import inspect
+
+    from megatron.core.pipeline_parallel import schedules
+
+    fn = schedules.forward_backward_pipelining_without_interleaving
+    return "adjust_tensor_shapes_fn" in inspect.signature(fn).parameters
+
+
 def te_usable() -> bool:
     """Transformer Engine spec is usable: real TE importable and a GPU present."""
     if not torch.cuda.is_available():
