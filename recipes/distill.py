@@ -12,7 +12,10 @@ DATA: ``pydoc`` (CPython's documentation, for demos), a ``.txt`` file or a JSONL
 (pretraining-style, loss on every token), or NeMo SFT JSONL with ``input``/``output`` (loss on the
 answer). Loss: forward KL(teacher || student) on logits at temperature ``kd.temperature`` (1), LM
 loss off (``kd.lm_weight`` > 0 mixes it in; ``kd.loss=reverse_kl`` swaps the KL). Validation
-reports the KL and the student's LM loss. TP and DP; PP > 1 is refused (nemo_minitron/train/distill.py).
+reports the KL and the student's LM loss. TP, PP and DP: under PP the teacher gets the student's
+pipeline layout (each stage holds both models' layers; the last stage computes both logits), which
+needs megatron-core's ``adjust_tensor_shapes_fn`` -- megatron-core 0.7.0 (NeMo 24.05) refuses PP > 1
+with a ConfigError (nemo_minitron/train/distill.py).
 
 Skeleton: load config -> setup (parallel state, teacher, student, data, optimizer) -> the one
 training loop (nemo_minitron.train.loop.Trainer with distillation hooks) -> save the student as an
@@ -136,11 +139,13 @@ def setup(cfg):
     logger.info(f"distill: {len(train_data)} training rows ({fmt}) of {cfg.data.seq_length} "
                 f"positions, {cfg.kd.loss} T={cfg.kd.temperature:g} kd_weight={cfg.kd.kd_weight:g} "
                 f"lm_weight={cfg.kd.lm_weight:g}, TP={t.tensor_model_parallel_size} "
-                f"DP={world // t.tensor_model_parallel_size}, checkpoints in {ckpt_dir}")
+                f"PP={t.pipeline_model_parallel_size} "
+                f"DP={world // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)}, "
+                f"checkpoints in {ckpt_dir}")
     kd = LogitDistillation(teacher, cfg.kd, vocab_size=student_cfg.vocab_size)
     trainer = Trainer(ddp, optimizer, scheduler, train_data, loop, val_data=val_data, logger=logger,
                       forward_step=kd.forward_step, loss_fn=kd.loss_fn, metric_names=KD_METRICS,
-                      extra_state={"config": to_dict(cfg)})
+                      pipeline_io=kd, extra_state={"config": to_dict(cfg)})
     return trainer, student, student_cfg, logger
 
 
