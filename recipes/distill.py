@@ -13,9 +13,8 @@ DATA: ``pydoc`` (CPython's documentation, for demos), a ``.txt`` file or a JSONL
 answer). Loss: forward KL(teacher || student) on logits at temperature ``kd.temperature`` (1), LM
 loss off (``kd.lm_weight`` > 0 mixes it in; ``kd.loss=reverse_kl`` swaps the KL). Validation
 reports the KL and the student's LM loss. TP, PP and DP: under PP the teacher gets the student's
-pipeline layout (each stage holds both models' layers; the last stage computes both logits), which
-needs megatron-core's ``adjust_tensor_shapes_fn`` -- megatron-core 0.7.0 (NeMo 24.05) refuses PP > 1
-with a ConfigError (nemo_minitron/train/distill.py).
+pipeline layout (each stage holds both models' layers; the last stage computes both logits; see
+nemo_minitron/train/distill.py).
 
 Skeleton: load config -> setup (parallel state, teacher, student, data, optimizer) -> the one
 training loop (nemo_minitron.train.loop.Trainer with distillation hooks) -> save the student as an
@@ -41,7 +40,7 @@ def load_recipe_config(config_path: Optional[str], overrides: List[str], values=
 def validate(cfg) -> None:
     """Everything that can be checked before any process group or model exists."""
     from nemo_minitron.errors import ConfigError
-    from nemo_minitron.train.distill import check_kd, check_layout
+    from nemo_minitron.train.distill import check_kd
     from nemo_minitron.train.export import check_output_path
 
     check_output_path(cfg.out)
@@ -56,7 +55,6 @@ def validate(cfg) -> None:
         raise ConfigError(f"--out {cfg.out} is an input checkpoint; the inputs are never written")
     if cfg.trainer.max_steps < 0:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
-    check_layout(cfg.trainer.tensor_model_parallel_size, cfg.trainer.pipeline_model_parallel_size)
     check_kd(cfg.kd)
 
 

@@ -1,6 +1,8 @@
 """The distillation hooks (nemo_minitron/train/distill.py) against torch.nn.functional on full logits,
 at TP=1 and TP=2 (vocab shards, never gathered), and on the real tiny Megatron model: an identical
-student has zero loss and zero gradients; TP=2 and DP=2 distillation follow TP=1.
+student has zero loss and zero gradients (also at PP=2); TP=2, DP=2, PP=2 and TP=2 x PP=2
+distillation follow TP=1 (PP: megatron-core 0.16.1 through adjust_tensor_shapes_fn, 0.7.0 through
+variable_seq_lengths).
 
 Runs on both stacks (no tokenizer needed: synthetic tokens, a 2048-token vocabulary)."""
 import math
@@ -168,14 +170,6 @@ def _distill(rank, teacher_dir, student_dir, steps=4, mbs=1, lm_weight=0.1):
 LAYOUT_TOL = 1e-4
 
 
-def _pipeline_distillation():
-    from nemo_minitron.compat import mcore
-
-    if not mcore.pipeline_shapes_adjustable():
-        pytest.skip("megatron-core 0.7.0 has no adjust_tensor_shapes_fn: PP>1 distillation is a "
-                    "ConfigError there (test_pipeline_layout_check)")
-
-
 # tp2pp2: 4 ranks at TP=2 x PP=2; pp2_mbs2: 2 micro batches of 2 sequences (1F1B with a warmup
 # micro batch on stage 0) instead of 4 of 1; the TP=1 reference uses 4 of 1.
 LAYOUTS = [dict(tp=2), dict(), dict(pp=2), dict(pp=2, mbs=2), dict(tp=2, pp=2)]
@@ -185,8 +179,6 @@ LAYOUTS = [dict(tp=2), dict(), dict(pp=2), dict(pp=2, mbs=2), dict(tp=2, pp=2)]
 def test_parallel_distillation_follows_tp1(teacher_dir, student_dir, layout):
     layout = dict(layout)
     mbs = layout.pop("mbs", 1)
-    if layout.get("pp", 1) > 1:
-        _pipeline_distillation()
     world = layout.get("tp", 1) * layout.get("pp", 1)
     world = world if world > 1 else 2  # dp2: two data-parallel replicas
     ref = run_ranks(lambda r: _distill(r, teacher_dir, student_dir))[0]
@@ -204,23 +196,7 @@ def test_identical_student_has_zero_loss_with_pp2(teacher_dir):
     """Student = teacher, PP=2 through the schedule (2 micro batches of 2): the teacher's stage-1
     input is the teacher half of what stage 0 sent, for the same micro batch; a stale or
     mismatched one leaves a KL near 0.3 per token (a differing student's starting KL)."""
-    _pipeline_distillation()
     for hist in run_ranks(lambda r: _distill(r, teacher_dir, teacher_dir, steps=1, mbs=2,
                                              lm_weight=0.0), world_size=2, pp=2):
         (loss, kl, lm, gn), = hist
         assert abs(loss) < 1e-6 and abs(kl) < 1e-6 and gn < 1e-6, hist
-
-
-def test_pipeline_layout_check():
-    """PP>1 distillation: accepted where the schedule adjusts tensor shapes, else one clear error
-    before anything is built."""
-    from nemo_minitron.compat import mcore
-    from nemo_minitron.errors import ConfigError
-    from nemo_minitron.train.distill import check_layout
-
-    check_layout(2, 1)
-    if mcore.pipeline_shapes_adjustable():
-        check_layout(2, 2)
-    else:
-        with pytest.raises(ConfigError, match="needs megatron-core's adjust_tensor_shapes_fn"):
-            check_layout(1, 2)

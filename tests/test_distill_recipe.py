@@ -47,13 +47,8 @@ def _digest(path):
 def test_cli_errors_before_training(tiny_hf_dir, student_dir, tmp_path, capsys):
     base = ["distill", "--teacher", tiny_hf_dir, "--student", student_dir, "--data", "pydoc",
             "--out", str(tmp_path / "o")]
-    assert cli_main(base + ["trainer.pipeline_model_parallel_size=2"]) == 2
-    from nemo_minitron.compat import mcore
-
-    if mcore.pipeline_shapes_adjustable():  # PP is accepted; one process cannot hold 2 stages
-        assert "world size 1 is not a multiple of TP*PP = 1*2" in capsys.readouterr().err
-    else:  # megatron-core 0.7.0
-        assert "needs megatron-core's adjust_tensor_shapes_fn" in capsys.readouterr().err
+    assert cli_main(base + ["trainer.pipeline_model_parallel_size=2"]) == 2  # one process
+    assert "world size 1 is not a multiple of TP*PP = 1*2" in capsys.readouterr().err
     assert cli_main(base + ["kd.loss=jsd"]) == 2
     assert "kd.loss='jsd': choose one of forward_kl, reverse_kl" in capsys.readouterr().err
     assert cli_main(base + ["kd.kd_weight=0"]) == 2
@@ -173,11 +168,6 @@ def test_recipe_with_two_pipeline_stages_resumes_and_follows_pp1(tiny_hf_dir, st
     one uninterrupted PP=1 run."""
     pytest.importorskip("tokenizers", reason="the NeMo 24.05 venv has no tokenizers")
     from safetensors.torch import load_file
-
-    from nemo_minitron.compat import mcore
-
-    if not mcore.pipeline_shapes_adjustable():
-        pytest.skip("megatron-core without adjust_tensor_shapes_fn refuses PP>1 distillation")
     common = [f"teacher.restore_from_path={tiny_hf_dir}", f"model.restore_from_path={student_dir}",
               "data.train_ds.file_path=pydoc", "data.train_ds.max_num_samples=16",
               "data.val_samples=4", "data.seq_length=16", "trainer.precision=fp32",

@@ -21,9 +21,10 @@ shapes the schedule sends and receives); :class:`PipelineStagePair` is what the 
 its ``set_input_tensor`` splits the received tensor into the student's ``[..., :h_s]`` (gradient
 flows back through it) and the teacher's ``[..., h_s:]`` (no gradient: the teacher runs under
 no_grad, so the teacher half of the gradient sent back is zero). The last stage produces both
-logits for the loss as at PP=1; Megatron DDP and the optimizer see the student only. This needs
-the schedule's ``adjust_tensor_shapes_fn``: megatron-core 0.16.1 has it, 0.7.0 (NeMo 24.05) does
-not, and there :func:`check_layout` makes PP > 1 a ConfigError (TP and DP work there).
+logits for the loss as at PP=1; Megatron DDP and the optimizer see the student only. megatron-core
+0.16.1's schedule takes ``adjust_tensor_shapes_fn``; 0.7.0 (NeMo 24.05) has no such argument and
+sends each activation's shape ahead of it instead (``variable_seq_lengths``; see
+:func:`nemo_minitron.compat.mcore.wide_pipeline_schedule_kwargs`).
 
 Data: the SFT JSONL of ``train/data.py`` (loss on the answer) or plain text / JSONL ``text``
 (pretraining-style, loss on every token): :func:`text_data` cuts the token stream of
@@ -47,18 +48,6 @@ KD_LOSSES = ("forward_kl", "reverse_kl")
 
 
 # ---- checks before any process group exists -----------------------------------------------------
-def check_layout(tp: int, pp: int) -> None:
-    if pp > 1:
-        from nemo_minitron.compat import mcore
-
-        if not mcore.pipeline_shapes_adjustable():
-            raise ConfigError(f"trainer.pipeline_model_parallel_size={pp}: distillation with "
-                              "pipeline parallelism needs megatron-core's adjust_tensor_shapes_fn "
-                              "(megatron-core 0.16.1 has it; this is "
-                              f"{'.'.join(map(str, mcore.mcore_version()))}); use "
-                              "pipeline_model_parallel_size=1 (TP and DP work)")
-
-
 def check_kd(kd) -> None:
     if kd.loss not in KD_LOSSES:
         raise ConfigError(f"kd.loss={kd.loss!r}: choose one of {', '.join(KD_LOSSES)}")

@@ -105,8 +105,11 @@ class Trainer:
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.schedule_model, self.schedule_kwargs = ddp_model, {}
         if pipeline_io is not None and ps.get_pipeline_model_parallel_world_size() > 1:
+            from nemo_minitron.compat import mcore
+
             self.schedule_model = pipeline_io.wrap(ddp_model)
-            self.schedule_kwargs = dict(adjust_tensor_shapes_fn=pipeline_io.adjust_tensor_shapes)
+            self.schedule_kwargs = mcore.wide_pipeline_schedule_kwargs(
+                ddp_model.config, pipeline_io.adjust_tensor_shapes)
         per_step = loop.micro_batch_size * self.dp
         if loop.global_batch_size % per_step:
             from nemo_minitron.errors import ConfigError
