@@ -140,7 +140,8 @@ def test_identical_student_has_zero_loss_and_zero_gradients(teacher_dir, tp):
         assert frozen and not training  # the teacher: eval mode, no grads
 
 
-def _distill(rank, teacher_dir, student_dir, steps=4, mbs=1, lm_weight=0.1):
+def _distill(rank, teacher_dir, student_dir, steps=4, mbs=1, lm_weight=0.1,
+             teacher_precision="fp32"):
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.train.config import KDSection, OptimSection
     from nemo_minitron.train.data import SFTData
@@ -149,7 +150,7 @@ def _distill(rank, teacher_dir, student_dir, steps=4, mbs=1, lm_weight=0.1):
     from nemo_minitron.train.model import build_train_model
     from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp
 
-    teacher = build_teacher(read_hf_config(teacher_dir), teacher_dir, precision="fp32")
+    teacher = build_teacher(read_hf_config(teacher_dir), teacher_dir, precision=teacher_precision)
     cfg = read_hf_config(student_dir)
     ddp = wrap_ddp(build_train_model(cfg, precision="fp32", hf_dir=student_dir))
     oc = OptimSection(lr=3e-3, min_lr=3e-4, warmup_steps=1, weight_decay=0.0)
@@ -170,17 +171,18 @@ def _distill(rank, teacher_dir, student_dir, steps=4, mbs=1, lm_weight=0.1):
 LAYOUT_TOL = 1e-4
 
 
-# tp2pp2: 4 ranks at TP=2 x PP=2; pp2_mbs2: 2 micro batches of 2 sequences (1F1B with a warmup
-# micro batch on stage 0) instead of 4 of 1; the TP=1 reference uses 4 of 1.
-LAYOUTS = [dict(tp=2), dict(), dict(pp=2), dict(pp=2, mbs=2), dict(tp=2, pp=2)]
+# pp2_mbs2: 2 micro batches of 2 sequences (1F1B with a warmup micro batch on stage 0) instead of
+# 4 of 1, as the TP=1 reference; tp2pp2 and dp2pp2: 4 ranks.
+LAYOUTS = [dict(tp=2), dict(world=2), dict(pp=2), dict(pp=2, mbs=2), dict(tp=2, pp=2),
+           dict(pp=2, world=4)]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["tp2", "dp2", "pp2", "pp2_mbs2", "tp2pp2"])
+@pytest.mark.parametrize("layout", LAYOUTS,
+                         ids=["tp2", "dp2", "pp2", "pp2_mbs2", "tp2pp2", "dp2pp2"])
 def test_parallel_distillation_follows_tp1(teacher_dir, student_dir, layout):
     layout = dict(layout)
     mbs = layout.pop("mbs", 1)
-    world = layout.get("tp", 1) * layout.get("pp", 1)
-    world = world if world > 1 else 2  # dp2: two data-parallel replicas
+    world = layout.pop("world", layout.get("tp", 1) * layout.get("pp", 1))
     ref = run_ranks(lambda r: _distill(r, teacher_dir, student_dir))[0]
     assert ref[-1][1] < ref[0][1]  # the KL goes down
     hists = run_ranks(lambda r: _distill(r, teacher_dir, student_dir, mbs=mbs), world_size=world,
@@ -200,3 +202,14 @@ def test_identical_student_has_zero_loss_with_pp2(teacher_dir):
                                              lm_weight=0.0), world_size=2, pp=2):
         (loss, kl, lm, gn), = hist
         assert abs(loss) < 1e-6 and abs(kl) < 1e-6 and gn < 1e-6, hist
+
+
+def test_bf16_teacher_fp32_student_pp2_equals_pp1(teacher_dir, student_dir):
+    """The pipeline carries the student's dtype: the bf16 teacher's hidden state crosses the stage
+    boundary as fp32 and is cast back, which is exact, so PP=2 repeats PP=1 (measured: equal)."""
+    ref = run_ranks(lambda r: _distill(r, teacher_dir, student_dir, steps=2,
+                                       teacher_precision="bf16"))[0]
+    for hist in run_ranks(lambda r: _distill(r, teacher_dir, student_dir, steps=2,
+                                             teacher_precision="bf16"), world_size=2, pp=2):
+        for got, want in zip(hist, ref):
+            assert got == pytest.approx(want, abs=LAYOUT_TOL)
