@@ -36,7 +36,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
