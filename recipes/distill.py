@@ -12,7 +12,9 @@ DATA: ``pydoc`` (CPython's documentation, for demos), a ``.txt`` file or a JSONL
 (pretraining-style, loss on every token), or NeMo SFT JSONL with ``input``/``output`` (loss on the
 answer). Loss: forward KL(teacher || student) on logits at temperature ``kd.temperature`` (1), LM
 loss off (``kd.lm_weight`` > 0 mixes it in; ``kd.loss=reverse_kl`` swaps the KL). Validation
-reports the KL and the student's LM loss. TP and DP; PP > 1 is refused (nemo_minitron/train/distill.py).
+reports the KL and the student's LM loss. TP, PP and DP: under PP the teacher gets the student's
+pipeline layout (each stage holds both models' layers; the last stage computes both logits; see
+nemo_minitron/train/distill.py).
 
 Skeleton: load config -> setup (parallel state, teacher, student, data, optimizer) -> the one
 training loop (nemo_minitron.train.loop.Trainer with distillation hooks) -> save the student as an
@@ -38,7 +40,7 @@ def load_recipe_config(config_path: Optional[str], overrides: List[str], values=
 def validate(cfg) -> None:
     """Everything that can be checked before any process group or model exists."""
     from nemo_minitron.errors import ConfigError
-    from nemo_minitron.train.distill import check_kd, check_layout
+    from nemo_minitron.train.distill import check_kd
     from nemo_minitron.train.export import check_output_path
 
     check_output_path(cfg.out)
@@ -53,7 +55,6 @@ def validate(cfg) -> None:
         raise ConfigError(f"--out {cfg.out} is an input checkpoint; the inputs are never written")
     if cfg.trainer.max_steps < 0:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
-    check_layout(cfg.trainer.tensor_model_parallel_size, cfg.trainer.pipeline_model_parallel_size)
     check_kd(cfg.kd)
 
 
@@ -136,11 +137,13 @@ def setup(cfg):
     logger.info(f"distill: {len(train_data)} training rows ({fmt}) of {cfg.data.seq_length} "
                 f"positions, {cfg.kd.loss} T={cfg.kd.temperature:g} kd_weight={cfg.kd.kd_weight:g} "
                 f"lm_weight={cfg.kd.lm_weight:g}, TP={t.tensor_model_parallel_size} "
-                f"DP={world // t.tensor_model_parallel_size}, checkpoints in {ckpt_dir}")
+                f"PP={t.pipeline_model_parallel_size} "
+                f"DP={world // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)}, "
+                f"checkpoints in {ckpt_dir}")
     kd = LogitDistillation(teacher, cfg.kd, vocab_size=student_cfg.vocab_size)
     trainer = Trainer(ddp, optimizer, scheduler, train_data, loop, val_data=val_data, logger=logger,
                       forward_step=kd.forward_step, loss_fn=kd.loss_fn, metric_names=KD_METRICS,
-                      extra_state={"config": to_dict(cfg)})
+                      pipeline_io=kd, extra_state={"config": to_dict(cfg)})
     return trainer, student, student_cfg, logger
 
 

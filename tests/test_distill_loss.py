@@ -1,6 +1,8 @@
 """The distillation hooks (nemo_minitron/train/distill.py) against torch.nn.functional on full logits,
 at TP=1 and TP=2 (vocab shards, never gathered), and on the real tiny Megatron model: an identical
-student has zero loss and zero gradients; TP=2 and DP=2 distillation follow TP=1.
+student has zero loss and zero gradients (also at PP=2); TP=2, DP=2, PP=2 and TP=2 x PP=2
+distillation follow TP=1 (PP: megatron-core 0.16.1 through adjust_tensor_shapes_fn, 0.7.0 through
+variable_seq_lengths).
 
 Runs on both stacks (no tokenizer needed: synthetic tokens, a 2048-token vocabulary)."""
 import math
@@ -138,7 +140,8 @@ def test_identical_student_has_zero_loss_and_zero_gradients(teacher_dir, tp):
         assert frozen and not training  # the teacher: eval mode, no grads
 
 
-def _distill(rank, teacher_dir, student_dir, steps=4):
+def _distill(rank, teacher_dir, student_dir, steps=4, mbs=1, lm_weight=0.1,
+             teacher_precision="fp32"):
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.train.config import KDSection, OptimSection
     from nemo_minitron.train.data import SFTData
@@ -147,18 +150,18 @@ def _distill(rank, teacher_dir, student_dir, steps=4):
     from nemo_minitron.train.model import build_train_model
     from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp
 
-    teacher = build_teacher(read_hf_config(teacher_dir), teacher_dir, precision="fp32")
+    teacher = build_teacher(read_hf_config(teacher_dir), teacher_dir, precision=teacher_precision)
     cfg = read_hf_config(student_dir)
     ddp = wrap_ddp(build_train_model(cfg, precision="fp32", hf_dir=student_dir))
     oc = OptimSection(lr=3e-3, min_lr=3e-4, warmup_steps=1, weight_decay=0.0)
-    hooks = LogitDistillation(teacher, KDSection(temperature=2.0, lm_weight=0.1),
+    hooks = LogitDistillation(teacher, KDSection(temperature=2.0, lm_weight=lm_weight),
                               vocab_size=cfg.vocab_size)
     data = SFTData(synthetic_samples(8), SEQ, EOS, seed=7)
     trainer = Trainer(ddp, build_optimizer(ddp, oc, "fp32"), build_scheduler(oc, steps), data,
-                      LoopConfig(max_steps=steps, micro_batch_size=1, global_batch_size=4,
+                      LoopConfig(max_steps=steps, micro_batch_size=mbs, global_batch_size=4,
                                  seq_length=SEQ, log_every_n_steps=0),
                       forward_step=hooks.forward_step, loss_fn=hooks.loss_fn,
-                      metric_names=KD_METRICS)
+                      metric_names=KD_METRICS, pipeline_io=hooks)
     state = trainer.fit()
     return [(m["loss"], m["kl"], m["lm"], m["grad_norm"]) for m in state.history]
 
@@ -168,12 +171,45 @@ def _distill(rank, teacher_dir, student_dir, steps=4):
 LAYOUT_TOL = 1e-4
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict()], ids=["tp2", "dp2"])
+# pp2_mbs2: 2 micro batches of 2 sequences (1F1B with a warmup micro batch on stage 0) instead of
+# 4 of 1, as the TP=1 reference; tp2pp2 and dp2pp2: 4 ranks.
+LAYOUTS = [dict(tp=2), dict(world=2), dict(pp=2), dict(pp=2, mbs=2), dict(tp=2, pp=2),
+           dict(pp=2, world=4)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS,
+                         ids=["tp2", "dp2", "pp2", "pp2_mbs2", "tp2pp2", "dp2pp2"])
 def test_parallel_distillation_follows_tp1(teacher_dir, student_dir, layout):
+    layout = dict(layout)
+    mbs = layout.pop("mbs", 1)
+    world = layout.pop("world", layout.get("tp", 1) * layout.get("pp", 1))
     ref = run_ranks(lambda r: _distill(r, teacher_dir, student_dir))[0]
     assert ref[-1][1] < ref[0][1]  # the KL goes down
-    for hist in run_ranks(lambda r: _distill(r, teacher_dir, student_dir), world_size=2, **layout):
+    hists = run_ranks(lambda r: _distill(r, teacher_dir, student_dir, mbs=mbs), world_size=world,
+                      **layout)
+    for hist in hists:  # every rank reports the same (reduced over DP, broadcast over PP)
         for (loss, kl, lm, gn), (rloss, rkl, rlm, rgn) in zip(hist, ref):
             assert loss == pytest.approx(rloss, abs=LAYOUT_TOL)
             assert kl == pytest.approx(rkl, abs=LAYOUT_TOL) and lm == pytest.approx(rlm, abs=LAYOUT_TOL)
             assert gn == pytest.approx(rgn, rel=1e-4)
+
+
+def test_identical_student_has_zero_loss_with_pp2(teacher_dir):
+    """Student = teacher, PP=2 through the schedule (2 micro batches of 2): the teacher's stage-1
+    input is the teacher half of what stage 0 sent, for the same micro batch; a stale or
+    mismatched one leaves a KL near 0.3 per token (a differing student's starting KL)."""
+    for hist in run_ranks(lambda r: _distill(r, teacher_dir, teacher_dir, steps=1, mbs=2,
+                                             lm_weight=0.0), world_size=2, pp=2):
+        (loss, kl, lm, gn), = hist
+        assert abs(loss) < 1e-6 and abs(kl) < 1e-6 and gn < 1e-6, hist
+
+
+def test_bf16_teacher_fp32_student_pp2_equals_pp1(teacher_dir, student_dir):
+    """The pipeline carries the student's dtype: the bf16 teacher's hidden state crosses the stage
+    boundary as fp32 and is cast back, which is exact, so PP=2 repeats PP=1 (measured: equal)."""
+    ref = run_ranks(lambda r: _distill(r, teacher_dir, student_dir, steps=2,
+                                       teacher_precision="bf16"))[0]
+    for hist in run_ranks(lambda r: _distill(r, teacher_dir, student_dir, steps=2,
+                                             teacher_precision="bf16"), world_size=2, pp=2):
+        for got, want in zip(hist, ref):
+            assert got == pytest.approx(want, abs=LAYOUT_TOL)

@@ -3,6 +3,7 @@ teacher and a tiny_minitron_width student with the real Llama-3 tokenizer and py
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -46,8 +47,8 @@ def _digest(path):
 def test_cli_errors_before_training(tiny_hf_dir, student_dir, tmp_path, capsys):
     base = ["distill", "--teacher", tiny_hf_dir, "--student", student_dir, "--data", "pydoc",
             "--out", str(tmp_path / "o")]
-    assert cli_main(base + ["trainer.pipeline_model_parallel_size=2"]) == 2
-    assert "distillation supports TP and DP only" in capsys.readouterr().err
+    assert cli_main(base + ["trainer.pipeline_model_parallel_size=2"]) == 2  # one process
+    assert "world size 1 is not a multiple of TP*PP = 1*2" in capsys.readouterr().err
     assert cli_main(base + ["kd.loss=jsd"]) == 2
     assert "kd.loss='jsd': choose one of forward_kl, reverse_kl" in capsys.readouterr().err
     assert cli_main(base + ["kd.kd_weight=0"]) == 2
@@ -148,3 +149,56 @@ def test_data_formats(tiny_hf_dir, tmp_path):
     fmt, train, val = recipe.setup_data(cfg(sft), model_cfg)
     mask = train.rows[0]["loss_mask"]
     assert fmt == "sft" and val is None and 0 < mask.sum() < (train.rows[0]["segment_ids"] >= 0).sum()
+
+
+def _run_recipe_steps(rank, argv):
+    """(step, loss, kl) per step this run trained, the final validation metrics, the rank."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()  # the recipe sets up Megatron itself
+    recipe = load_recipe("distill")
+    state = recipe.run(recipe.load_recipe_config(None, argv))
+    return [(m["step"], m["loss"], m["kl"]) for m in state.history], state.val_metrics
+
+
+def test_recipe_with_two_pipeline_stages_resumes_and_follows_pp1(tiny_hf_dir, student_dir,
+                                                                  tmp_path):
+    """trainer.pipeline_model_parallel_size=2 end to end: 2 steps, then a second run resumes from
+    the step-2 checkpoint for steps 3-4; losses, held-out metrics and the written student follow
+    one uninterrupted PP=1 run."""
+    pytest.importorskip("tokenizers", reason="the NeMo 24.05 venv has no tokenizers")
+    from safetensors.torch import load_file
+    common = [f"teacher.restore_from_path={tiny_hf_dir}", f"model.restore_from_path={student_dir}",
+              "data.train_ds.file_path=pydoc", "data.train_ds.max_num_samples=16",
+              "data.val_samples=4", "data.seq_length=16", "trainer.precision=fp32",
+              "trainer.progress_bar=false", "model.micro_batch_size=2", "model.global_batch_size=4",
+              "optim.lr=3.0e-3", "optim.min_lr=3.0e-4", "optim.warmup_steps=1",
+              "optim.weight_decay=0", "trainer.ckpt_every_n_steps=2"]
+    ref_hist, ref_val = run_ranks(lambda r: _run_recipe_steps(
+        r, common + [f"out={tmp_path / 'pp1'}", "trainer.max_steps=4"]))[0]
+    pp2 = common + [f"out={tmp_path / 'pp2'}", "trainer.pipeline_model_parallel_size=2"]
+    first = run_ranks(lambda r: _run_recipe_steps(r, pp2 + ["trainer.max_steps=2"]),
+                      world_size=2)
+    shutil.rmtree(tmp_path / "pp2")  # the first run's output; the checkpoints stay in pp2.ckpt
+    second = run_ranks(lambda r: _run_recipe_steps(r, pp2 + ["trainer.max_steps=4"]),
+                       world_size=2)
+    assert sorted(os.listdir(tmp_path / "pp2.ckpt")) == ["latest", "logs", "step_000002",
+                                                         "step_000004"]
+    for (h1, _), (h2, val) in zip(first, second):  # both stages report the same numbers
+        assert [h[0] for h in h1] == [1, 2] and [h[0] for h in h2] == [3, 4]  # resumed at 2
+        # measured: the same to the 6 logged digits (fp32; the bound allows for reduction order)
+        for (step, loss, kl), (rstep, rloss, rkl) in zip(h1 + h2, ref_hist):
+            assert step == rstep and loss == pytest.approx(rloss, abs=1e-4)
+            assert kl == loss  # Minitron: the loss is the KL alone
+        assert val["kl"] == pytest.approx(ref_val["kl"], abs=1e-4)
+        assert val["lm"] == pytest.approx(ref_val["lm"], abs=1e-4)
+    # the written student: both stages' layers, the same weights as the PP=1 run's
+    def weights(out):
+        with open(os.path.join(out, "model.safetensors.index.json")) as f:
+            files = set(json.load(f)["weight_map"].values())
+        return {k: v for name in files for k, v in load_file(os.path.join(out, name)).items()}
+
+    ref, got = weights(tmp_path / "pp1"), weights(tmp_path / "pp2")
+    assert sorted(got) == sorted(ref)
+    for name, tensor in ref.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5, msg=name)

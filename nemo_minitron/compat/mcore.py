@@ -41,6 +41,31 @@ def has_rope_scaling_arg() -> bool:
     return "rope_scaling" in inspect.signature(GPTModel.__init__).parameters
 
 
+def pipeline_shapes_adjustable() -> bool:
+    """The 1F1B pipeline schedule takes ``adjust_tensor_shapes_fn``: megatron-core 0.16.1 yes,
+    0.7.0 (NeMo 24.05) no."""
+    import inspect
+
+    from megatron.core.pipeline_parallel import schedules
+
+    fn = schedules.forward_backward_pipelining_without_interleaving
+    return "adjust_tensor_shapes_fn" in inspect.signature(fn).parameters
+
+
+def wide_pipeline_schedule_kwargs(config, adjust_tensor_shapes) -> dict:
+    """What makes the pipeline schedule send and receive activations of other shapes than
+    ``[(s, b, config.hidden_size)]``; ``adjust_tensor_shapes(recv, send) -> (recv, send)``.
+
+    Where the schedule takes ``adjust_tensor_shapes_fn``, that. megatron-core 0.7.0 has no such
+    argument, but its p2p layer sends each tensor's shape ahead of the tensor (three int64 per
+    message) when ``config.variable_seq_lengths`` is set, and allocates what it receives from
+    that: the model's config is switched to it (nothing else in 0.7.0 reads the flag)."""
+    if pipeline_shapes_adjustable():
+        return dict(adjust_tensor_shapes_fn=adjust_tensor_shapes)
+    config.variable_seq_lengths = True
+    return {}
+
+
 def te_usable() -> bool:
     """Transformer Engine spec is usable: real TE importable and a GPU present."""
     if not torch.cuda.is_available():

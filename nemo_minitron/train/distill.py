@@ -3,7 +3,7 @@
     teacher = build_teacher(teacher_cfg, TEACHER_DIR, precision="bf16")
     kd = LogitDistillation(teacher, KDSection(), vocab_size=student_cfg.vocab_size)
     Trainer(ddp_student, ..., forward_step=kd.forward_step, loss_fn=kd.loss_fn,
-            metric_names=KD_METRICS)
+            metric_names=KD_METRICS, pipeline_io=kd)  # pipeline_io: used at PP > 1
 
 ``forward_step`` runs the frozen teacher (no grad) and the student on the same micro batch and
 returns both logits ``[b, s, vocab/TP]`` -- vocab-parallel, never gathered. ``loss_fn`` turns them
@@ -14,9 +14,17 @@ student's LM loss. The teacher logits exist only for this loss, so the KL stores
 their memory (``reuse_teacher_logits``): distillation adds no ``[tokens, vocab/TP]`` buffer beyond
 the teacher's logits themselves.
 
-Pipeline parallelism is not supported yet: the teacher's stage would need its own
-``set_input_tensor`` and its own p2p sends next to the student's inside Megatron's schedule.
-:func:`check_layout` makes PP > 1 a ConfigError instead of a wrong answer.
+Pipeline parallelism: teacher and student use the same layout (each stage holds this stage's
+layers of both). Between stages Megatron's schedule sends one activation, the student's and the
+teacher's hidden states side by side, ``[s, b, h_s + h_t]`` (``adjust_tensor_shapes`` widens the
+shapes the schedule sends and receives); :class:`PipelineStagePair` is what the schedule drives:
+its ``set_input_tensor`` splits the received tensor into the student's ``[..., :h_s]`` (gradient
+flows back through it) and the teacher's ``[..., h_s:]`` (no gradient: the teacher runs under
+no_grad, so the teacher half of the gradient sent back is zero). The last stage produces both
+logits for the loss as at PP=1; Megatron DDP and the optimizer see the student only. megatron-core
+0.16.1's schedule takes ``adjust_tensor_shapes_fn``; 0.7.0 (NeMo 24.05) has no such argument and
+sends each activation's shape ahead of it instead (``variable_seq_lengths``; see
+:func:`nemo_minitron.compat.mcore.wide_pipeline_schedule_kwargs`).
 
 Data: the SFT JSONL of ``train/data.py`` (loss on the answer) or plain text / JSONL ``text``
 (pretraining-style, loss on every token): :func:`text_data` cuts the token stream of
@@ -28,7 +36,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -40,14 +48,6 @@ KD_LOSSES = ("forward_kl", "reverse_kl")
 
 
 # ---- checks before any process group exists -----------------------------------------------------
-def check_layout(tp: int, pp: int) -> None:
-    if pp != 1:
-        raise ConfigError(f"trainer.pipeline_model_parallel_size={pp}: distillation supports TP and "
-                          "DP only for now (the teacher would need its own pipeline "
-                          "communication inside Megatron's schedule); use "
-                          "pipeline_model_parallel_size=1")
-
-
 def check_kd(kd) -> None:
     if kd.loss not in KD_LOSSES:
         raise ConfigError(f"kd.loss={kd.loss!r}: choose one of {', '.join(KD_LOSSES)}")
@@ -100,13 +100,30 @@ class LogitDistillation:
         check_kd(kd)
         self.teacher, self.kd, self.vocab_size = teacher, kd, vocab_size
 
-    def forward_step(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(student logits, teacher logits), each ``[b, s, vocab/TP]``."""
+    def forward_step(self, model, batch):
+        """Last pipeline stage: (student logits, teacher logits), each ``[b, s, vocab/TP]``.
+        Other stages: ``[s, b, h_s + h_t]``, the two hidden states for the next stage."""
+        from megatron.core import parallel_state as ps
+
         inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                       attention_mask=batch["attention_mask"])
         with torch.no_grad():
-            teacher_logits = self.teacher(**inputs)
-        return model(**inputs), teacher_logits
+            teacher_out = self.teacher(**inputs)
+        student_out = model(**inputs)
+        if ps.is_pipeline_last_stage():
+            return student_out, teacher_out
+        # the pipeline carries the student's dtype (config.pipeline_dtype)
+        return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
+
+    # ---- pipeline parallelism (Trainer's pipeline_io) ------------------------------------------
+    def adjust_tensor_shapes(self, recv_shapes, send_shapes):
+        """Megatron's ``[(s, b, h_s)]`` -> ``[(s, b, h_s + h_t)]`` for both directions."""
+        h_t = self.teacher.config.hidden_size
+        return ([(*shape[:-1], shape[-1] + h_t) for shape in recv_shapes],
+                [(*shape[:-1], shape[-1] + h_t) for shape in send_shapes])
+
+    def wrap(self, model) -> "PipelineStagePair":
+        return PipelineStagePair(model, self.teacher)
 
     def loss_fn(self, output, batch):
         """(kd_weight * KL sum + lm_weight * CE sum, counted tokens, {"kl": .., "lm": ..} sums).
@@ -140,6 +157,36 @@ class LogitDistillation:
             if self.kd.lm_weight > 0:
                 loss = loss + self.kd.lm_weight * lm_sum
         return loss, tokens, {"kl": kl_sum.detach(), "lm": lm_sum.detach()}
+
+
+class PipelineStagePair:
+    """This stage's student (the DDP model) and teacher, as Megatron's pipeline schedule sees them.
+
+    Not an ``nn.Module``: nothing walks its parameters. Megatron finds ``config`` and
+    ``model_type`` through ``.module`` (the DDP student); calling it runs the student."""
+
+    def __init__(self, student, teacher):
+        from megatron.core.utils import get_attr_wrapped_model
+
+        self.module, self.teacher = student, teacher
+        self._set_student_input = get_attr_wrapped_model(student, "set_input_tensor")
+        self.student_hidden = get_attr_wrapped_model(student, "config").hidden_size
+        self.teacher_dtype = teacher.config.params_dtype
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """``[s, b, h_s + h_t]`` from the previous stage (None on the first stage), in a list as
+        the schedule passes it."""
+        x = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+        if x is None:
+            student_in = teacher_in = None
+        else:
+            student_in = x[..., :self.student_hidden]
+            teacher_in = x[..., self.student_hidden:].detach().to(self.teacher_dtype)
+        self._set_student_input([student_in])
+        self.teacher.set_input_tensor([teacher_in])
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
 
 # ---- data ---------------------------------------------------------------------------------------

@@ -14,6 +14,13 @@ What plugs in (the distillation recipe reuses this loop through these, not a sec
   their sums over the same tokens (e.g. distillation's ``kl`` and ``lm``). They are reduced like the
   loss and logged as means (train and validation). The names are fixed up front so every pipeline
   stage agrees on the size of the reduced vector.
+* ``pipeline_io``: for hooks that pass more than the model's hidden state between pipeline stages
+  (distillation sends the teacher's next to the student's). An object with ``wrap(model)`` -> what
+  the schedule drives instead of the DDP model (its ``set_input_tensor`` receives the activation
+  from the previous stage; ``forward_step`` gets it as ``model``), and
+  ``adjust_tensor_shapes(recv_shapes, send_shapes)`` -> the shapes of what stages exchange, given
+  Megatron's ``[(s, b, hidden)]``. Used only at PP > 1 (for validation too); the DDP model stays
+  what is optimized and checkpointed.
 
 Loss normalization. Megatron's schedule divides each micro batch's loss by the number of micro
 batches and DDP averages gradients over the ``dp`` replicas; the loop pre-multiplies by
@@ -83,7 +90,8 @@ class Trainer:
     def __init__(self, ddp_model, optimizer, scheduler, train_data, loop: LoopConfig, *,
                  val_data=None, forward_step: Callable = default_forward_step,
                  loss_fn: Callable = masked_lm_loss, logger=None, callbacks: Sequence = (),
-                 extra_state: Optional[dict] = None, metric_names: Sequence[str] = ()):
+                 extra_state: Optional[dict] = None, metric_names: Sequence[str] = (),
+                 pipeline_io=None):
         from megatron.core import parallel_state as ps
 
         self.model, self.optimizer, self.scheduler = ddp_model, optimizer, scheduler
@@ -95,6 +103,13 @@ class Trainer:
         self.metric_names = tuple(metric_names)
         self.last_val_metrics: dict = {}
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.schedule_model, self.schedule_kwargs = ddp_model, {}
+        if pipeline_io is not None and ps.get_pipeline_model_parallel_world_size() > 1:
+            from nemo_minitron.compat import mcore
+
+            self.schedule_model = pipeline_io.wrap(ddp_model)
+            self.schedule_kwargs = mcore.wide_pipeline_schedule_kwargs(
+                ddp_model.config, pipeline_io.adjust_tensor_shapes)
         per_step = loop.micro_batch_size * self.dp
         if loop.global_batch_size % per_step:
             from nemo_minitron.errors import ConfigError
@@ -125,9 +140,10 @@ class Trainer:
             return output, loss_func
 
         results = get_forward_backward_func()(
-            forward_step_func=step_func, data_iterator=iter(micro_batches), model=[self.model],
-            num_microbatches=len(micro_batches), seq_length=self.loop.seq_length,
-            micro_batch_size=self.loop.micro_batch_size, forward_only=forward_only)
+            forward_step_func=step_func, data_iterator=iter(micro_batches),
+            model=[self.schedule_model], num_microbatches=len(micro_batches),
+            seq_length=self.loop.seq_length, micro_batch_size=self.loop.micro_batch_size,
+            forward_only=forward_only, **self.schedule_kwargs)
         sums = torch.zeros(2 + len(self.metric_names))
         for r in results or []:
             sums += r["sums"]
