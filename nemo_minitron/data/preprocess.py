@@ -37,16 +37,20 @@ def output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
 
+def _given_tokenizer_dir(path: str) -> str:
+    directory = os.path.dirname(path) if os.path.isfile(path) else path
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        raise ConfigError(f"--tokenizer {path}: no tokenizer.json there (give an HF checkpoint "
+                          "directory or its tokenizer.json)")
+    return directory
+
+
 @contextlib.contextmanager
 def tokenizer_dir(path: Optional[str]):
     """A directory holding ``tokenizer.json``: ``path`` (a directory or the file itself), or the
     real Llama-3.1 tokenizer written to a temporary directory."""
     if path:
-        directory = os.path.dirname(path) if os.path.isfile(path) else path
-        if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-            raise ConfigError(f"--tokenizer {path}: no tokenizer.json there (give an HF checkpoint "
-                              "directory or its tokenizer.json)")
-        yield directory
+        yield _given_tokenizer_dir(path)
         return
     from nemo_minitron.tokenizer import write_tokenizer_files
 
@@ -100,6 +104,8 @@ def preprocess(input_path: str, prefix: str, json_keys: Sequence[str] = ("text",
         raise ConfigError(f"--workers {workers}: must be a positive integer")
     if not os.path.isfile(input_path):
         raise ConfigError(f"--input {input_path}: no such file")
+    if tokenizer:
+        _given_tokenizer_dir(tokenizer)
     prefixes = {k: output_prefix(prefix, k) for k in json_keys}
     if not overwrite:
         for p in prefixes.values():

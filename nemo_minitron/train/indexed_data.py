@@ -141,18 +141,22 @@ class TokenWindows:
         return np.concatenate(pieces).astype(np.int64)
 
 
-def blend_order(weights: Sequence[float], size: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(source index, the source's own sample number) of rows ``0..size-1``: each source's
-    ``m``-th sample at time ``(m + 1/2) / w``, rows in time order (ties: lower source first)."""
-    sources, numbers, times = [], [], []
-    for i, w in enumerate(weights):
-        m = np.arange(int(np.ceil(w * size)) + 1)
-        sources.append(np.full(len(m), i))
-        numbers.append(m)
-        times.append((m + 0.5) / w)
-    sources, numbers, times = map(np.concatenate, (sources, numbers, times))
-    order = np.lexsort((sources, times))[:size]
-    return sources[order], numbers[order]
+def blend_next(weights: Sequence[float], start: np.ndarray, count: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The next ``count`` rows of the blend: (source index, the source's own sample number), given
+    each source's next sample number ``start``. Source ``i``'s ``m``-th sample sits at time
+    ``(m + 1/2) / w_i``; rows are samples in time order (ties: lower source first), so the stream
+    can be extended chunk by chunk with the same result."""
+    margin = 2
+    while True:
+        cands = [s + np.arange(int(np.ceil(w * count)) + margin) for w, s in zip(weights, start)]
+        sources = np.concatenate([np.full(len(c), i) for i, c in enumerate(cands)])
+        numbers = np.concatenate(cands)
+        times = np.concatenate([(c + 0.5) / w for w, c in zip(weights, cands)])
+        order = np.lexsort((sources, times))[:count]
+        taken = np.bincount(sources[order], minlength=len(weights))
+        if all(t < len(c) for t, c in zip(taken, cands)):  # no source ran out of candidates
+            return sources[order], numbers[order]
+        margin *= 8
 
 
 # ---- rows ---------------------------------------------------------------------------------------
@@ -176,11 +180,12 @@ class PretrainData(RowBatches):
             self.bounds = np.cumsum([0] + [s.per_epoch for s in self.sources])
             self.size = int(self.bounds[-1])
         else:
-            # one "blend epoch" = as many rows as all sources have windows; it repeats with each
-            # source's sample numbers continuing where the previous one stopped
+            # rows per "epoch" as all sources have windows (for logs); the blend itself is one
+            # endless stream, computed in chunks as training reaches it
             self.size = sum(s.per_epoch for s in self.sources)
-            self.source_of, self.number_of = blend_order(weights, self.size)
-            self.per_blend = np.bincount(self.source_of, minlength=len(self.sources))
+            self.source_of = np.zeros(0, dtype=np.int16)
+            self.number_of = np.zeros(0, dtype=np.int64)
+            self.next_number = np.zeros(len(self.sources), dtype=np.int64)
 
     def __len__(self) -> int:
         return self.size
@@ -190,9 +195,13 @@ class PretrainData(RowBatches):
         if self.weights is None:
             i = int(np.searchsorted(self.bounds, k, side="right")) - 1
             return i, k - int(self.bounds[i])
-        rep, r = divmod(k, self.size)
-        i = int(self.source_of[r])
-        return i, rep * int(self.per_blend[i]) + int(self.number_of[r])
+        if k >= len(self.source_of):
+            count = max(self.size, k + 1 - len(self.source_of))
+            src, num = blend_next(self.weights, self.next_number, count)
+            self.next_number += np.bincount(src, minlength=len(self.sources))
+            self.source_of = np.concatenate([self.source_of, src.astype(np.int16)])
+            self.number_of = np.concatenate([self.number_of, num])
+        return int(self.source_of[k]), int(self.number_of[k])
 
     def row(self, k: int) -> Dict[str, torch.Tensor]:
         i, t = self.locate(k)
