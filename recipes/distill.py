@@ -14,6 +14,10 @@ answer). Loss: forward KL(teacher || student) on logits at temperature ``kd.temp
 loss off (``kd.lm_weight`` > 0 mixes it in; ``kd.loss=reverse_kl`` swaps the KL). Validation
 reports the KL and the student's LM loss. TP and DP; PP > 1 is refused (nemo_minitron/train/distill.py).
 
+Instead of DATA, Megatron indexed datasets (``nemo-minitron preprocess``):
+``data.data_prefix=[w1,prefix1,w2,prefix2]`` with ``data.splits_string=99,1,0`` for validation
+(pretraining-style, loss on every token; nemo_minitron/train/indexed_data.py).
+
 Skeleton: load config -> setup (parallel state, teacher, student, data, optimizer) -> the one
 training loop (nemo_minitron.train.loop.Trainer with distillation hooks) -> save the student as an
 HF checkpoint -> cleanup. Resumes from the newest checkpoint in ``trainer.ckpt_dir`` (default

@@ -3,6 +3,10 @@
     nemo-minitron finetune --model BASE_HF_DIR --data TRAIN.jsonl --out OUT_DIR \\
         [--config conf/finetune/minitron_4b_width_sft.yaml] [trainer.max_steps=20 ...]
 
+    # continued pretraining on Megatron indexed datasets (nemo-minitron preprocess) instead of --data:
+    nemo-minitron finetune --model BASE --out OUT data.splits_string=99,1,0 \\
+        'data.data_prefix=[0.7,web_text_document,0.3,code_text_document]'
+
     # the same recipe under a launcher (one process per GPU; srun works the same way):
     torchrun --nproc-per-node 8 recipes/finetune.py --config conf/finetune/minitron_4b_width_sft.yaml \\
         model.restore_from_path=BASE data.train_ds.file_path=TRAIN.jsonl out=OUT_DIR

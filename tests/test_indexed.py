@@ -59,7 +59,8 @@ def test_files_are_byte_identical_to_megatron_cores_builder(tmp_path, vocab):
         builder.end_document()
     builder.finalize(str(tmp_path / "theirs.idx"))
     for ext in (".bin", ".idx"):
-        assert (tmp_path / ("ours" + ext)).read_bytes() == (tmp_path / ("theirs" + ext)).read_bytes()
+        ours, theirs = tmp_path / ("ours" + ext), tmp_path / ("theirs" + ext)
+        assert ours.read_bytes() == theirs.read_bytes()
 
     # the documented header, parsed by hand
     idx = (tmp_path / "ours.idx").read_bytes()
@@ -225,9 +226,9 @@ def test_windows_follow_documents_and_cover_each_epoch_once(tmp_path):
     plain, _ = indexed_data([prefix], None, seq, shuffle=False)
     assert len(plain) == (total - 1) // seq
     for j in range(len(plain)):
-        row = plain.row(j)
-        assert torch.equal(row["input_ids"], torch.from_numpy(stream[j * seq:j * seq + seq]).long())
-        assert torch.equal(row["labels"], torch.from_numpy(stream[j * seq + 1:j * seq + seq + 1]).long())
+        row, at = plain.row(j), j * seq
+        assert row["input_ids"].tolist() == stream[at:at + seq].tolist()
+        assert row["labels"].tolist() == stream[at + 1:at + seq + 1].tolist()
         assert bool(row["loss_mask"].all())
 
     # shuffled: every window is whole documents' pieces in order (a token is followed by its
@@ -362,7 +363,7 @@ def test_finetune_continued_pretraining_from_indexed_prefix(tiny_hf_dir, pydoc_p
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
     with torch.no_grad():
         logits = model(input_ids=rows).logits
-    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
     assert losses[0] == pytest.approx(float(ref), rel=1e-4)
 
 

@@ -1,4 +1,4 @@
-"""Pretraining-style training rows from Megatron indexed datasets (continued pretraining, distillation).
+"""Pretraining-style rows from Megatron indexed datasets (continued pretraining, distillation).
 
     data:
       data_prefix: [0.7, /data/web_text_document, 0.3, /data/code_text_document]  # or one prefix
@@ -141,7 +141,8 @@ class TokenWindows:
         return np.concatenate(pieces).astype(np.int64)
 
 
-def blend_next(weights: Sequence[float], start: np.ndarray, count: int) -> Tuple[np.ndarray, np.ndarray]:
+def blend_next(weights: Sequence[float], start: np.ndarray,
+               count: int) -> Tuple[np.ndarray, np.ndarray]:
     """The next ``count`` rows of the blend: (source index, the source's own sample number), given
     each source's next sample number ``start``. Source ``i``'s ``m``-th sample sits at time
     ``(m + 1/2) / w_i``; rows are samples in time order (ties: lower source first), so the stream
@@ -218,7 +219,8 @@ class PretrainData(RowBatches):
 def indexed_data(data_prefix: Any, splits_string: Optional[str], seq_length: int, *,
                  shuffle: bool = True, seed: int = 1234):
     """(training rows, validation rows or None) from NeMo-style ``data_prefix`` / ``splits_string``.
-    Every error (missing files, a split without one whole window) is raised here, before training."""
+    Every error (missing files, a split without one whole window) is raised here, before
+    training."""
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
         raise ConfigError(f"data.seq_length={seq_length!r} must be a positive integer")
     pairs = parse_data_prefix(data_prefix)
@@ -244,7 +246,8 @@ def indexed_data(data_prefix: Any, splits_string: Optional[str], seq_length: int
                           f"window of seq_length + 1 = {seq_length + 1} tokens in any prefix "
                           "(more data or a larger validation share)")
     weights = [w for w, _ in pairs]
-    return PretrainData(train, seq_length, weights), (PretrainData(val, seq_length) if val else None)
+    val_data = PretrainData(val, seq_length) if val else None
+    return PretrainData(train, seq_length, weights), val_data
 
 
 def check_data_source(data) -> None:
