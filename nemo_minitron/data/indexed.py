@@ -22,8 +22,8 @@ uint16 below 65500 ids, int32 otherwise (Llama-3's 128256 ids -> int32).
 
     >>> with IndexedWriter("/data/wiki_text_document", vocab_size=128256) as w:
     ...     w.add_document([791, 4062, 128001])
-    >>> IndexedReader("/data/wiki_text_document").document(0)
-    array([   791,   4062, 128001], dtype=int32)
+    >>> IndexedReader("/data/wiki_text_document").document(0).tolist()
+    [791, 4062, 128001]
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import os
 import struct
 import tempfile
 from array import array
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -87,16 +87,15 @@ class IndexedWriter:
         self.num_tokens = 0
 
     # -- writing --------------------------------------------------------------------------------
-    def add_document(self, ids: Sequence[int], sentences: Iterable[Sequence[int]] = ()) -> None:
-        """One document: ``ids`` as one sequence (or, with ``sentences``, one sequence each)."""
-        for seq in (list(sentences) or [ids]):
-            arr = np.asarray(seq, dtype=np.int64)
-            if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
-                raise MinitronError(f"token id out of range [0, {self.vocab_size}) in document "
-                                    f"{len(self.doc_index) - 1}")
-            self._bin.write(arr.astype(self.dtype).tobytes(order="C"))
-            self.lengths.append(arr.size)
-            self.num_tokens += arr.size
+    def add_document(self, ids: Sequence[int]) -> None:
+        """One document as one sequence (NeMo's layout without sentence splitting)."""
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise MinitronError(f"token id out of range [0, {self.vocab_size}) in document "
+                                f"{len(self.doc_index) - 1}")
+        self._bin.write(arr.astype(self.dtype).tobytes(order="C"))
+        self.lengths.append(arr.size)
+        self.num_tokens += arr.size
         self.doc_index.append(len(self.lengths))
 
     @property
