@@ -20,6 +20,8 @@
                         --container IMAGE --mounts SRC:DST,... --after JOBID --dry-run] [-- ARGS]
     nemo-minitron pipeline --teacher HF_DIR --workdir DIR --data DATA [--prune-config YAML]
                            [--distill-config YAML] [slurm options] [--dry-run]
+    nemo-minitron preprocess --input IN.jsonl --output-prefix PREFIX [--json-keys text]
+                             [--tokenizer HF_DIR] [--append-eod] [--workers N] [--overwrite]
 
 Jobs run the same under python, torchrun and srun (tp=.. pp=.. overrides); only rank 0 prints.
 Config precedence: defaults, then --config YAML, then flags and key=value overrides.
@@ -269,6 +271,17 @@ def cmd_launch(args) -> int:
     return importlib.import_module(f"nemo_minitron.launch.{args.launcher}").main(args.recipe_args)
 
 
+def cmd_preprocess(args) -> int:
+    from nemo_minitron.data.preprocess import preprocess
+
+    done = preprocess(args.input, args.output_prefix, args.json_keys, tokenizer=args.tokenizer,
+                      append_eod=args.append_eod, workers=args.workers, overwrite=args.overwrite)
+    for key, r in done.items():
+        print(f"{key}: {r['prefix']}.bin/.idx, {r['documents']} documents, {r['tokens']} tokens "
+              f"({r['dtype']}), {r['skipped']} empty skipped, {r['seconds']:.1f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
 
@@ -363,6 +376,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe_args", nargs=argparse.REMAINDER,
                    help="--teacher HF_DIR --workdir DIR --data DATA [slurm options] [--dry-run]")
     p.set_defaults(func=cmd_launch, launcher="pipeline")
+    p = sub.add_parser("preprocess", help="JSONL -> Megatron indexed dataset (.bin/.idx), as NeMo's "
+                                          "preprocess_data_for_megatron.py writes it")
+    p.add_argument("--input", required=True, help="JSONL file, one JSON object per line")
+    p.add_argument("--json-keys", nargs="+", default=["text"], dest="json_keys",
+                   help="fields to write, one dataset each (default: text)")
+    p.add_argument("--output-prefix", required=True, dest="output_prefix",
+                   help="writes PREFIX_<key>_document.bin/.idx")
+    p.add_argument("--tokenizer", help="HF checkpoint dir or tokenizer.json (default: the real "
+                                       "Llama-3.1 tokenizer)")
+    p.add_argument("--append-eod", action="store_true", dest="append_eod",
+                   help="end every document with <|end_of_text|> (as NeMo's flag)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=cmd_preprocess)
     return parser
 
 

@@ -16,6 +16,10 @@ reports the KL and the student's LM loss. TP, PP and DP: under PP the teacher ge
 pipeline layout (each stage holds both models' layers; the last stage computes both logits; see
 nemo_minitron/train/distill.py).
 
+Instead of DATA, Megatron indexed datasets (``nemo-minitron preprocess``):
+``data.data_prefix=[w1,prefix1,w2,prefix2]`` with ``data.splits_string=99,1,0`` for validation
+(pretraining-style, loss on every token; nemo_minitron/train/indexed_data.py).
+
 Skeleton: load config -> setup (parallel state, teacher, student, data, optimizer) -> the one
 training loop (nemo_minitron.train.loop.Trainer with distillation hooks) -> save the student as an
 HF checkpoint -> cleanup. Resumes from the newest checkpoint in ``trainer.ckpt_dir`` (default
@@ -42,14 +46,14 @@ def validate(cfg) -> None:
     from nemo_minitron.errors import ConfigError
     from nemo_minitron.train.distill import check_kd
     from nemo_minitron.train.export import check_output_path
+    from nemo_minitron.train.indexed_data import check_data_source
 
     check_output_path(cfg.out)
     if not cfg.teacher.restore_from_path:
         raise ConfigError("no teacher given (--teacher / teacher.restore_from_path)")
     if not cfg.model.restore_from_path:
         raise ConfigError("no student given (--student / model.restore_from_path)")
-    if not cfg.data.train_ds.file_path:
-        raise ConfigError("no training data given (--data / data.train_ds.file_path)")
+    check_data_source(cfg.data)
     if os.path.abspath(cfg.out) in (os.path.abspath(cfg.teacher.restore_from_path),
                                     os.path.abspath(cfg.model.restore_from_path)):
         raise ConfigError(f"--out {cfg.out} is an input checkpoint; the inputs are never written")
@@ -60,11 +64,17 @@ def validate(cfg) -> None:
 
 def setup_data(cfg, model_cfg):
     """Tokenize train (and validation) data with the student's tokenizer (checked equal to the
-    teacher's); all data errors surface here, before training."""
+    teacher's), or open the indexed datasets of ``data.data_prefix``; all data errors surface
+    here, before training."""
     from nemo_minitron.train.data import SFTData, SFTTokenizer, load_sft_samples
     from nemo_minitron.train.distill import data_format, text_data
+    from nemo_minitron.train.indexed_data import indexed_data
 
     d, tok_dir, seed = cfg.data, cfg.model.restore_from_path, cfg.trainer.seed
+    if d.data_prefix is not None:
+        train, val = indexed_data(d.data_prefix, d.splits_string, d.seq_length, shuffle=d.shuffle,
+                                  seed=seed)
+        return "indexed", train, val
     eos = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, int) \
         else model_cfg.eos_token_id[0]
     bos = model_cfg.bos_token_id

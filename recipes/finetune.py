@@ -3,6 +3,10 @@
     nemo-minitron finetune --model BASE_HF_DIR --data TRAIN.jsonl --out OUT_DIR \\
         [--config conf/finetune/minitron_4b_width_sft.yaml] [trainer.max_steps=20 ...]
 
+    # continued pretraining on Megatron indexed datasets (nemo-minitron preprocess) instead of --data:
+    nemo-minitron finetune --model BASE --out OUT data.splits_string=99,1,0 \\
+        'data.data_prefix=[0.7,web_text_document,0.3,code_text_document]'
+
     # the same recipe under a launcher (one process per GPU; srun works the same way):
     torchrun --nproc-per-node 8 recipes/finetune.py --config conf/finetune/minitron_4b_width_sft.yaml \\
         model.restore_from_path=BASE data.train_ds.file_path=TRAIN.jsonl out=OUT_DIR
@@ -31,20 +35,25 @@ def validate(cfg) -> None:
     """Everything that can be checked before any process group or model exists."""
     from nemo_minitron.errors import ConfigError
     from nemo_minitron.train.export import check_output_path
+    from nemo_minitron.train.indexed_data import check_data_source
 
     check_output_path(cfg.out)
     if not cfg.model.restore_from_path:
         raise ConfigError("no base model given (--model / model.restore_from_path)")
-    if not cfg.data.train_ds.file_path:
-        raise ConfigError("no training data given (--data / data.train_ds.file_path)")
+    check_data_source(cfg.data)
     if cfg.trainer.max_steps < 0:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
 
 
 def setup_data(cfg, model_cfg, seq_length: int):
-    """Tokenize train (and validation) data; all data errors surface here, before training."""
+    """Tokenize train (and validation) data, or open the indexed datasets of ``data.data_prefix``
+    (continued pretraining); all data errors surface here, before training."""
     from nemo_minitron.train.data import SFTData, SFTTokenizer, load_sft_samples
+    from nemo_minitron.train.indexed_data import indexed_data
 
+    if cfg.data.data_prefix is not None:
+        return indexed_data(cfg.data.data_prefix, cfg.data.splits_string, seq_length,
+                            shuffle=cfg.data.shuffle, seed=cfg.trainer.seed)
     eos = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, int) \
         else model_cfg.eos_token_id[0]
     tok = SFTTokenizer(cfg.model.restore_from_path, eos_token_id=eos)

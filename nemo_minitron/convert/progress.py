@@ -1,4 +1,5 @@
-"""A progress line for conversions: tensors and bytes done. Silent when stderr is not a TTY."""
+"""A progress line for conversions (tensors and bytes done) and preprocessing (documents and bytes).
+Silent when stderr is not a TTY."""
 from __future__ import annotations
 
 import sys
@@ -6,8 +7,10 @@ import time
 
 
 class Progress:
-    def __init__(self, label: str, total_tensors: int, total_bytes: int, enabled=None):
+    def __init__(self, label: str, total_tensors: int, total_bytes: int, enabled=None,
+                 unit: str = "tensors"):
         self.label, self.total_tensors, self.total_bytes = label, total_tensors, total_bytes
+        self.unit = unit
         self.tensors = self.bytes = 0
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.start = self._last = time.time()
@@ -21,7 +24,7 @@ class Progress:
             frac = self.bytes / self.total_bytes if self.total_bytes else 1.0
             bar = "#" * int(30 * frac)
             sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.tensors}/{self.total_tensors} "
-                             f"tensors, {self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB, "
+                             f"{self.unit}, {self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB, "
                              f"{now - self.start:.0f}s")
             sys.stderr.flush()
 

@@ -11,7 +11,7 @@ recognises them; names inside keep NeMo's spelling where NeMo has one (``micro_b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 @dataclass
@@ -57,6 +57,13 @@ class DataSection:
     truncation: bool = True  # cut the prompt (input side) from the right when a sample is too long
     packed_sequence: bool = False
     shuffle: bool = True
+    # Megatron indexed datasets (`nemo-minitron preprocess`), used instead of train_ds/validation_ds
+    # when set: NeMo's data_prefix, one prefix or [weight1, prefix1, weight2, prefix2, ...]
+    # (pretraining-style rows, loss on every token; nemo_minitron/train/indexed_data.py)
+    data_prefix: Any = None
+    # with data_prefix: train,validation,test shares of each prefix's documents, e.g. "99,1,0"
+    # (None: all documents train, no validation)
+    splits_string: Optional[str] = None
 
 
 @dataclass

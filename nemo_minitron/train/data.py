@@ -180,13 +180,62 @@ def collate(rows: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     return batch
 
 
-class SFTData:
+class RowBatches:
+    """Global batches of training rows by step number, cut into micro batches (the interface the
+    Trainer uses). Subclasses define ``__len__``, ``row(i)`` (a :func:`make_row`-style dict) and
+    ``global_batch_rows``. The position in the data is the step number alone, so resuming at step
+    ``k`` continues with exactly the batches an uninterrupted run would see."""
+
+    seq_length: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def row(self, i: int) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def global_batch_rows(self, step: int, global_batch_size: int) -> List[int]:
+        raise NotImplementedError
+
+    def micro_batches(self, step: int, global_batch_size: int, micro_batch_size: int,
+                      dp_rank: int = 0, dp: int = 1) -> List[Dict[str, torch.Tensor]]:
+        """This DP rank's micro batches of global batch ``step``."""
+        return self.rows_to_micro_batches(self.global_batch_rows(step, global_batch_size),
+                                          micro_batch_size, dp_rank, dp)
+
+    def rows_to_micro_batches(self, rows: Sequence[Optional[int]], micro_batch_size: int,
+                              dp_rank: int = 0, dp: int = 1) -> List[Dict[str, torch.Tensor]]:
+        """Cut a global batch of row indices (None: a filler row without loss) for one DP rank."""
+        per_rank = len(rows) // dp
+        mine = rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        filler = dict(self.row(0), loss_mask=torch.zeros(self.seq_length))
+        picked = [filler if r is None else self.row(r) for r in mine]
+        return [collate(picked[i:i + micro_batch_size])
+                for i in range(0, per_rank, micro_batch_size)]
+
+    def num_loss_tokens(self, step: int, global_batch_size: int) -> int:
+        """Counted tokens in the whole global batch (the loss is their mean, on every layout)."""
+        return int(sum(self.row(r)["loss_mask"].sum() for r in
+                       self.global_batch_rows(step, global_batch_size)))
+
+    def eval_batches(self, global_batch_size: int, limit: int = 0) -> Iterator[List[Optional[int]]]:
+        """Validation: every row once, in order, in global batches; the last one is filled up
+        with rows that carry no loss (None)."""
+        n = len(self)
+        count = -(-n // global_batch_size)
+        if limit:
+            count = min(count, limit)
+        for i in range(count):
+            ids = list(range(i * global_batch_size, (i + 1) * global_batch_size))
+            yield [j if j < n else None for j in ids]
+
+
+class SFTData(RowBatches):
     """Rows (packed or one sample each) and the deterministic global-batch order over them.
 
     Global batch ``i`` is rows ``order[i*G : (i+1)*G]`` of an endless stream of epochs, each epoch a
     permutation drawn from ``seed + epoch``. Data-parallel rank ``r`` takes the ``r``-th of ``dp``
-    equal slices and cuts it into micro batches. The position in the data is the step number alone,
-    so resuming at step ``k`` continues with exactly the batches an uninterrupted run would see.
+    equal slices and cuts it into micro batches.
     """
 
     def __init__(self, samples: Sequence[Sample], seq_length: int, pad_id: int, *,
@@ -199,6 +248,9 @@ class SFTData:
 
     def __len__(self):
         return len(self.rows)
+
+    def row(self, i: int) -> Dict[str, torch.Tensor]:
+        return self.rows[i]
 
     def _epoch_order(self, epoch: int) -> List[int]:
         if not self.shuffle:
@@ -214,35 +266,3 @@ class SFTData:
             epoch, j = divmod(i, n)
             out.append(self._epoch_order(epoch)[j])
         return out
-
-    def micro_batches(self, step: int, global_batch_size: int, micro_batch_size: int,
-                      dp_rank: int = 0, dp: int = 1) -> List[Dict[str, torch.Tensor]]:
-        """This DP rank's micro batches of global batch ``step``."""
-        return self.rows_to_micro_batches(self.global_batch_rows(step, global_batch_size),
-                                          micro_batch_size, dp_rank, dp)
-
-    def rows_to_micro_batches(self, rows: Sequence[Optional[int]], micro_batch_size: int,
-                              dp_rank: int = 0, dp: int = 1) -> List[Dict[str, torch.Tensor]]:
-        """Cut a global batch of row indices (None: a filler row without loss) for one DP rank."""
-        per_rank = len(rows) // dp
-        mine = rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        filler = dict(self.rows[0], loss_mask=torch.zeros(self.seq_length))
-        picked = [filler if r is None else self.rows[r] for r in mine]
-        return [collate(picked[i:i + micro_batch_size])
-                for i in range(0, per_rank, micro_batch_size)]
-
-    def num_loss_tokens(self, step: int, global_batch_size: int) -> int:
-        """Answer tokens in the whole global batch (the loss is their mean, on every layout)."""
-        return int(sum(self.rows[r]["loss_mask"].sum() for r in
-                       self.global_batch_rows(step, global_batch_size)))
-
-    def eval_batches(self, global_batch_size: int, limit: int = 0) -> Iterator[List[Optional[int]]]:
-        """Validation: every row once, in order, in global batches; the last one is filled up
-        with rows that carry no loss (None)."""
-        n = len(self.rows)
-        count = -(-n // global_batch_size)
-        if limit:
-            count = min(count, limit)
-        for i in range(count):
-            ids = list(range(i * global_batch_size, (i + 1) * global_batch_size))
-            yield [j if j < n else None for j in ids]
