@@ -12,7 +12,9 @@ DATA: ``pydoc`` (CPython's documentation, for demos), a ``.txt`` file or a JSONL
 (pretraining-style, loss on every token), or NeMo SFT JSONL with ``input``/``output`` (loss on the
 answer). Loss: forward KL(teacher || student) on logits at temperature ``kd.temperature`` (1), LM
 loss off (``kd.lm_weight`` > 0 mixes it in; ``kd.loss=reverse_kl`` swaps the KL). Validation
-reports the KL and the student's LM loss. TP and DP; PP > 1 is refused (nemo_minitron/train/distill.py).
+reports the KL and the student's LM loss. ``kd.hidden_pairs`` adds hidden-state cosine losses
+between chosen layers (nemo_minitron/losses/hidden.py). TP and DP; PP > 1 is refused
+(nemo_minitron/train/distill.py).
 
 Skeleton: load config -> setup (parallel state, teacher, student, data, optimizer) -> the one
 training loop (nemo_minitron.train.loop.Trainer with distillation hooks) -> save the student as an
@@ -60,34 +62,9 @@ def validate(cfg) -> None:
 def setup_data(cfg, model_cfg):
     """Tokenize train (and validation) data with the student's tokenizer (checked equal to the
     teacher's); all data errors surface here, before training."""
-    from nemo_minitron.train.data import SFTData, SFTTokenizer, load_sft_samples
-    from nemo_minitron.train.distill import data_format, text_data
+    from nemo_minitron.train.data import build_datasets
 
-    d, tok_dir, seed = cfg.data, cfg.model.restore_from_path, cfg.trainer.seed
-    eos = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, int) \
-        else model_cfg.eos_token_id[0]
-    bos = model_cfg.bos_token_id
-    fmt = data_format(d.train_ds.file_path, d.format)
-    if fmt == "sft":
-        tok = SFTTokenizer(tok_dir, eos_token_id=eos)
-
-        def build(ds, shuffle):
-            samples = load_sft_samples(ds.file_path, tok, d.prompt_template, d.seq_length,
-                                       truncation=d.truncation, max_num_samples=ds.max_num_samples)
-            return SFTData(samples, d.seq_length, pad_id=eos, packed=d.packed_sequence,
-                           shuffle=shuffle, seed=seed)
-
-        train = build(d.train_ds, d.shuffle)
-        val = build(d.validation_ds, False) if d.validation_ds.file_path else None
-        return fmt, train, val
-    held_out = 0 if d.validation_ds.file_path else d.val_samples
-    train, val = text_data(d.train_ds.file_path, tok_dir, d.seq_length, bos=bos, eos=eos,
-                           max_num_samples=d.train_ds.max_num_samples, val_samples=held_out,
-                           shuffle=d.shuffle, seed=seed)
-    if d.validation_ds.file_path:
-        val, _ = text_data(d.validation_ds.file_path, tok_dir, d.seq_length, bos=bos, eos=eos,
-                           max_num_samples=d.validation_ds.max_num_samples, shuffle=False)
-    return fmt, train, val
+    return build_datasets(cfg.data, cfg.model.restore_from_path, model_cfg, seed=cfg.trainer.seed)
 
 
 def setup(cfg):
@@ -97,8 +74,9 @@ def setup(cfg):
     from nemo_minitron.config.parallel import validate_parallel
     from nemo_minitron.config.recipe import to_dict
     from nemo_minitron.dist import init_megatron
-    from nemo_minitron.train.distill import (KD_METRICS, LogitDistillation, build_teacher,
-                                             check_same_tokenizer)
+    from nemo_minitron.losses.hidden import HiddenDistillation, check_hidden
+    from nemo_minitron.train.distill import (LogitDistillation, build_teacher, check_same_tokenizer,
+                                             kd_metric_names)
     from nemo_minitron.train.logs import MetricsLogger
     from nemo_minitron.train.loop import LoopConfig, Trainer
     from nemo_minitron.train.model import build_train_model
@@ -113,6 +91,9 @@ def setup(cfg):
     for c in (teacher_cfg, student_cfg):
         validate_parallel(c, t.tensor_model_parallel_size, t.pipeline_model_parallel_size,
                           world_size=world)
+    check_hidden(cfg.kd, student_layers=student_cfg.num_layers,
+                 teacher_layers=teacher_cfg.num_layers,
+                 pp=t.pipeline_model_parallel_size, recompute=m.activations_checkpoint_granularity)
     fmt, train_data, val_data = setup_data(cfg, student_cfg)
     init_megatron(tp=t.tensor_model_parallel_size, pp=t.pipeline_model_parallel_size, seed=t.seed)
     teacher = build_teacher(teacher_cfg, cfg.teacher.restore_from_path,
@@ -120,6 +101,9 @@ def setup(cfg):
     student = build_train_model(student_cfg, precision=t.precision, hf_dir=m.restore_from_path,
                                 seed=t.seed, recompute=m.activations_checkpoint_granularity,
                                 recompute_num_layers=m.activations_checkpoint_num_layers)
+    # before the DDP wrap: a learned projection (widths differ) joins the student's parameters
+    hidden = HiddenDistillation(student, teacher, cfg.kd, seed=t.seed) if cfg.kd.hidden_pairs \
+        else None
     ddp = wrap_ddp(student, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
     optimizer = build_optimizer(ddp, cfg.optim, t.precision)
     scheduler = build_scheduler(cfg.optim, t.max_steps)
@@ -132,14 +116,17 @@ def setup(cfg):
                       resume=t.resume)
     logger = MetricsLogger(t.log_dir or os.path.join(ckpt_dir, "logs"), enabled=dist.get_rank() == 0,
                            total_steps=t.max_steps, progress_bar=t.progress_bar,
-                           extra_columns=KD_METRICS)
+                           extra_columns=kd_metric_names(cfg.kd))
     logger.info(f"distill: {len(train_data)} training rows ({fmt}) of {cfg.data.seq_length} "
                 f"positions, {cfg.kd.loss} T={cfg.kd.temperature:g} kd_weight={cfg.kd.kd_weight:g} "
-                f"lm_weight={cfg.kd.lm_weight:g}, TP={t.tensor_model_parallel_size} "
+                f"lm_weight={cfg.kd.lm_weight:g}"
+                + (f", hidden pairs {cfg.kd.hidden_pairs} x{cfg.kd.hidden_weight:g}" if hidden else "")
+                + f", TP={t.tensor_model_parallel_size} "
                 f"DP={world // t.tensor_model_parallel_size}, checkpoints in {ckpt_dir}")
-    kd = LogitDistillation(teacher, cfg.kd, vocab_size=student_cfg.vocab_size)
+    kd = LogitDistillation(teacher, cfg.kd, vocab_size=student_cfg.vocab_size, hidden=hidden)
     trainer = Trainer(ddp, optimizer, scheduler, train_data, loop, val_data=val_data, logger=logger,
-                      forward_step=kd.forward_step, loss_fn=kd.loss_fn, metric_names=KD_METRICS,
+                      forward_step=kd.forward_step, loss_fn=kd.loss_fn,
+                      metric_names=kd_metric_names(cfg.kd),
                       extra_state={"config": to_dict(cfg)})
     return trainer, student, student_cfg, logger
 
@@ -147,6 +134,7 @@ def setup(cfg):
 def run(cfg, overwrite: bool = False):
     """Distill and write the student; returns the trainer state (every rank)."""
     from nemo_minitron.dist import destroy_megatron
+    from nemo_minitron.losses.hidden import without_projection
     from nemo_minitron.train.export import save_final_output
 
     validate(cfg)
@@ -154,8 +142,9 @@ def run(cfg, overwrite: bool = False):
     try:
         state = trainer.fit()
         state.val_metrics = trainer.last_val_metrics
-        path = save_final_output(student, student_cfg, cfg.out, base_dir=cfg.model.restore_from_path,
-                                 overwrite=overwrite)
+        with without_projection(student):  # a hidden-loss projection is training state only
+            path = save_final_output(student, student_cfg, cfg.out,
+                                     base_dir=cfg.model.restore_from_path, overwrite=overwrite)
         if path:
             logger.info(f"wrote {path}")
     finally:

@@ -41,24 +41,13 @@ def validate(cfg) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
 
 
-def setup_data(cfg, model_cfg, seq_length: int):
-    """Tokenize train (and validation) data; all data errors surface here, before training."""
-    from nemo_minitron.train.data import SFTData, SFTTokenizer, load_sft_samples
+def setup_data(cfg, model_cfg):
+    """Tokenize train (and validation) data: SFT JSONL (``data.format: sft``, loss on the answer)
+    or pretraining-style text (``text``: pydoc, .txt, JSONL ``text``; loss on every token, as in
+    teacher correction); all data errors surface here, before training."""
+    from nemo_minitron.train.data import build_datasets
 
-    eos = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, int) \
-        else model_cfg.eos_token_id[0]
-    tok = SFTTokenizer(cfg.model.restore_from_path, eos_token_id=eos)
-    d = cfg.data
-
-    def build(ds, shuffle):
-        samples = load_sft_samples(ds.file_path, tok, d.prompt_template, seq_length,
-                                   truncation=d.truncation, max_num_samples=ds.max_num_samples)
-        return SFTData(samples, seq_length, pad_id=eos, packed=d.packed_sequence,
-                       shuffle=shuffle, seed=cfg.trainer.seed)
-
-    train = build(d.train_ds, d.shuffle)
-    val = build(d.validation_ds, False) if d.validation_ds.file_path else None
-    return train, val
+    return build_datasets(cfg.data, cfg.model.restore_from_path, model_cfg, seed=cfg.trainer.seed)
 
 
 def setup(cfg):
@@ -78,7 +67,7 @@ def setup(cfg):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate_parallel(model_cfg, t.tensor_model_parallel_size, t.pipeline_model_parallel_size,
                       world_size=world)
-    train_data, val_data = setup_data(cfg, model_cfg, cfg.data.seq_length)
+    fmt, train_data, val_data = setup_data(cfg, model_cfg)
     init_megatron(tp=t.tensor_model_parallel_size, pp=t.pipeline_model_parallel_size, seed=t.seed)
     model = build_train_model(model_cfg, precision=t.precision, hf_dir=m.restore_from_path,
                               seed=t.seed, recompute=m.activations_checkpoint_granularity,
@@ -95,7 +84,8 @@ def setup(cfg):
                       resume=t.resume)
     logger = MetricsLogger(t.log_dir or os.path.join(ckpt_dir, "logs"), enabled=dist.get_rank() == 0,
                            total_steps=t.max_steps, progress_bar=t.progress_bar)
-    logger.info(f"finetune: {len(train_data)} training rows of {cfg.data.seq_length} positions, "
+    logger.info(f"finetune: {len(train_data)} training rows ({fmt}) of {cfg.data.seq_length} "
+                f"positions, "
                 f"TP={t.tensor_model_parallel_size} PP={t.pipeline_model_parallel_size} "
                 f"DP={world // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)}, "
                 f"checkpoints in {ckpt_dir}")

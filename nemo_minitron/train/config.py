@@ -11,7 +11,7 @@ recognises them; names inside keep NeMo's spelling where NeMo has one (``micro_b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 @dataclass
@@ -57,6 +57,11 @@ class DataSection:
     truncation: bool = True  # cut the prompt (input side) from the right when a sample is too long
     packed_sequence: bool = False
     shuffle: bool = True
+    # sft: JSONL with "input"/"output" (loss on the answer); text: pydoc, .txt or JSONL "text"
+    # (pretraining-style, loss on every token); auto: SFT when the first JSONL record has "output"
+    format: str = "sft"  # sft | text | auto
+    # text data without a validation file: hold out the last N samples of the training text
+    val_samples: int = 0
 
 
 @dataclass
@@ -99,15 +104,16 @@ class KDSection:
     kd_weight: float = 1.0
     lm_weight: float = 0.0  # > 0: add the student's LM (cross-entropy) loss on the same tokens
     chunk_tokens: int = 128  # tokens per fp32 [chunk, vocab/TP] KL temporary
+    # hidden-state cosine losses (nemo_minitron/losses/hidden.py): [[student_layer, teacher_layer],
+    # ...], 0-based TransformerLayer indices or "final" (the last layer's output, before the final
+    # norm); a learned projection maps the student's width to the teacher's when they differ
+    hidden_pairs: List[List[Any]] = field(default_factory=list)
+    hidden_weight: float = 1.0  # times the mean over pairs of (1 - cosine), per counted token
 
 
 @dataclass
 class DistillDataSection(DataSection):
-    # auto: a .jsonl whose first record has "input"/"output" is SFT (loss on the answer), anything
-    # else (pydoc, .txt, .jsonl with "text") is pretraining-style text (loss on every token)
-    format: str = "auto"  # auto | sft | text
-    # text data without a validation file: hold out the last N samples of the training text
-    val_samples: int = 0
+    format: str = "auto"  # distillation data is usually text; SFT JSONL is recognised
 
 
 @dataclass
