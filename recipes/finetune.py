@@ -3,6 +3,11 @@
     nemo-minitron finetune --model BASE_HF_DIR --data TRAIN.jsonl --out OUT_DIR \\
         [--config conf/finetune/minitron_4b_width_sft.yaml] [trainer.max_steps=20 ...]
 
+    # Minitron's teacher correction: the same recipe on pretraining-style text (data.format: text,
+    # loss on every token; docs/minitron_pipeline.md)
+    nemo-minitron finetune --config conf/distill/teacher_correction_tiny.yaml --model TEACHER \\
+        --data pydoc --out TEACHER_CORRECTED
+
     # the same recipe under a launcher (one process per GPU; srun works the same way):
     torchrun --nproc-per-node 8 recipes/finetune.py --config conf/finetune/minitron_4b_width_sft.yaml \\
         model.restore_from_path=BASE data.train_ds.file_path=TRAIN.jsonl out=OUT_DIR
@@ -122,7 +127,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="recipe YAML (sections trainer/model/data/optim)")
     parser.add_argument("--model", help="base HF checkpoint dir (model.restore_from_path)")
-    parser.add_argument("--data", help="training JSONL (data.train_ds.file_path)")
+    parser.add_argument("--data", help="training data (data.train_ds.file_path): SFT JSONL, or "
+                                       "with data.format=text pydoc, .txt or JSONL text")
     parser.add_argument("--out", help="output HF checkpoint dir (out)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. trainer.max_steps=20")
