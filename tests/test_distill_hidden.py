@@ -21,7 +21,8 @@ from nemo_minitron.errors import ConfigError
 from nemo_minitron.train.config import KDSection
 from tests.convert_helpers import read_hf_dir
 from tests.helpers import run_ranks
-from tests.train_helpers import EOS, SEQ, VOCAB, synthetic_samples, write_small_vocab_checkpoint
+from tests.train_helpers import (EOS, SEQ, synthetic_samples, write_small_vocab_checkpoint,
+                                 write_small_vocab_student)
 
 # (student layer, teacher layer): the tiny models have 4 layers each; "final" = layer 3's output
 PAIRS = [[0, 1], [2, 2], ["final", "final"]]
@@ -35,13 +36,7 @@ def teacher_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     """tiny_minitron_width: hidden 48 vs the teacher's 64, so a projection is learned."""
-    from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
-    from nemo_minitron.config import get_preset
-
-    cfg = get_preset("tiny_minitron_width").replace(vocab_size=VOCAB, bos_token_id=1,
-                                                    eos_token_id=EOS)
-    return write_tiny_hf_checkpoint(str(tmp_path_factory.mktemp("s") / "student"), cfg, seed=1,
-                                    tokenizer=False, dtype="float32")
+    return write_small_vocab_student(str(tmp_path_factory.mktemp("s") / "student"), dtype="float32")
 
 
 def _batch():
