@@ -149,7 +149,7 @@ class HiddenProjection(torch.nn.Module):
     rank creates the same matrices: U(-1/sqrt(in), 1/sqrt(in)), torch's Linear default range."""
 
     def __init__(self, num_pairs: int, student_hidden: int, teacher_hidden: int,
-                 dtype=torch.float32, seed: int = 1234):
+                 dtype=torch.float32, seed: int = 1234, device=None):
         super().__init__()
         self.proj = torch.nn.ModuleList()
         if student_hidden == teacher_hidden:
@@ -157,10 +157,11 @@ class HiddenProjection(torch.nn.Module):
         g = torch.Generator().manual_seed(seed)
         bound = student_hidden ** -0.5
         for _ in range(num_pairs):
-            lin = torch.nn.Linear(student_hidden, teacher_hidden, bias=False, dtype=dtype)
-            with torch.no_grad():
+            lin = torch.nn.Linear(student_hidden, teacher_hidden, bias=False, dtype=dtype,
+                                  device=device)
+            with torch.no_grad():  # drawn on the CPU generator: the same on every rank and device
                 w = torch.rand(teacher_hidden, student_hidden, generator=g) * 2 * bound - bound
-                lin.weight.copy_(w.to(dtype))
+                lin.weight.copy_(w.to(device=lin.weight.device, dtype=dtype))
             self.proj.append(lin)
 
     def forward(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -178,8 +179,9 @@ class HiddenDistillation:
         if not self.pairs:
             raise ConfigError("kd.hidden_pairs is empty: no hidden loss to build")
         s_hidden, t_hidden = student.config.hidden_size, teacher.config.hidden_size
-        dtype = next(student.parameters()).dtype
-        self.projection = HiddenProjection(len(self.pairs), s_hidden, t_hidden, dtype, seed)
+        param = next(student.parameters())  # the projection lives beside the student's weights
+        self.projection = HiddenProjection(len(self.pairs), s_hidden, t_hidden, param.dtype, seed,
+                                           device=param.device)
         if len(self.projection.proj):
             setattr(student, PROJECTION_ATTR, self.projection)
         self.student = LayerOutputs(student, [s for s, _ in self.pairs])
