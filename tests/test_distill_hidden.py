@@ -209,12 +209,18 @@ def test_projection_trains_resumes_and_is_not_exported(teacher_dir, student_dir,
 @pytest.mark.parametrize("layout", [dict(tp=2), dict()], ids=["tp2", "dp2"])
 def test_parallel_training_follows_tp1(teacher_dir, student_dir, tmp_path, layout):
     """TP=2: the replicated projection stays identical on both ranks; DP=2: DDP averages its
-    gradient; either way the run follows TP=1 (same bound as the logit-distillation layouts)."""
+    gradient; either way a run saved after step 2 and resumed for step 3 follows an uninterrupted
+    TP=1 run (same bound as the logit-distillation layouts)."""
     ref = run_ranks(lambda r: _train(r, teacher_dir, student_dir, None, 3))[0]
-    runs = run_ranks(lambda r: _train(r, teacher_dir, student_dir, None, 3), world_size=2,
+    ckpt = str(tmp_path / "ckpt")
+    first = run_ranks(lambda r: _train(r, teacher_dir, student_dir, ckpt, 2), world_size=2,
+                      **layout)
+    runs = run_ranks(lambda r: _train(r, teacher_dir, student_dir, ckpt, 3), world_size=2,
                      **layout)
-    for _, _, _, final, hidden, loss in runs:
-        assert hidden == pytest.approx(ref[4], abs=1e-4) and loss == pytest.approx(ref[5], abs=1e-4)
+    for (_, _, _, _, h2, l2), (resumed, _, _, final, h3, l3) in zip(first, runs):
+        assert resumed.endswith("step_000002")
+        assert h2 + h3 == pytest.approx(ref[4], abs=1e-4)
+        assert l2 + l3 == pytest.approx(ref[5], abs=1e-4)
         for a, b in zip(final, ref[3]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(runs[0][3], runs[1][3]):
