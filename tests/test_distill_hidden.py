@@ -4,11 +4,12 @@
   states (an independent implementation, full forward, no Megatron) at TP=1 and TP=2, with the
   loss mask; the projection's gradient too, identical on both TP ranks.
 * An identical student of the same width (no projection): loss 0.
-* The projection trains, is saved in and resumed from the training checkpoint, and is not exported.
-* Config errors name the problem before any model is built.
+* The projection trains, is saved in and resumed from the training checkpoint, and is not exported;
+  TP=2 and DP=2 runs (saved and resumed) follow TP=1 with the copies of the projection equal.
+* Config errors name the problem before any model is built; the recipe end to end with pairs.
 
 Small 2048-token vocabulary (tests/train_helpers.py), so most checks also run on the NeMo 24.05 tier;
-the transformers reference skips there.
+the transformers reference skips there (and the recipe test needs the real tokenizer).
 """
 import os
 import re
@@ -79,8 +80,8 @@ def _hooked_loss(rank, teacher_dir, student_dir):
         assert torch.equal(other[0], other[1])
     weights = [p.detach().clone() for p in hidden.projection.parameters()]
     grads = [p.grad.clone() for p in hidden.projection.parameters()]
-    return (float(metrics["hidden"]), float(loss - metrics["kl"]), float(tokens), weights, grads,
-            list(h0.shape))
+    return (float(metrics["hidden"]), float(loss.detach() - metrics["kl"]), float(tokens), weights,
+            grads, list(h0.shape))
 
 
 def _hf_hidden(hf_dir, input_ids, layers):
