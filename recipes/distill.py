@@ -14,7 +14,8 @@ answer). Loss: forward KL(teacher || student) on logits at temperature ``kd.temp
 loss off (``kd.lm_weight`` > 0 mixes it in; ``kd.loss=reverse_kl`` swaps the KL). Validation
 reports the KL and the student's LM loss. TP, PP and DP: under PP the teacher gets the student's
 pipeline layout (each stage holds both models' layers; the last stage computes both logits; see
-nemo_minitron/train/distill.py).
+nemo_minitron/train/distill.py). ``kd.hidden_pairs`` adds hidden-state cosine losses between chosen
+layers (nemo_minitron/losses/hidden.py; PP=1 only).
 
 Instead of DATA, Megatron indexed datasets (``nemo-minitron preprocess``):
 ``data.data_prefix=[w1,prefix1,w2,prefix2]`` with ``data.splits_string=99,1,0`` for validation
@@ -64,41 +65,10 @@ def validate(cfg) -> None:
 
 def setup_data(cfg, model_cfg):
     """Tokenize train (and validation) data with the student's tokenizer (checked equal to the
-    teacher's), or open the indexed datasets of ``data.data_prefix``; all data errors surface
-    here, before training."""
-    from nemo_minitron.train.data import SFTData, SFTTokenizer, load_sft_samples
-    from nemo_minitron.train.distill import data_format, text_data
-    from nemo_minitron.train.indexed_data import indexed_data
+    teacher's); all data errors surface here, before training."""
+    from nemo_minitron.train.data import build_datasets
 
-    d, tok_dir, seed = cfg.data, cfg.model.restore_from_path, cfg.trainer.seed
-    if d.data_prefix is not None:
-        train, val = indexed_data(d.data_prefix, d.splits_string, d.seq_length, shuffle=d.shuffle,
-                                  seed=seed)
-        return "indexed", train, val
-    eos = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, int) \
-        else model_cfg.eos_token_id[0]
-    bos = model_cfg.bos_token_id
-    fmt = data_format(d.train_ds.file_path, d.format)
-    if fmt == "sft":
-        tok = SFTTokenizer(tok_dir, eos_token_id=eos)
-
-        def build(ds, shuffle):
-            samples = load_sft_samples(ds.file_path, tok, d.prompt_template, d.seq_length,
-                                       truncation=d.truncation, max_num_samples=ds.max_num_samples)
-            return SFTData(samples, d.seq_length, pad_id=eos, packed=d.packed_sequence,
-                           shuffle=shuffle, seed=seed)
-
-        train = build(d.train_ds, d.shuffle)
-        val = build(d.validation_ds, False) if d.validation_ds.file_path else None
-        return fmt, train, val
-    held_out = 0 if d.validation_ds.file_path else d.val_samples
-    train, val = text_data(d.train_ds.file_path, tok_dir, d.seq_length, bos=bos, eos=eos,
-                           max_num_samples=d.train_ds.max_num_samples, val_samples=held_out,
-                           shuffle=d.shuffle, seed=seed)
-    if d.validation_ds.file_path:
-        val, _ = text_data(d.validation_ds.file_path, tok_dir, d.seq_length, bos=bos, eos=eos,
-                           max_num_samples=d.validation_ds.max_num_samples, shuffle=False)
-    return fmt, train, val
+    return build_datasets(cfg.data, cfg.model.restore_from_path, model_cfg, seed=cfg.trainer.seed)
 
 
 def setup(cfg):
@@ -108,8 +78,9 @@ def setup(cfg):
     from nemo_minitron.config.parallel import validate_parallel
     from nemo_minitron.config.recipe import to_dict
     from nemo_minitron.dist import init_megatron, launched_world_size
-    from nemo_minitron.train.distill import (KD_METRICS, LogitDistillation, build_teacher,
-                                             check_same_tokenizer)
+    from nemo_minitron.losses.hidden import HiddenDistillation, check_hidden
+    from nemo_minitron.train.distill import (LogitDistillation, build_teacher, check_same_tokenizer,
+                                             kd_metric_names)
     from nemo_minitron.train.logs import MetricsLogger
     from nemo_minitron.train.loop import LoopConfig, Trainer
     from nemo_minitron.train.model import build_train_model
@@ -124,6 +95,9 @@ def setup(cfg):
     for c in (teacher_cfg, student_cfg):
         validate_parallel(c, t.tensor_model_parallel_size, t.pipeline_model_parallel_size,
                           world_size=world)
+    check_hidden(cfg.kd, student_layers=student_cfg.num_layers,
+                 teacher_layers=teacher_cfg.num_layers,
+                 pp=t.pipeline_model_parallel_size, recompute=m.activations_checkpoint_granularity)
     fmt, train_data, val_data = setup_data(cfg, student_cfg)
     init_megatron(tp=t.tensor_model_parallel_size, pp=t.pipeline_model_parallel_size, seed=t.seed)
     teacher = build_teacher(teacher_cfg, cfg.teacher.restore_from_path,
@@ -131,6 +105,9 @@ def setup(cfg):
     student = build_train_model(student_cfg, precision=t.precision, hf_dir=m.restore_from_path,
                                 seed=t.seed, recompute=m.activations_checkpoint_granularity,
                                 recompute_num_layers=m.activations_checkpoint_num_layers)
+    # before the DDP wrap: a learned projection (widths differ) joins the student's parameters
+    hidden = HiddenDistillation(student, teacher, cfg.kd, seed=t.seed) if cfg.kd.hidden_pairs \
+        else None
     ddp = wrap_ddp(student, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
     optimizer = build_optimizer(ddp, cfg.optim, t.precision)
     scheduler = build_scheduler(cfg.optim, t.max_steps)
@@ -143,23 +120,26 @@ def setup(cfg):
                       resume=t.resume)
     logger = MetricsLogger(t.log_dir or os.path.join(ckpt_dir, "logs"), enabled=dist.get_rank() == 0,
                            total_steps=t.max_steps, progress_bar=t.progress_bar,
-                           extra_columns=KD_METRICS)
+                           extra_columns=kd_metric_names(cfg.kd))
     logger.info(f"distill: {len(train_data)} training rows ({fmt}) of {cfg.data.seq_length} "
                 f"positions, {cfg.kd.loss} T={cfg.kd.temperature:g} kd_weight={cfg.kd.kd_weight:g} "
-                f"lm_weight={cfg.kd.lm_weight:g}, TP={t.tensor_model_parallel_size} "
-                f"PP={t.pipeline_model_parallel_size} "
+                f"lm_weight={cfg.kd.lm_weight:g}"
+                + (f", hidden pairs {cfg.kd.hidden_pairs} x{cfg.kd.hidden_weight:g}" if hidden else "")
+                + f", TP={t.tensor_model_parallel_size} PP={t.pipeline_model_parallel_size} "
                 f"DP={world // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)}, "
                 f"checkpoints in {ckpt_dir}")
-    kd = LogitDistillation(teacher, cfg.kd, vocab_size=student_cfg.vocab_size)
+    kd = LogitDistillation(teacher, cfg.kd, vocab_size=student_cfg.vocab_size, hidden=hidden)
     trainer = Trainer(ddp, optimizer, scheduler, train_data, loop, val_data=val_data, logger=logger,
-                      forward_step=kd.forward_step, loss_fn=kd.loss_fn, metric_names=KD_METRICS,
-                      pipeline_io=kd, extra_state={"config": to_dict(cfg)})
+                      forward_step=kd.forward_step, loss_fn=kd.loss_fn,
+                      metric_names=kd_metric_names(cfg.kd), pipeline_io=kd,
+                      extra_state={"config": to_dict(cfg)})
     return trainer, student, student_cfg, logger
 
 
 def run(cfg, overwrite: bool = False):
     """Distill and write the student; returns the trainer state (every rank)."""
     from nemo_minitron.dist import destroy_megatron
+    from nemo_minitron.losses.hidden import without_projection
     from nemo_minitron.train.export import save_final_output
 
     validate(cfg)
@@ -167,8 +147,9 @@ def run(cfg, overwrite: bool = False):
     try:
         state = trainer.fit()
         state.val_metrics = trainer.last_val_metrics
-        path = save_final_output(student, student_cfg, cfg.out, base_dir=cfg.model.restore_from_path,
-                                 overwrite=overwrite)
+        with without_projection(student):  # a hidden-loss projection is training state only
+            path = save_final_output(student, student_cfg, cfg.out,
+                                     base_dir=cfg.model.restore_from_path, overwrite=overwrite)
         if path:
             logger.info(f"wrote {path}")
     finally:

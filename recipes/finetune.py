@@ -6,6 +6,10 @@
     # continued pretraining on Megatron indexed datasets (nemo-minitron preprocess) instead of --data:
     nemo-minitron finetune --model BASE --out OUT data.splits_string=99,1,0 \\
         'data.data_prefix=[0.7,web_text_document,0.3,code_text_document]'
+    # Minitron's teacher correction: the same recipe on pretraining-style text (data.format: text,
+    # loss on every token; docs/minitron_pipeline.md)
+    nemo-minitron finetune --config conf/distill/teacher_correction_tiny.yaml --model TEACHER \\
+        --data pydoc --out TEACHER_CORRECTED
 
     # the same recipe under a launcher (one process per GPU; srun works the same way):
     torchrun --nproc-per-node 8 recipes/finetune.py --config conf/finetune/minitron_4b_width_sft.yaml \\
@@ -45,29 +49,13 @@ def validate(cfg) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
 
 
-def setup_data(cfg, model_cfg, seq_length: int):
-    """Tokenize train (and validation) data, or open the indexed datasets of ``data.data_prefix``
-    (continued pretraining); all data errors surface here, before training."""
-    from nemo_minitron.train.data import SFTData, SFTTokenizer, load_sft_samples
-    from nemo_minitron.train.indexed_data import indexed_data
+def setup_data(cfg, model_cfg):
+    """Tokenize train (and validation) data: SFT JSONL (``data.format: sft``, loss on the answer)
+    or pretraining-style text (``text``: pydoc, .txt, JSONL ``text``; loss on every token, as in
+    teacher correction), or the indexed datasets of ``data.data_prefix``; all data errors surface here, before training."""
+    from nemo_minitron.train.data import build_datasets
 
-    if cfg.data.data_prefix is not None:
-        return indexed_data(cfg.data.data_prefix, cfg.data.splits_string, seq_length,
-                            shuffle=cfg.data.shuffle, seed=cfg.trainer.seed)
-    eos = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, int) \
-        else model_cfg.eos_token_id[0]
-    tok = SFTTokenizer(cfg.model.restore_from_path, eos_token_id=eos)
-    d = cfg.data
-
-    def build(ds, shuffle):
-        samples = load_sft_samples(ds.file_path, tok, d.prompt_template, seq_length,
-                                   truncation=d.truncation, max_num_samples=ds.max_num_samples)
-        return SFTData(samples, seq_length, pad_id=eos, packed=d.packed_sequence,
-                       shuffle=shuffle, seed=cfg.trainer.seed)
-
-    train = build(d.train_ds, d.shuffle)
-    val = build(d.validation_ds, False) if d.validation_ds.file_path else None
-    return train, val
+    return build_datasets(cfg.data, cfg.model.restore_from_path, model_cfg, seed=cfg.trainer.seed)
 
 
 def setup(cfg):
@@ -87,7 +75,7 @@ def setup(cfg):
     world = launched_world_size()  # python, torchrun or srun
     validate_parallel(model_cfg, t.tensor_model_parallel_size, t.pipeline_model_parallel_size,
                       world_size=world)
-    train_data, val_data = setup_data(cfg, model_cfg, cfg.data.seq_length)
+    fmt, train_data, val_data = setup_data(cfg, model_cfg)
     init_megatron(tp=t.tensor_model_parallel_size, pp=t.pipeline_model_parallel_size, seed=t.seed)
     model = build_train_model(model_cfg, precision=t.precision, hf_dir=m.restore_from_path,
                               seed=t.seed, recompute=m.activations_checkpoint_granularity,
@@ -104,7 +92,8 @@ def setup(cfg):
                       resume=t.resume)
     logger = MetricsLogger(t.log_dir or os.path.join(ckpt_dir, "logs"), enabled=dist.get_rank() == 0,
                            total_steps=t.max_steps, progress_bar=t.progress_bar)
-    logger.info(f"finetune: {len(train_data)} training rows of {cfg.data.seq_length} positions, "
+    logger.info(f"finetune: {len(train_data)} training rows ({fmt}) of {cfg.data.seq_length} "
+                f"positions, "
                 f"TP={t.tensor_model_parallel_size} PP={t.pipeline_model_parallel_size} "
                 f"DP={world // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)}, "
                 f"checkpoints in {ckpt_dir}")
@@ -141,7 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="recipe YAML (sections trainer/model/data/optim)")
     parser.add_argument("--model", help="base HF checkpoint dir (model.restore_from_path)")
-    parser.add_argument("--data", help="training JSONL (data.train_ds.file_path)")
+    parser.add_argument("--data", help="training data (data.train_ds.file_path): SFT JSONL, or "
+                                       "with data.format=text pydoc, .txt or JSONL text")
     parser.add_argument("--out", help="output HF checkpoint dir (out)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. trainer.max_steps=20")

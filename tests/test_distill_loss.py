@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import run_ranks
-from tests.train_helpers import EOS, SEQ, VOCAB, synthetic_samples, write_small_vocab_checkpoint
+from tests.train_helpers import (EOS, SEQ, synthetic_samples, write_small_vocab_checkpoint,
+                                 write_small_vocab_student)
 
 B, S, V_PADDED, V_REAL = 2, 5, 40, 37  # 3 padded vocabulary columns, as Megatron pads
 
@@ -100,13 +101,7 @@ def teacher_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     """A tiny_minitron_width-shaped student (different weights and width than the teacher)."""
-    from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
-    from nemo_minitron.config import get_preset
-
-    cfg = get_preset("tiny_minitron_width").replace(vocab_size=VOCAB, bos_token_id=1,
-                                                    eos_token_id=EOS)
-    return write_tiny_hf_checkpoint(str(tmp_path_factory.mktemp("s") / "student"), cfg, seed=1,
-                                    tokenizer=False)
+    return write_small_vocab_student(str(tmp_path_factory.mktemp("s") / "student"))
 
 
 def _identical_student(rank, hf_dir):

@@ -38,6 +38,16 @@ def write_small_vocab_checkpoint(path: str) -> str:
     return write_tiny_hf_checkpoint(path, cfg, seed=0, tokenizer=False)
 
 
+def write_small_vocab_student(path: str, **kwargs) -> str:
+    """A tiny_minitron_width-shaped student (other weights, hidden 48 vs 64) of that vocabulary."""
+    from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
+    from nemo_minitron.config import get_preset
+
+    cfg = get_preset("tiny_minitron_width").replace(vocab_size=VOCAB, bos_token_id=BOS,
+                                                    eos_token_id=EOS)
+    return write_tiny_hf_checkpoint(path, cfg, seed=1, tokenizer=False, **kwargs)
+
+
 def synthetic_samples(n: int = 8, seed: int = 0):
     """Prompt/answer token samples of varied lengths (ids in [3, VOCAB))."""
     from nemo_minitron.train.data import Sample

@@ -64,6 +64,11 @@ class DataSection:
     # with data_prefix: train,validation,test shares of each prefix's documents, e.g. "99,1,0"
     # (None: all documents train, no validation)
     splits_string: Optional[str] = None
+    # sft: JSONL with "input"/"output" (loss on the answer); text: pydoc, .txt or JSONL "text"
+    # (pretraining-style, loss on every token); auto: SFT when the first JSONL record has "output"
+    format: str = "sft"  # sft | text | auto
+    # text data without a validation file: hold out the last N samples of the training text
+    val_samples: int = 0
 
 
 @dataclass
@@ -106,15 +111,16 @@ class KDSection:
     kd_weight: float = 1.0
     lm_weight: float = 0.0  # > 0: add the student's LM (cross-entropy) loss on the same tokens
     chunk_tokens: int = 128  # tokens per fp32 [chunk, vocab/TP] KL temporary
+    # hidden-state cosine losses (nemo_minitron/losses/hidden.py): [[student_layer, teacher_layer],
+    # ...], 0-based TransformerLayer indices or "final" (the last layer's output, before the final
+    # norm); a learned projection maps the student's width to the teacher's when they differ
+    hidden_pairs: List[List[Any]] = field(default_factory=list)
+    hidden_weight: float = 1.0  # times the mean over pairs of (1 - cosine), per counted token
 
 
 @dataclass
 class DistillDataSection(DataSection):
-    # auto: a .jsonl whose first record has "input"/"output" is SFT (loss on the answer), anything
-    # else (pydoc, .txt, .jsonl with "text") is pretraining-style text (loss on every token)
-    format: str = "auto"  # auto | sft | text
-    # text data without a validation file: hold out the last N samples of the training text
-    val_samples: int = 0
+    format: str = "auto"  # distillation data is usually text; SFT JSONL is recognised
 
 
 @dataclass

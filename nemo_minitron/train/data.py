@@ -16,9 +16,15 @@ sample through a block-diagonal causal mask ``[b, 1, s, s]``; position ids resta
 sample. (Megatron's local-spec attention applies RoPE by row position, not ``position_ids``; since
 RoPE scores depend only on q_pos - k_pos, a block-diagonal mask already makes a packed sample's loss
 equal to its unpacked loss up to float rounding; tests/test_train_data.py measured 0.0.)
+
+Pretraining-style text (``data.format: text``; pydoc, ``.txt``, JSONL ``text``): :func:`text_data`
+cuts the ``<bos> doc <eos>`` token stream into rows whose every position carries loss, the data of
+distillation and of teacher correction. :func:`build_datasets` picks between the two for a
+recipe's ``data`` section (finetune and distill share it).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -26,7 +32,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 
 from nemo_minitron.data.jsonl import iter_jsonl
-from nemo_minitron.errors import MinitronError
+from nemo_minitron.errors import ConfigError, MinitronError
 
 
 @dataclass(frozen=True)
@@ -266,3 +272,79 @@ class SFTData(RowBatches):
             epoch, j = divmod(i, n)
             out.append(self._epoch_order(epoch)[j])
         return out
+
+# ---- pretraining-style text and the choice between the two -------------------------------------
+def data_format(path: str, fmt: str) -> str:
+    """``sft`` or ``text`` for a data source (see DataSection.format)."""
+    if fmt in ("sft", "text"):
+        return fmt
+    if fmt != "auto":
+        raise ConfigError(f"data.format={fmt!r}: choose auto, sft or text")
+    if path.endswith(".jsonl") and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        first = json.loads(line)
+                    except json.JSONDecodeError:
+                        return "text"  # text_data names the bad line
+                    return "sft" if isinstance(first, dict) and "output" in first else "text"
+    return "text"
+
+
+def text_data(source: str, tokenizer_dir: str, seq_length: int, *, bos: int, eos: int,
+              max_num_samples: int = 0, val_samples: int = 0, shuffle: bool = True,
+              seed: int = 1234):
+    """Pretraining-style rows from text (pydoc, .txt, .jsonl ``text``): (train, val or None).
+
+    Each sample is ``seq_length + 1`` tokens of the concatenated ``<bos> doc <eos>`` stream
+    (``data/calibration.py``); all ``seq_length`` positions carry loss (a one-token "prompt": the
+    loss mask starts at 0)."""
+    from nemo_minitron.data.calibration import token_samples
+
+    ids = token_samples(source, tokenizer_dir, seq_length,
+                        max_num_samples + val_samples if max_num_samples else 0, bos, eos)
+    n_train = ids.shape[0] - val_samples
+    if n_train < 1:
+        raise ConfigError(f"{source!r} yields {ids.shape[0]} samples of {seq_length + 1} tokens: "
+                            f"not enough for data.val_samples={val_samples} plus training")
+    samples = [Sample(prompt=row[:1].tolist(), answer=row[1:].tolist()) for row in ids]
+    train = SFTData(samples[:n_train], seq_length, pad_id=eos, shuffle=shuffle, seed=seed)
+    val = SFTData(samples[n_train:], seq_length, pad_id=eos, shuffle=False) if val_samples else None
+    return train, val
+
+
+def build_datasets(d, tokenizer_dir: str, model_cfg, seed: int = 1234):
+    """(format, train, val or None) for a recipe's ``data`` section (DataSection): SFT JSONL or
+    pretraining-style text, tokenized with ``tokenizer_dir``, or the Megatron indexed datasets of
+    ``data.data_prefix`` (format "indexed"); every data error surfaces here."""
+    if getattr(d, "data_prefix", None) is not None:  # Megatron indexed datasets
+        from nemo_minitron.train.indexed_data import indexed_data
+
+        train, val = indexed_data(d.data_prefix, d.splits_string, d.seq_length, shuffle=d.shuffle,
+                                  seed=seed)
+        return "indexed", train, val
+    eos = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, int) \
+        else model_cfg.eos_token_id[0]
+    fmt = data_format(d.train_ds.file_path, d.format)
+    if fmt == "sft":
+        tok = SFTTokenizer(tokenizer_dir, eos_token_id=eos)
+
+        def build(ds, shuffle):
+            samples = load_sft_samples(ds.file_path, tok, d.prompt_template, d.seq_length,
+                                       truncation=d.truncation, max_num_samples=ds.max_num_samples)
+            return SFTData(samples, d.seq_length, pad_id=eos, packed=d.packed_sequence,
+                           shuffle=shuffle, seed=seed)
+
+        train = build(d.train_ds, d.shuffle)
+        val = build(d.validation_ds, False) if d.validation_ds.file_path else None
+        return fmt, train, val
+    bos = model_cfg.bos_token_id
+    held_out = 0 if d.validation_ds.file_path else d.val_samples
+    train, val = text_data(d.train_ds.file_path, tokenizer_dir, d.seq_length, bos=bos, eos=eos,
+                           max_num_samples=d.train_ds.max_num_samples, val_samples=held_out,
+                           shuffle=d.shuffle, seed=seed)
+    if d.validation_ds.file_path:
+        val, _ = text_data(d.validation_ds.file_path, tokenizer_dir, d.seq_length, bos=bos, eos=eos,
+                           max_num_samples=d.validation_ds.max_num_samples, shuffle=False)
+    return fmt, train, val

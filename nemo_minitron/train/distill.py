@@ -26,14 +26,16 @@ logits for the loss as at PP=1; Megatron DDP and the optimizer see the student o
 sends each activation's shape ahead of it instead (``variable_seq_lengths``; see
 :func:`nemo_minitron.compat.mcore.wide_pipeline_schedule_kwargs`).
 
-Data: the SFT JSONL of ``train/data.py`` (loss on the answer) or plain text / JSONL ``text``
-(pretraining-style, loss on every token): :func:`text_data` cuts the token stream of
-``data/calibration.py`` into samples whose every position is counted.
+Data: ``train/data.py``'s :func:`~nemo_minitron.train.data.build_datasets` (shared with finetune):
+the SFT JSONL (loss on the answer) or plain text / JSONL ``text`` (pretraining-style, loss on every
+token).
+
+Hidden-state cosine losses (``kd.hidden_pairs``, nemo_minitron/losses/hidden.py) join through the
+``hidden`` argument: its term is added in ``loss_fn`` and logged as the ``hidden`` metric.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from typing import Optional
@@ -44,6 +46,7 @@ from nemo_minitron.config.arch import ModelConfig
 from nemo_minitron.errors import ConfigError
 
 KD_METRICS = ("kl", "lm")  # per-token means logged for train and validation
+HIDDEN_METRIC = "hidden"  # with kd.hidden_pairs: the mean over pairs of 1 - cosine, per token
 KD_LOSSES = ("forward_kl", "reverse_kl")
 
 
@@ -56,6 +59,13 @@ def check_kd(kd) -> None:
     if kd.kd_weight < 0 or kd.lm_weight < 0 or kd.kd_weight + kd.lm_weight == 0:
         raise ConfigError(f"kd.kd_weight={kd.kd_weight}, kd.lm_weight={kd.lm_weight}: weights "
                           "must be >= 0 and not both 0")
+    from nemo_minitron.losses.hidden import check_hidden
+
+    check_hidden(kd)  # shapes and types; ranges and layout once the models' configs are read
+
+
+def kd_metric_names(kd) -> tuple:
+    return KD_METRICS + ((HIDDEN_METRIC,) if kd.hidden_pairs else ())
 
 
 def _file_digest(path: str) -> Optional[str]:
@@ -96,9 +106,10 @@ def build_teacher(cfg: ModelConfig, hf_dir: str, precision: str, seed: int = 123
 class LogitDistillation:
     """``forward_step`` / ``loss_fn`` for :class:`nemo_minitron.train.loop.Trainer`."""
 
-    def __init__(self, teacher, kd, vocab_size: int):
+    def __init__(self, teacher, kd, vocab_size: int, hidden=None):
         check_kd(kd)
         self.teacher, self.kd, self.vocab_size = teacher, kd, vocab_size
+        self.hidden = hidden  # losses.hidden.HiddenDistillation (hooks on both models) or None
 
     def forward_step(self, model, batch):
         """Last pipeline stage: (student logits, teacher logits), each ``[b, s, vocab/TP]``.
@@ -126,7 +137,8 @@ class LogitDistillation:
         return PipelineStagePair(model, self.teacher)
 
     def loss_fn(self, output, batch):
-        """(kd_weight * KL sum + lm_weight * CE sum, counted tokens, {"kl": .., "lm": ..} sums).
+        """(kd_weight * KL sum + lm_weight * CE sum [+ hidden_weight * hidden sum], counted
+        tokens, {"kl": .., "lm": .. [, "hidden": ..]} sums).
 
         ``lm`` is computed when it is trained (lm_weight > 0) or in validation (no grad); in a
         training step without it, it is NaN rather than another pass over the logits."""
@@ -156,7 +168,12 @@ class LogitDistillation:
             lm_sum = (per_token.float() * mask).sum()
             if self.kd.lm_weight > 0:
                 loss = loss + self.kd.lm_weight * lm_sum
-        return loss, tokens, {"kl": kl_sum.detach(), "lm": lm_sum.detach()}
+        metrics = {"kl": kl_sum.detach(), "lm": lm_sum.detach()}
+        if self.hidden is not None:
+            hidden_sum = self.hidden.loss_sum(mask)
+            loss = loss + self.kd.hidden_weight * hidden_sum
+            metrics[HIDDEN_METRIC] = hidden_sum.detach()
+        return loss, tokens, metrics
 
 
 class PipelineStagePair:
@@ -188,43 +205,3 @@ class PipelineStagePair:
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-
-# ---- data ---------------------------------------------------------------------------------------
-def data_format(path: str, fmt: str) -> str:
-    """``sft`` or ``text`` for a data source (see DistillDataSection.format)."""
-    if fmt in ("sft", "text"):
-        return fmt
-    if fmt != "auto":
-        raise ConfigError(f"data.format={fmt!r}: choose auto, sft or text")
-    if path.endswith(".jsonl") and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        first = json.loads(line)
-                    except json.JSONDecodeError:
-                        return "text"  # text_data names the bad line
-                    return "sft" if isinstance(first, dict) and "output" in first else "text"
-    return "text"
-
-
-def text_data(source: str, tokenizer_dir: str, seq_length: int, *, bos: int, eos: int,
-              max_num_samples: int = 0, val_samples: int = 0, shuffle: bool = True,
-              seed: int = 1234):
-    """Pretraining-style rows from text (pydoc, .txt, .jsonl ``text``): (train, val or None).
-
-    Each sample is ``seq_length + 1`` tokens of the concatenated ``<bos> doc <eos>`` stream; all
-    ``seq_length`` positions carry loss (a one-token "prompt": the loss mask starts at 0)."""
-    from nemo_minitron.data.calibration import token_samples
-    from nemo_minitron.train.data import Sample, SFTData
-
-    ids = token_samples(source, tokenizer_dir, seq_length,
-                        max_num_samples + val_samples if max_num_samples else 0, bos, eos)
-    n_train = ids.shape[0] - val_samples
-    if n_train < 1:
-        raise ConfigError(f"{source!r} yields {ids.shape[0]} samples of {seq_length + 1} tokens: "
-                          f"not enough for data.val_samples={val_samples} plus training")
-    samples = [Sample(prompt=row[:1].tolist(), answer=row[1:].tolist()) for row in ids]
-    train = SFTData(samples[:n_train], seq_length, pad_id=eos, shuffle=shuffle, seed=seed)
-    val = SFTData(samples[n_train:], seq_length, pad_id=eos, shuffle=False) if val_samples else None
-    return train, val
