@@ -388,8 +388,8 @@ def test_distill_from_indexed_prefix(tiny_hf_dir, pydoc_prefix, tmp_path, capsys
     assert "give one training source" in capsys.readouterr().err
     assert cli_main(["distill", "--teacher", tiny_hf_dir, "--student", student, "--out",
                      str(tmp_path / "o2"), f"data.data_prefix=[{pydoc_prefix}]",
-                     "data.format=sft"]) == 2
-    assert "data.format=sft do(es) not apply to data.data_prefix" in capsys.readouterr().err
+                     "data.train_ds.max_num_samples=4"]) == 2
+    assert "max_num_samples does not apply to data.data_prefix" in capsys.readouterr().err
     assert cli_main(["finetune", "--model", tiny_hf_dir, "--out", str(tmp_path / "o3"),
                      "data.data_prefix=[0.5]"]) == 2
     assert "odd number of entries" in capsys.readouterr().err

@@ -259,12 +259,10 @@ def check_data_source(data) -> None:
         if data.train_ds.file_path or data.validation_ds.file_path:
             raise ConfigError("data.data_prefix and data.train_ds/validation_ds.file_path (--data) "
                               "are both set: give one training source")
-        # (distill's data.val_samples, set by its shipped configs for text files, does not apply)
-        ignored = ["data.train_ds.max_num_samples"] if data.train_ds.max_num_samples else []
-        if getattr(data, "format", "auto") not in ("auto", "text"):
-            ignored.append(f"data.format={data.format}")
-        if ignored:
-            raise ConfigError(f"{', '.join(ignored)} do(es) not apply to data.data_prefix "
+        # data.format (finetune's default is sft) and distill's data.val_samples describe file
+        # sources: indexed data is always pretraining-style, validation comes from splits_string
+        if data.train_ds.max_num_samples:
+            raise ConfigError("data.train_ds.max_num_samples does not apply to data.data_prefix "
                               "(validation comes from data.splits_string)")
     elif not data.train_ds.file_path:
         raise ConfigError("no training data given (--data / data.train_ds.file_path, or "
