@@ -169,6 +169,34 @@ def test_merged_model_equals_adapter_model(width_dir, tmp_path):
         merge_lora(width_dir, adapter_dir, merged)
 
 
+@pytest.mark.slow
+def test_lora_cli_merge_to_nemo_and_export_peft(tiny_fp32_hf_dir, tmp_path, capsys):
+    """The CLI commands; a .nemo merge reads back (through the converter) as the HF merge.
+    (The tiny teacher with its tokenizer: a .nemo packs the tokenizer files.)"""
+    from nemo_minitron.checkpoint.hf_io import iter_tensors
+    from nemo_minitron.config.hf import read_hf_config
+    from nemo_minitron.convert.nemo_to_hf import nemo_to_hf
+    from nemo_minitron.peft.adapter_io import adapter_meta, merge_lora, save_adapter
+
+    cfg = read_hf_config(tiny_fp32_hf_dir)
+    ad = save_adapter(random_adapters(cfg, SPEC), adapter_meta(cfg, SPEC, "my/base"),
+                      str(tmp_path / "ad"))
+    nemo = str(tmp_path / "m.nemo")
+    assert cli_main(["lora", "merge", "--base", tiny_fp32_hf_dir, "--adapter", ad, "--out", nemo]) == 0
+    assert cli_main(["lora", "export-peft", "--adapter", ad, "--out", str(tmp_path / "p"),
+                     "--base-model", "nvidia/Llama-3.1-Minitron-4B-Width-Base"]) == 0
+    with open(tmp_path / "p" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == "nvidia/Llama-3.1-Minitron-4B-Width-Base"
+    back, _ = nemo_to_hf(nemo, str(tmp_path / "back"), progress=False)
+    hf = merge_lora(tiny_fp32_hf_dir, ad, str(tmp_path / "hf"))
+    a, b = dict(iter_tensors(back)), dict(iter_tensors(hf))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # not an adapter directory: one line, exit 2
+    assert cli_main(["lora", "export-peft", "--adapter", tiny_fp32_hf_dir, "--out",
+                     str(tmp_path / "q")]) == 2
+    assert "is not a LoRA adapter directory" in capsys.readouterr().err
+
+
 @pytest.mark.hf
 def test_peft_export_on_transformers_gives_the_adapter_logits(width_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
@@ -214,23 +242,26 @@ def test_only_adapters_train_and_tp2_matches_tp1(width_dir):
                                    rtol=1e-5, atol=0)
 
 
-def test_lora_resume_gives_the_same_losses(width_dir, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_lora_resume_gives_the_same_losses(width_dir, tmp_path, tp):
     spec = LoRASection(rank=4, alpha=8.0)
-    full = run_ranks(lambda r: train(r, width_dir, steps=6, lr=3e-2, lora=spec))[0]
+    layout = dict(world_size=tp, tp=tp)
+    full = run_ranks(lambda r: train(r, width_dir, steps=6, lr=3e-2, lora=spec), **layout)[0]
     ckpt = str(tmp_path / "ckpt")
     first = run_ranks(lambda r: train(r, width_dir, steps=6, lr=3e-2, lora=spec, ckpt_dir=ckpt,
-                                      ckpt_every=3, stop_after=3))[0]
+                                      ckpt_every=3, stop_after=3), **layout)[0]
     # the checkpoint holds adapters (and optimizer state), not the base
     from torch.distributed.checkpoint import FileSystemReader
 
     keys = set(FileSystemReader(os.path.join(ckpt, "step_000003")).read_metadata()
                .state_dict_metadata)
-    model_keys = sorted(k for k in keys if k.startswith("model."))
+    model_keys = sorted(k.split(".tp")[0] for k in keys if k.startswith("model."))
     assert model_keys == sorted(f"model.decoder.layers.{m}.adapter.lora_{f}" for f in "ab"
                                 for m in ("self_attention.linear_qkv", "self_attention.linear_proj",
                                           "mlp.linear_fc1", "mlp.linear_fc2")), model_keys
     assert not any("embedding" in k or k.endswith(".weight") and "adapter" not in k for k in keys)
-    rest = run_ranks(lambda r: train(r, width_dir, steps=6, lr=3e-2, lora=spec, ckpt_dir=ckpt))[0]
+    rest = run_ranks(lambda r: train(r, width_dir, steps=6, lr=3e-2, lora=spec, ckpt_dir=ckpt),
+                     **layout)[0]
     assert rest["start"] == 3
     assert first["losses"] + rest["losses"] == full["losses"]
 
@@ -268,3 +299,18 @@ def test_recipe_lora_learns_and_writes_adapter_and_merged_model(tiny_hf_dir, tmp
     changed = sorted({k.split(".", 3)[3] for k in base if not torch.equal(base[k], merged[k])})
     assert changed == ["mlp.down_proj.weight", "self_attn.k_proj.weight",
                        "self_attn.q_proj.weight", "self_attn.v_proj.weight"]
+
+
+@pytest.mark.parametrize("name", ["minitron_4b_width_lora.yaml", "tiny_lora.yaml"])
+def test_shipped_lora_configs_load_and_start_with_their_command(name):
+    from nemo_minitron.config.recipe import load_config
+    from nemo_minitron.peft.lora import check_spec
+    from nemo_minitron.train.config import FinetuneConfig
+
+    path = os.path.join(ROOT, "conf", "finetune", name)
+    cfg = load_config(FinetuneConfig, path)
+    assert cfg.peft == "lora" and check_spec(cfg.lora) == ["linear_qkv", "linear_proj",
+                                                           "linear_fc1", "linear_fc2"]
+    with open(path) as f:
+        head = f.read(600)
+    assert "finetune" in head and "--config conf/finetune/" + name in head

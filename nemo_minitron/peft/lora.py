@@ -113,7 +113,7 @@ class LoRAAdapter(torch.nn.Module):
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from megatron.core import tensor_parallel as tpl
+        from megatron.core.tensor_parallel import mappings as tpl  # 0.7.0 does not re-export both
 
         h = torch.nn.functional.linear(self.dropout(x), self.lora_a)  # [s, b, r]
         if self.parallel == "column":
