@@ -100,6 +100,10 @@ def test_tp2_equals_tp1_and_projection_width_is_heads_times_head_dim(width_dir):
     # gathering the TP shards gives back exactly what was loaded (fc1's B as [gate ; up])
     assert set(tp2[0]["gathered"]) == set(adapters)
     assert all(torch.equal(tp2[0]["gathered"][k], v) for k, v in adapters.items())
+    # PP=2: global layer indices on the second stage; gathered on rank 0 from both stages
+    pp2 = run_ranks(_adapter_logits, world_size=2, pp=2, args=(width_dir, adapters, SPEC))
+    torch.testing.assert_close(pp2[1]["logits"], tp1["logits"], rtol=0, atol=ATOL)
+    assert all(torch.equal(pp2[0]["gathered"][k], v) for k, v in adapters.items())
     # NeMo 24.05's bug: linear_proj's adapter input must be heads*head_dim (128), not hidden (48)
     heads_x_hd = cfg.num_attention_heads * cfg.head_dim
     assert tp1["shapes"]["linear_proj.a"] == (SPEC.rank, heads_x_hd) != (SPEC.rank, cfg.hidden_size)

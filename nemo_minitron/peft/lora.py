@@ -238,6 +238,7 @@ def gather_adapters(model) -> Dict[str, torch.Tensor]:
     from megatron.core import parallel_state as ps
 
     from nemo_minitron.convert import mapping
+    from nemo_minitron.train.export import collect_on_rank0
 
     tp = ps.get_tensor_model_parallel_world_size()
     stage = {}
@@ -251,16 +252,7 @@ def gather_adapters(model) -> Dict[str, torch.Tensor]:
                 # A columns of proj/fc2
                 local = mapping.tp_unshard(base_weight_name(layer, target), shards)
             stage[adapter_key(layer, target, factor)] = local
-    if ps.get_data_parallel_rank() != 0 or ps.get_tensor_model_parallel_rank() != 0:
-        stage = None
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return stage or {}
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(stage, gathered, dst=0)
-    full: Dict[str, torch.Tensor] = {}
-    for part in gathered or []:
-        full.update(part or {})
-    return full
+    return collect_on_rank0(stage) or {}
 
 
 def load_adapters(model, full: Dict[str, torch.Tensor]) -> None:

@@ -41,6 +41,14 @@ def gather_megatron_state(model, cfg: ModelConfig) -> Optional[Dict[str, torch.T
             dist.all_gather(shards, local.contiguous(), group=ps.get_tensor_model_parallel_group())
             local = mapping.tp_unshard(name, shards)
         stage[mapping.to_local_layer(name, -offset)] = local
+    return collect_on_rank0(stage)
+
+
+def collect_on_rank0(stage: Dict[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+    """Collective. Each pipeline stage's dict (already TP-gathered; DP/TP replicas send nothing)
+    merged on global rank 0; None elsewhere."""
+    from megatron.core import parallel_state as ps
+
     if ps.get_data_parallel_rank() != 0 or ps.get_tensor_model_parallel_rank() != 0:
         stage = None  # replicas: one copy per stage is enough
     if dist.get_world_size() == 1:
