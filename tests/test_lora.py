@@ -250,23 +250,23 @@ def test_only_adapters_train_and_tp2_matches_tp1(width_dir):
 def test_lora_resume_gives_the_same_losses(width_dir, tmp_path, tp):
     spec = LoRASection(rank=4, alpha=8.0)
     layout = dict(world_size=tp, tp=tp)
-    full = run_ranks(lambda r: train(r, width_dir, steps=6, lr=3e-2, lora=spec), **layout)[0]
+    full = run_ranks(lambda r: train(r, width_dir, steps=4, lr=3e-2, lora=spec), **layout)[0]
     ckpt = str(tmp_path / "ckpt")
-    first = run_ranks(lambda r: train(r, width_dir, steps=6, lr=3e-2, lora=spec, ckpt_dir=ckpt,
-                                      ckpt_every=3, stop_after=3), **layout)[0]
+    first = run_ranks(lambda r: train(r, width_dir, steps=4, lr=3e-2, lora=spec, ckpt_dir=ckpt,
+                                      ckpt_every=2, stop_after=2), **layout)[0]
     # the checkpoint holds adapters (and optimizer state), not the base
     from torch.distributed.checkpoint import FileSystemReader
 
-    keys = set(FileSystemReader(os.path.join(ckpt, "step_000003")).read_metadata()
+    keys = set(FileSystemReader(os.path.join(ckpt, "step_000002")).read_metadata()
                .state_dict_metadata)
     model_keys = sorted(k.split(".tp")[0] for k in keys if k.startswith("model."))
     assert model_keys == sorted(f"model.decoder.layers.{m}.adapter.lora_{f}" for f in "ab"
                                 for m in ("self_attention.linear_qkv", "self_attention.linear_proj",
                                           "mlp.linear_fc1", "mlp.linear_fc2")), model_keys
     assert not any("embedding" in k or k.endswith(".weight") and "adapter" not in k for k in keys)
-    rest = run_ranks(lambda r: train(r, width_dir, steps=6, lr=3e-2, lora=spec, ckpt_dir=ckpt),
+    rest = run_ranks(lambda r: train(r, width_dir, steps=4, lr=3e-2, lora=spec, ckpt_dir=ckpt),
                      **layout)[0]
-    assert rest["start"] == 3
+    assert rest["start"] == 2
     assert first["losses"] + rest["losses"] == full["losses"]
 
 
@@ -288,7 +288,7 @@ def test_recipe_lora_learns_and_writes_adapter_and_merged_model(tiny_hf_dir, tmp
                              ("Opposite of hot?", "Cold."), ("A primary color?", "Blue.")]))
     out = str(tmp_path / "out")
     argv = ["--peft", "lora", "--config", os.path.join(ROOT, "conf/finetune/tiny_lora.yaml"),
-            "--model", tiny_hf_dir, "--data", str(data), "--out", out, "trainer.max_steps=10",
+            "--model", tiny_hf_dir, "--data", str(data), "--out", out, "trainer.max_steps=8", "trainer.log_every_n_steps=1",
             "trainer.ckpt_every_n_steps=0", "lora.target_modules=[linear_qkv,linear_fc2]"]
     assert run_ranks(lambda r: _run_recipe(r, argv))[0] == 0
     rows = [line.split(",") for line in open(os.path.join(out + ".ckpt", "logs", "metrics.csv"))]

@@ -165,6 +165,8 @@ def apply_lora(model, cfg: ModelConfig, spec, seed: int = 0) -> List[str]:
         for name in targets:
             t = TARGETS[name]
             linear = _get(layer, t.path)
+            if hasattr(linear, ADAPTER):
+                raise ConfigError(f"layer {index} {t.path} already has a LoRA adapter")
             if hasattr(linear, "layer_norm_weight"):  # TE's fused norm: its input is pre-norm
                 raise ConfigError(f"LoRA on {t.path} needs the local layer spec (build the model "
                                   "with use_te=False): Transformer Engine fuses the norm into it")
