@@ -183,7 +183,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
         validate(cfg)  # before a .nemo base is converted
-        base_name = cfg.model.restore_from_path
+        base_name = cfg.model.restore_from_path  # as recorded in a LoRA adapter's config
+        if base_name and os.path.exists(base_name):
+            base_name = os.path.abspath(base_name)
         with contextlib.ExitStack() as stack:  # a .nemo base model: read through an HF view
             hf_view_of(stack, cfg.model, "restore_from_path")
             run(cfg, overwrite=args.overwrite, base_name=base_name)
