@@ -239,7 +239,9 @@ def cmd_lora(args) -> int:
     if args.action == "merge":
         print(f"wrote {merge_lora(args.base, args.adapter, args.out, overwrite=args.overwrite)}")
     else:
-        print(f"wrote {export_peft(args.adapter, args.out, base_model=args.base_model, overwrite=args.overwrite)}")
+        out = export_peft(args.adapter, args.out, base_model=args.base_model,
+                          overwrite=args.overwrite)
+        print(f"wrote {out}")
     return 0
 
 

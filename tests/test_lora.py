@@ -22,7 +22,7 @@ ATOL = 2e-5  # fp32 logits of order 1; different summation orders (TP all-reduce
 
 @pytest.fixture(scope="module")
 def width_dir(tmp_path_factory):
-    """tiny_minitron_width (hidden 48, heads*head_dim 128: the 4B-Width quirk), fp32, small vocab."""
+    """tiny_minitron_width (hidden 48, heads*head_dim 128: the 4B-Width quirk), fp32, vocab 2048."""
     from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
     from nemo_minitron.config import get_preset
 
@@ -186,7 +186,8 @@ def test_lora_cli_merge_to_nemo_and_export_peft(tiny_fp32_hf_dir, tmp_path, caps
     ad = save_adapter(random_adapters(cfg, SPEC), adapter_meta(cfg, SPEC, "my/base"),
                       str(tmp_path / "ad"))
     nemo = str(tmp_path / "m.nemo")
-    assert cli_main(["lora", "merge", "--base", tiny_fp32_hf_dir, "--adapter", ad, "--out", nemo]) == 0
+    assert cli_main(["lora", "merge", "--base", tiny_fp32_hf_dir, "--adapter", ad,
+                     "--out", nemo]) == 0
     assert cli_main(["lora", "export-peft", "--adapter", ad, "--out", str(tmp_path / "p"),
                      "--base-model", "nvidia/Llama-3.1-Minitron-4B-Width-Base"]) == 0
     with open(tmp_path / "p" / "adapter_config.json") as f:
@@ -288,7 +289,8 @@ def test_recipe_lora_learns_and_writes_adapter_and_merged_model(tiny_hf_dir, tmp
                              ("Opposite of hot?", "Cold."), ("A primary color?", "Blue.")]))
     out = str(tmp_path / "out")
     argv = ["--peft", "lora", "--config", os.path.join(ROOT, "conf/finetune/tiny_lora.yaml"),
-            "--model", tiny_hf_dir, "--data", str(data), "--out", out, "trainer.max_steps=8", "trainer.log_every_n_steps=1",
+            "--model", tiny_hf_dir, "--data", str(data), "--out", out, "trainer.max_steps=8",
+            "trainer.log_every_n_steps=1",
             "trainer.ckpt_every_n_steps=0", "lora.target_modules=[linear_qkv,linear_fc2]"]
     assert run_ranks(lambda r: _run_recipe(r, argv))[0] == 0
     rows = [line.split(",") for line in open(os.path.join(out + ".ckpt", "logs", "metrics.csv"))]

@@ -114,7 +114,7 @@ def merge_into(full: Dict[str, torch.Tensor], cfg: ModelConfig, meta: dict,
 
 
 def merge_lora(base: str, adapter_dir: str, out: str, overwrite: bool = False) -> str:
-    """Base model (HF dir or .nemo) + adapter directory -> merged model ``out`` (HF dir, or .nemo)."""
+    """Base (HF dir or .nemo) + adapter directory -> merged model ``out`` (HF dir or .nemo)."""
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.convert.io import as_hf_dir
     from nemo_minitron.model.load import HFReader
@@ -134,7 +134,7 @@ def merge_lora(base: str, adapter_dir: str, out: str, overwrite: bool = False) -
         return write_output(full, cfg, out, base_dir=hf_dir, overwrite=overwrite)
 
 
-# ---- HF-PEFT ---------------------------------------------------------------------------------------
+# ---- HF-PEFT -------------------------------------------------------------------------------------
 def peft_tensors(cfg: ModelConfig, meta: dict, tensors: Dict[str, torch.Tensor]
                  ) -> Dict[str, torch.Tensor]:
     """Our fused adapters -> PEFT's per-module ``lora_A`` / ``lora_B`` tensors (HF names)."""
@@ -184,7 +184,7 @@ def export_peft(adapter_dir: str, out_dir: str, base_model: Optional[str] = None
     return os.path.abspath(out_dir)
 
 
-# ---- the end of a LoRA training run ----------------------------------------------------------------
+# ---- the end of a LoRA training run --------------------------------------------------------------
 def save_lora_outputs(model, cfg: ModelConfig, spec, adapter_dir: str, out: Optional[str],
                       base_dir: Optional[str] = None, base_name: Optional[str] = None,
                       overwrite: bool = False) -> Tuple[Optional[str], Optional[str]]:

@@ -173,7 +173,8 @@ def apply_lora(model, cfg: ModelConfig, spec, seed: int = 0) -> List[str]:
             out_local, in_local = linear.weight.shape
             full_out, full_in = full_shape(cfg, name)
             # The 24.05 bug cannot happen: widths come from the weight, checked against the config
-            want = (full_out // tp, full_in) if t.parallel == "column" else (full_out, full_in // tp)
+            want = ((full_out // tp, full_in) if t.parallel == "column"
+                    else (full_out, full_in // tp))
             if (out_local, in_local) != want:
                 raise ConfigError(f"layer {index} {t.path}: weight {[out_local, in_local]} does "
                                   f"not match the config's {list(want)} at TP={tp}")
@@ -181,7 +182,8 @@ def apply_lora(model, cfg: ModelConfig, spec, seed: int = 0) -> List[str]:
             out_features = out_local if t.parallel == "column" else full_out
             adapter = LoRAAdapter(t.parallel, in_features, out_features, spec.rank, spec.alpha,
                                   spec.dropout, linear.weight.dtype)
-            g = torch.Generator().manual_seed(seed * 1000003 + index * 16 + list(TARGETS).index(name))
+            g = torch.Generator().manual_seed(seed * 1000003 + index * 16
+                                              + list(TARGETS).index(name))
             full_a = init_lora_a(torch.empty(spec.rank, full_in), g)
             with torch.no_grad():
                 adapter.lora_a.copy_(full_a if t.parallel == "column" else mapping.tp_shard(
@@ -196,7 +198,7 @@ def apply_lora(model, cfg: ModelConfig, spec, seed: int = 0) -> List[str]:
     return adapter_param_names(model)
 
 
-# ---- naming ---------------------------------------------------------------------------------------
+# ---- naming --------------------------------------------------------------------------------------
 def is_adapter_name(name: str) -> bool:
     return f".{ADAPTER}.lora_" in name
 
@@ -231,7 +233,7 @@ def base_weight_name(layer: int, target: str) -> str:
     return f"decoder.layers.{layer}.{TARGETS[target].path}.weight"
 
 
-# ---- full tensors (rank 0) and the training checkpoint ----------------------------------------------
+# ---- full tensors (rank 0) and the training checkpoint -------------------------------------------
 def gather_adapters(model) -> Dict[str, torch.Tensor]:
     """Collective over all ranks: every adapter factor, unsharded, under :func:`adapter_key` names,
     on global rank 0 (empty dict elsewhere). The sharded factor is reassembled like the base
@@ -249,7 +251,8 @@ def gather_adapters(model) -> Dict[str, torch.Tensor]:
             local = getattr(adapter, f"lora_{factor}").detach().cpu()
             if tp > 1 and _sharded(target, factor):
                 shards = [torch.empty_like(local) for _ in range(tp)]
-                dist.all_gather(shards, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+                dist.all_gather(shards, local.contiguous(),
+                                group=ps.get_tensor_model_parallel_group())
                 # split like the base weight: B rows of qkv/fc1 (fc1 [gate_r ; up_r] per rank),
                 # A columns of proj/fc2
                 local = mapping.tp_unshard(base_weight_name(layer, target), shards)
@@ -309,8 +312,8 @@ def sharded_state_dict(model, prefix: str = "model.") -> dict:
                 sd[b] = apply_swiglu_sharded_factory(sd[b], offsets)
             elif tp > 1:
                 sd[b].key = f"{sd[b].key}.tp{tp}"  # a different TP finds no key: a loud error
-        out.update({f"{prefix}decoder.layers.{layer}.{TARGETS[target].path}.{ADAPTER}.{k[len(key_prefix):]}":
-                    v for k, v in sd.items()})
+        here = f"{prefix}decoder.layers.{layer}.{TARGETS[target].path}.{ADAPTER}."
+        out.update({here + k[len(key_prefix):]: v for k, v in sd.items()})
     return out
 
 
@@ -318,5 +321,6 @@ def load_sharded_state_dict(model, loaded: dict, prefix: str = "model.") -> None
     with torch.no_grad():
         for layer, target, adapter in iter_adapters(model):
             for factor in ("a", "b"):
-                key = f"{prefix}decoder.layers.{layer}.{TARGETS[target].path}.{ADAPTER}.lora_{factor}"
+                key = (f"{prefix}decoder.layers.{layer}.{TARGETS[target].path}.{ADAPTER}."
+                       f"lora_{factor}")
                 getattr(adapter, f"lora_{factor}").copy_(loaded[key])
