@@ -5,6 +5,9 @@
     nemo-minitron info /path/to/hf_dir_or_config.json_or_model_config.yaml_or.nemo
     nemo-minitron prune --config conf/prune/tiny.yaml --model TEACHER --out STUDENT [key=value ...]
     nemo-minitron finetune --model BASE --data TRAIN.jsonl --out OUT [--config YAML] [key=value ...]
+    nemo-minitron finetune --peft lora --model BASE --data TRAIN.jsonl --out OUT.nemo [lora.rank=8 ...]
+    nemo-minitron lora merge --base BASE --adapter OUT.lora --out MERGED(.nemo or HF dir)
+    nemo-minitron lora export-peft --adapter OUT.lora --out PEFT_DIR [--base-model ID_OR_PATH]
     nemo-minitron distill --teacher T --student S --data DATA --out OUT [--config YAML] [key=value ...]
     nemo-minitron generate --model HF_DIR --prompt TEXT [--greedy] [--max-new-tokens N] [key=value ...]
     nemo-minitron generate --model HF_DIR --prompts IN.jsonl --out OUT.jsonl [--config YAML] [key=value ...]
@@ -242,6 +245,35 @@ def add_convert_parsers(sub) -> None:
     p.set_defaults(func=cmd_verify)
 
 
+def cmd_lora(args) -> int:
+    from nemo_minitron.peft.adapter_io import export_peft, merge_lora
+
+    if args.action == "merge":
+        print(f"wrote {merge_lora(args.base, args.adapter, args.out, overwrite=args.overwrite)}")
+    else:
+        out = export_peft(args.adapter, args.out, base_model=args.base_model,
+                          overwrite=args.overwrite)
+        print(f"wrote {out}")
+    return 0
+
+
+def add_lora_parsers(sub) -> None:
+    p = sub.add_parser("lora", help="LoRA adapters: merge into the base, export to HF-PEFT")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    m = actions.add_parser("merge", help="base + adapter -> merged model (.nemo or HF dir)")
+    m.add_argument("--base", required=True, help="base model: HF directory or .nemo")
+    e = actions.add_parser("export-peft", help="adapter -> adapter_config.json + "
+                                               "adapter_model.safetensors for peft")
+    e.add_argument("--base-model", help="base_model_name_or_path to record (default: the "
+                                        "base the adapter was trained on)")
+    for q in (m, e):
+        q.add_argument("--adapter", required=True, help="adapter directory (finetune --peft lora)")
+        q.add_argument("--out", required=True)
+        q.add_argument("--overwrite", action="store_true")
+        q.set_defaults(func=cmd_lora)
+
+
 def cmd_eval_harness(args) -> int:
     from nemo_minitron.config.recipe import load_config
     from nemo_minitron.inference.job import EvalHarnessJobConfig, run_eval_harness
@@ -310,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipe, recipe="prune")
 
     p = sub.add_parser("finetune", add_help=False,
-                       help="full SFT (recipes/finetune.py)")
+                       help="full or LoRA SFT (recipes/finetune.py)")
     p.add_argument("recipe_args", nargs=argparse.REMAINDER,
                    help="--model BASE --data TRAIN.jsonl --out OUT [--config YAML] [key=value ...]")
     p.set_defaults(func=cmd_recipe, recipe="finetune")
@@ -349,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_ppl)
 
     add_convert_parsers(sub)
+    add_lora_parsers(sub)
     p = sub.add_parser("eval-harness", help="lm-evaluation-harness tasks (needs pip install lm-eval)")
     p.add_argument("--model", help="HF checkpoint directory")
     p.add_argument("--tasks", help="comma-separated lm-eval task names")

@@ -1,4 +1,4 @@
-"""Full-parameter SFT of a Llama-3.1 / Minitron HF checkpoint with Megatron-Core (TP, PP, DP).
+"""SFT of a Llama-3.1 / Minitron checkpoint with Megatron-Core (TP, PP, DP): full or LoRA.
 
     nemo-minitron finetune --model BASE_HF_DIR --data TRAIN.jsonl --out OUT_DIR \\
         [--config conf/finetune/minitron_4b_width_sft.yaml] [trainer.max_steps=20 ...]
@@ -10,6 +10,9 @@
     # loss on every token; docs/minitron_pipeline.md)
     nemo-minitron finetune --config conf/distill/teacher_correction_tiny.yaml --model TEACHER \\
         --data pydoc --out TEACHER_CORRECTED
+    # LoRA (base frozen): adapters to OUT.lora/ (ours + HF-PEFT), base + adapters merged to OUT
+    nemo-minitron finetune --peft lora --config conf/finetune/minitron_4b_width_lora.yaml \\
+        --model BASE(.nemo or HF dir) --data TRAIN.jsonl --out OUT.nemo [lora.rank=8 ...]
 
     # the same recipe under a launcher (one process per GPU; srun works the same way):
     torchrun --nproc-per-node 8 recipes/finetune.py --config conf/finetune/minitron_4b_width_sft.yaml \\
@@ -47,6 +50,18 @@ def validate(cfg) -> None:
     check_data_source(cfg.data)
     if cfg.trainer.max_steps < 0:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
+    if cfg.peft not in ("none", "lora"):
+        raise ConfigError(f"peft={cfg.peft!r} must be one of none, lora")
+    if cfg.peft == "lora":
+        from nemo_minitron.peft.lora import check_spec
+
+        check_spec(cfg.lora)  # e.g. a target that does not exist: before any model is built
+
+
+def adapter_dir(cfg) -> str:
+    """Where a LoRA run writes its adapters: ``lora.adapter_dir``, default ``<out>.lora``."""
+    out = os.path.abspath(cfg.out).rstrip("/")
+    return cfg.lora.adapter_dir or (out[:-len(".nemo")] if out.endswith(".nemo") else out) + ".lora"
 
 
 def setup_data(cfg, model_cfg):
@@ -77,9 +92,15 @@ def setup(cfg):
                       world_size=world)
     fmt, train_data, val_data = setup_data(cfg, model_cfg)
     init_megatron(tp=t.tensor_model_parallel_size, pp=t.pipeline_model_parallel_size, seed=t.seed)
+    lora = cfg.peft == "lora"
     model = build_train_model(model_cfg, precision=t.precision, hf_dir=m.restore_from_path,
                               seed=t.seed, recompute=m.activations_checkpoint_granularity,
-                              recompute_num_layers=m.activations_checkpoint_num_layers)
+                              recompute_num_layers=m.activations_checkpoint_num_layers,
+                              use_te=False if lora else None)
+    if lora:  # freezes the base: DDP and the optimizer see only the adapters
+        from nemo_minitron.peft.lora import apply_lora
+
+        apply_lora(model, model_cfg, cfg.lora, seed=t.seed)
     ddp = wrap_ddp(model, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
     optimizer = build_optimizer(ddp, cfg.optim, t.precision)
     scheduler = build_scheduler(cfg.optim, t.max_steps)
@@ -96,14 +117,21 @@ def setup(cfg):
                 f"positions, "
                 f"TP={t.tensor_model_parallel_size} PP={t.pipeline_model_parallel_size} "
                 f"DP={world // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)}, "
+                f"{_trainable(model)} trainable parameters on this rank, "
                 f"checkpoints in {ckpt_dir}")
     trainer = Trainer(ddp, optimizer, scheduler, train_data, loop, val_data=val_data, logger=logger,
                       extra_state={"config": to_dict(cfg)})
     return trainer, model, model_cfg, logger
 
 
-def run(cfg, overwrite: bool = False):
-    """Train and write the final checkpoint; returns the trainer state (every rank)."""
+def _trainable(model) -> str:
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{n:,} of {sum(p.numel() for p in model.parameters()):,}"
+
+
+def run(cfg, overwrite: bool = False, base_name: Optional[str] = None):
+    """Train and write the final outputs; returns the trainer state (every rank). ``base_name``:
+    the base model as the user named it (recorded in a LoRA adapter's config)."""
     from nemo_minitron.dist import destroy_megatron
     from nemo_minitron.train.export import save_final_output
 
@@ -111,10 +139,20 @@ def run(cfg, overwrite: bool = False):
     trainer, model, model_cfg, logger = setup(cfg)
     try:
         state = trainer.fit()
-        path = save_final_output(model, model_cfg, cfg.out, base_dir=cfg.model.restore_from_path,
-                                 overwrite=overwrite)
-        if path:
-            logger.info(f"wrote {path}")
+        if cfg.peft == "lora":
+            from nemo_minitron.peft.adapter_io import save_lora_outputs
+
+            paths = save_lora_outputs(model, model_cfg, cfg.lora, adapter_dir(cfg),
+                                      cfg.out if cfg.lora.merge else None,
+                                      base_dir=cfg.model.restore_from_path,
+                                      base_name=base_name or cfg.model.restore_from_path,
+                                      overwrite=overwrite)
+        else:
+            paths = (save_final_output(model, model_cfg, cfg.out,
+                                       base_dir=cfg.model.restore_from_path, overwrite=overwrite),)
+        for path in paths:
+            if path:
+                logger.info(f"wrote {path}")
     finally:
         logger.close()
         destroy_megatron()
@@ -132,18 +170,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--model", help="base HF checkpoint dir (model.restore_from_path)")
     parser.add_argument("--data", help="training data (data.train_ds.file_path): SFT JSONL, or "
                                        "with data.format=text pydoc, .txt or JSONL text")
-    parser.add_argument("--out", help="output HF checkpoint dir (out)")
+    parser.add_argument("--out", help="output: HF checkpoint dir or .nemo (out)")
+    parser.add_argument("--peft", choices=("none", "lora"), help="lora: train adapters only (peft)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. trainer.max_steps=20")
     args = parser.parse_args(argv)
     # --model/--data/--out are overrides too, kept as strings (a path is never YAML-typed)
     flags = {"model": {"restore_from_path": args.model}, "data": {"train_ds": {"file_path": args.data}},
-             "out": args.out}
+             "out": args.out, "peft": args.peft}
     try:
         cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
+        validate(cfg)  # before a .nemo base is converted
+        base_name = cfg.model.restore_from_path  # as recorded in a LoRA adapter's config
+        if base_name and os.path.exists(base_name):
+            base_name = os.path.abspath(base_name)
         with contextlib.ExitStack() as stack:  # a .nemo base model: read through an HF view
             hf_view_of(stack, cfg.model, "restore_from_path")
-            run(cfg, overwrite=args.overwrite)
+            run(cfg, overwrite=args.overwrite, base_name=base_name)
     except MinitronError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

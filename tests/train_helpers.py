@@ -68,8 +68,10 @@ class Stop(Exception):
 
 def train(rank, hf_dir, *, steps=6, mbs=1, gbs=4, lr=1e-3, ckpt_dir=None, ckpt_every=0,
           stop_after=None, packed=False, precision="fp32", recompute=None, distributed_opt=False,
-          n_samples=8, val=False):
-    """Train the tiny model; return per-step (loss, grad_norm) and the val loss (every rank)."""
+          n_samples=8, val=False, lora=None):
+    """Train the tiny model; return per-step (loss, grad_norm) and the val loss (every rank).
+    ``lora``: a LoRASection; then only adapters train (and the result has ``opt_params``, the
+    names of the parameters the optimizer holds)."""
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.train.config import OptimSection
     from nemo_minitron.train.data import SFTData
@@ -79,7 +81,13 @@ def train(rank, hf_dir, *, steps=6, mbs=1, gbs=4, lr=1e-3, ckpt_dir=None, ckpt_e
 
     cfg = read_hf_config(hf_dir)
     data = SFTData(synthetic_samples(n_samples), SEQ, EOS, packed=packed, seed=7)
-    model = build_train_model(cfg, precision=precision, hf_dir=hf_dir, recompute=recompute)
+    model = build_train_model(cfg, precision=precision, hf_dir=hf_dir, recompute=recompute,
+                              use_te=False if lora else None)
+    if lora is not None:
+        from nemo_minitron.peft.lora import apply_lora
+
+        apply_lora(model, cfg, lora)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ddp = wrap_ddp(model, use_distributed_optimizer=distributed_opt)
     oc = OptimSection(lr=lr, min_lr=lr / 10, warmup_steps=2, weight_decay=0.01,
                       use_distributed_optimizer=distributed_opt)
@@ -98,6 +106,10 @@ def train(rank, hf_dir, *, steps=6, mbs=1, gbs=4, lr=1e-3, ckpt_dir=None, ckpt_e
         state = trainer.fit()
     except Stop:
         state = trainer.state
-    return dict(losses=[m["loss"] for m in state.history],
+    names = {id(p): n for n, p in model.named_parameters()}
+    changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, before[n]))
+    return dict(opt_params=sorted(names.get(id(p), "?") for g in opt.param_groups
+                                  for p in g["params"]),
+                changed=changed, losses=[m["loss"] for m in state.history],
                 grad_norms=[m["grad_norm"] for m in state.history],
                 val_loss=getattr(state, "val_loss", None), start=state.step - len(state.history))

@@ -88,11 +88,19 @@ def _barrier():
         dist.barrier()
 
 
+def _model_sharded_state(model) -> dict:
+    """The model part: every parameter, or for a LoRA run only the adapters (the frozen base is
+    the base model, read again on resume; the optimizer holds state for the adapters only)."""
+    from nemo_minitron.peft import lora
+
+    return lora.sharded_state_dict(model) if lora.has_lora(model) else model.sharded_state_dict()
+
+
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _sharded_state(model, optimizer, trainer_state: dict, is_loading: bool):
-    model_sd = model.sharded_state_dict()
+    model_sd = _model_sharded_state(model)
     state = {"model": model_sd, "trainer": trainer_state, "rng": per_rank_object("rng_state",
                                                                                rng_state())}
     try:
@@ -190,7 +198,12 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
     _init_empty_adam_state(optimizer)
     template = _sharded_state(model, optimizer, {}, True)
     loaded = dist_checkpointing.load(template, path)
-    model.load_state_dict(loaded["model"])
+    from nemo_minitron.peft import lora
+
+    if lora.has_lora(model):
+        lora.load_sharded_state_dict(model, loaded["model"])
+    else:
+        model.load_state_dict(loaded["model"])
     with torch.no_grad():  # the dp_reshardable loader copies into main params in place
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)

@@ -86,12 +86,28 @@ class OptimSection:
 
 
 @dataclass
+class LoRASection:
+    """LoRA (``peft: lora``; nemo_minitron/peft/lora.py). Targets: Megatron's module names or
+    NeMo's (attention_qkv, attention_dense, mlp_fc1, mlp_fc2), or ``all``."""
+
+    target_modules: List[str] = field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    rank: int = 16
+    alpha: float = 32.0  # scale = alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    adapter_dir: Optional[str] = None  # the adapters on their own; default: <out>.lora
+    merge: bool = True  # also write base + adapters, merged, to ``out`` (HF dir or .nemo)
+
+
+@dataclass
 class FinetuneConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    out: Optional[str] = None  # final HF checkpoint directory (``.nemo``: not yet, see export.py)
+    peft: str = "none"  # none: full SFT | lora: train adapters only (the base stays frozen)
+    lora: LoRASection = field(default_factory=LoRASection)
+    out: Optional[str] = None  # the final model: HF checkpoint directory, or a .nemo file
 
 
 # ---- distillation (recipes/distill.py) ----------------------------------------------------------

@@ -41,6 +41,14 @@ def gather_megatron_state(model, cfg: ModelConfig) -> Optional[Dict[str, torch.T
             dist.all_gather(shards, local.contiguous(), group=ps.get_tensor_model_parallel_group())
             local = mapping.tp_unshard(name, shards)
         stage[mapping.to_local_layer(name, -offset)] = local
+    return collect_on_rank0(stage)
+
+
+def collect_on_rank0(stage: Dict[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+    """Collective. Each pipeline stage's dict (already TP-gathered; DP/TP replicas send nothing)
+    merged on global rank 0; None elsewhere."""
+    from megatron.core import parallel_state as ps
+
     if ps.get_data_parallel_rank() != 0 or ps.get_tensor_model_parallel_rank() != 0:
         stage = None  # replicas: one copy per stage is enough
     if dist.get_world_size() == 1:
@@ -86,24 +94,29 @@ def save_final_output(model, cfg: ModelConfig, out: str, base_dir: Optional[str]
     """Collective. Write the trained model to ``out``; returns the path on rank 0."""
     check_output_path(out)
     full = gather_megatron_state(model, cfg)
-    path = None
-    if full is not None and out.endswith(".nemo"):
-        import tempfile
-
-        from nemo_minitron.convert.io import hf_dir_to_nemo
-
-        if os.path.exists(out) and not overwrite:
-            raise MinitronError(f"{out} exists; pass --overwrite to replace it")
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
-            hf_dir = write_hf_checkpoint(full, cfg, os.path.join(tmp, "hf"), base_dir=base_dir)
-            path = hf_dir_to_nemo(hf_dir, out, dtype={"bfloat16": "bf16", "float16": "fp16",
-                                                      "float32": "fp32"}[cfg.dtype],
-                                  overwrite=overwrite)
-    elif full is not None:
-        path = write_hf_checkpoint(full, cfg, out, base_dir=base_dir, overwrite=overwrite)
+    path = write_output(full, cfg, out, base_dir, overwrite) if full is not None else None
     if dist.is_initialized():
         dist.barrier()
     return path
+
+
+def write_output(full: Dict[str, torch.Tensor], cfg: ModelConfig, out: str,
+                 base_dir: Optional[str] = None, overwrite: bool = False) -> str:
+    """(one process) Full Megatron tensors -> ``out``: an HF directory, or a ``.nemo`` converted
+    from a temporary HF directory next to it."""
+    if not out.endswith(".nemo"):
+        return write_hf_checkpoint(full, cfg, out, base_dir=base_dir, overwrite=overwrite)
+    import tempfile
+
+    from nemo_minitron.convert.io import hf_dir_to_nemo
+
+    if os.path.exists(out) and not overwrite:
+        raise MinitronError(f"{out} exists; pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
+        hf_dir = write_hf_checkpoint(full, cfg, os.path.join(tmp, "hf"), base_dir=base_dir)
+        return hf_dir_to_nemo(hf_dir, out, dtype={"bfloat16": "bf16", "float16": "fp16",
+                                                  "float32": "fp32"}[cfg.dtype],
+                              overwrite=overwrite)
 
 
 def check_output_path(out: str) -> None:
