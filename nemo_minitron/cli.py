@@ -16,6 +16,7 @@
     nemo-minitron verify HF_DIR IN.nemo [--prompts FILE] [--atol 1e-3]
     nemo-minitron eval-harness --model HF_DIR --tasks mmlu,hellaswag [num_fewshot=5 tp=2 ...]
     nemo-minitron serve --model HF_DIR [--host 127.0.0.1] [--port 8000] [tp=2 ...]
+    nemo-minitron demo [--workdir demo_out] [--quick] [--keep] [--steps N]
 
 Jobs run the same under python, torchrun and srun (tp=.. pp=.. overrides); only rank 0 prints.
 Config precedence: defaults, then --config YAML, then flags and key=value overrides.
@@ -252,6 +253,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from nemo_minitron.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(workdir=args.workdir, quick=args.quick, keep=args.keep, steps=args.steps))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
 
@@ -328,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="tp, pp, dtype, seed, request_timeout_s")
     p.set_defaults(func=cmd_serve)
+
+    from nemo_minitron.demo import add_demo_arguments
+
+    p = sub.add_parser("demo", help="the whole pipeline on the tiny family, on a CPU, in minutes")
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
