@@ -83,7 +83,6 @@ class Context:
 class StageResult:
     numbers: Dict[str, str]  # label -> formatted value, in display order
     outputs: List[str] = field(default_factory=list)
-    skipped: str = ""  # why the stage did not run (then numbers is empty)
 
 
 @dataclass
@@ -91,6 +90,7 @@ class Stage:
     name: str
     run: Callable[[Context], StageResult]
     what: str
+    needs_transformers: bool = False  # text prompts/data (tokenizer) or the transformers model
 
 
 # ---- running things in fresh processes ------------------------------------------------------
@@ -260,7 +260,8 @@ def stage_export(ctx: Context) -> StageResult:
 
 
 def transformers_missing() -> str:
-    """Why ``verify`` cannot run here ('' when it can): it needs transformers >= 4.45."""
+    """Why the demo cannot run here ('' when it can): its text stages tokenize with transformers
+    and ``verify`` runs the export with it; the family needs transformers >= 4.45."""
     try:
         import transformers
     except ImportError:
@@ -276,9 +277,6 @@ def transformers_missing() -> str:
 def stage_verify(ctx: Context) -> StageResult:
     from nemo_minitron.convert.verify import verify
 
-    missing = transformers_missing()
-    if missing:
-        return StageResult({}, skipped=missing)
     results = verify(ctx.paths["student_hf"], ctx.model)
     worst = max(r.max_abs_diff for r in results)
     tokens = sum(r.tokens for r in results)
@@ -307,12 +305,12 @@ STAGES: List[Stage] = [
     Stage("teacher", stage_teacher, "a tiny random Llama-3.1 teacher, HF layout"),
     Stage("convert", stage_convert, "HF -> .nemo"),
     Stage("inspect", stage_inspect, "architecture and diagnoses of the .nemo"),
-    Stage("generate", stage_generate, "greedy completion with Megatron-Core"),
+    Stage("generate", stage_generate, "greedy completion with Megatron-Core", True),
     Stage("prune", stage_prune, "Minitron width pruning to the 4B-Width shape"),
-    Stage("distill", stage_distill, "logit distillation from the teacher"),
+    Stage("distill", stage_distill, "logit distillation from the teacher", True),
     Stage("export", stage_export, ".nemo -> HF"),
-    Stage("verify", stage_verify, "Megatron vs transformers logits"),
-    Stage("perplexity", stage_perplexity, "teacher vs student on Python's documentation"),
+    Stage("verify", stage_verify, "Megatron vs transformers logits", True),
+    Stage("perplexity", stage_perplexity, "teacher vs student on Python's documentation", True),
 ]
 
 
@@ -393,17 +391,23 @@ def task_main(argv: List[str]) -> int:
 
 
 # ---- the driver ---------------------------------------------------------------------------
-def prepare_workdir(path: str) -> str:
-    """Create ``path`` (or replace a previous demo's); refuse anything else that is not empty."""
+def check_workdir(path: str) -> str:
+    """``path`` as an absolute path if the demo may use it: absent, empty, or a previous demo's."""
     path = os.path.abspath(path)
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise DemoError(f"--workdir {path} exists and is not a directory")
-        if os.listdir(path):
-            if not os.path.isfile(os.path.join(path, MARKER)):
-                raise DemoError(f"--workdir {path} exists, is not empty and is not a previous "
-                                f"demo directory (no {MARKER} file): choose another --workdir")
-            shutil.rmtree(path)
+        if os.listdir(path) and not os.path.isfile(os.path.join(path, MARKER)):
+            raise DemoError(f"--workdir {path} exists, is not empty and is not a previous demo "
+                            f"directory (no {MARKER} file): choose another --workdir")
+    return path
+
+
+def prepare_workdir(path: str) -> str:
+    """Create ``path`` (or replace a previous demo's); refuse anything else that is not empty."""
+    path = check_workdir(path)
+    if os.path.isfile(os.path.join(path, MARKER)):
+        shutil.rmtree(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, MARKER), "w") as f:
         f.write("written by `nemo-minitron demo`; the demo replaces this directory on its "
@@ -432,6 +436,11 @@ def run_demo(opts: DemoOptions, stages: Optional[List[Stage]] = None, stdout=Non
     stages = STAGES if stages is None else stages
     if opts.steps is not None and opts.steps < 1:
         raise DemoError(f"--steps {opts.steps} must be >= 1")
+    check_workdir(opts.workdir)
+    missing = transformers_missing() if any(s.needs_transformers for s in stages) else ""
+    if missing:  # before any work (the NeMo 24.05 container ships transformers 4.40)
+        raise DemoError(f"the demo needs transformers >= 4.45 (prompts, text data, verify): "
+                        f"{missing}")
     ctx = Context(opts=opts, workdir=prepare_workdir(opts.workdir), tty=sys.stdout.isatty())
 
     def say(text):
@@ -447,10 +456,9 @@ def run_demo(opts: DemoOptions, stages: Optional[List[Stage]] = None, stdout=Non
             result = stage.run(ctx)
         except Exception as e:  # noqa: BLE001 - any failure ends the demo, naming the stage
             failure = DemoError(f"demo stage '{stage.name}' failed: {e}")
-            result = StageResult({}, skipped="FAILED")
+            result = StageResult({})
         seconds = time.perf_counter() - t0
-        status = "ok" if not result.skipped else (
-            "FAILED" if failure else f"skipped: {result.skipped}")
+        status = "FAILED" if failure else "ok"
         rows.append(dict(stage=stage.name, seconds=seconds, status=status,
                          numbers=result.numbers, outputs=result.outputs))
         say(f"{label}: {status if status != 'ok' else 'done'} in {seconds:.1f} s "
