@@ -222,8 +222,19 @@ def stage_distill(ctx: Context) -> StageResult:
                         "s/step": f"{r['seconds_per_step']:.2f}"}, [out])
 
 
+def _train_losses(out: str) -> str:
+    """'first -> last' training loss from a recipe's metrics.csv (in ``<out>.ckpt/logs``)."""
+    import csv
+
+    path = os.path.join(out.rstrip("/") + ".ckpt", "logs", "metrics.csv")
+    with open(path, newline="") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"]
+    return f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "-"
+
+
 def stage_lora_finetune(ctx: Context) -> StageResult:
-    """LoRA on the current .nemo (not in STAGES until ``finetune --peft lora`` exists)."""
+    """LoRA SFT of the current .nemo, adapters only (not in STAGES until ``finetune --peft lora``
+    is merged: it follows that branch's interface, conf/finetune/tiny_lora.yaml and lora.*)."""
     from pydoc_data.topics import topics
 
     data = ctx.path("sft.jsonl")
@@ -231,13 +242,17 @@ def stage_lora_finetune(ctx: Context) -> StageResult:
         for key in sorted(topics)[:64]:
             f.write(json.dumps({"input": f"Describe Python's {key}.",
                                 "output": " ".join(topics[key].split()[:40])}) + "\n")
-    out = ctx.path("lora_adapter")
+    out, adapter = ctx.path("student_lora.nemo"), ctx.path("student_lora.lora")
+    steps = ctx.opts.distill_steps
     run_fresh(ctx, "lora_finetune", "nemo_minitron.cli",
               ["finetune", "--peft", "lora", "--config",
-               checkout_file("conf", "finetune", "tiny_sft.yaml"), "--model", ctx.model, "--data",
-               data, "--out", out, f"trainer.max_steps={ctx.opts.distill_steps}"])
-    ctx.paths["lora_adapter"] = out
-    return StageResult({"steps": str(ctx.opts.distill_steps), "adapter": _size_mb(out)}, [out])
+               checkout_file("conf", "finetune", "tiny_lora.yaml"), "--model", ctx.model, "--data",
+               data, "--out", out, f"lora.adapter_dir={adapter}", "lora.merge=false",
+               f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1",
+               f"trainer.progress_bar={str(ctx.tty).lower()}"])
+    ctx.paths["lora_adapter"] = adapter
+    return StageResult({"steps": str(steps), "SFT loss": _train_losses(out),
+                        "adapter": _size_mb(adapter)}, [adapter])
 
 
 def stage_lora_merge(ctx: Context) -> StageResult:
@@ -246,7 +261,7 @@ def stage_lora_merge(ctx: Context) -> StageResult:
     run_fresh(ctx, "lora_merge", "nemo_minitron.cli",
               ["lora", "merge", "--base", ctx.model, "--adapter", ctx.paths["lora_adapter"],
                "--out", out])
-    ctx.model = out
+    ctx.paths["merged_nemo"] = ctx.model = out
     return StageResult({"params": f"{_params(out):,}"}, [out])
 
 
@@ -300,7 +315,9 @@ def stage_perplexity(ctx: Context) -> StageResult:
                         "tokens": str(r[0]["tokens"])}, [doc])
 
 
-# The pipeline. LoRA (stage_lora_finetune, stage_lora_merge) goes between distill and export.
+# The pipeline. LoRA goes between distill and export, once it is merged:
+#     Stage("lora_finetune", stage_lora_finetune, "LoRA SFT of the student", True),
+#     Stage("lora_merge", stage_lora_merge, "student + adapter -> .nemo"),
 STAGES: List[Stage] = [
     Stage("teacher", stage_teacher, "a tiny random Llama-3.1 teacher, HF layout"),
     Stage("convert", stage_convert, "HF -> .nemo"),
