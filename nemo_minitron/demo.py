@@ -241,7 +241,7 @@ def stage_lora_finetune(ctx: Context) -> StageResult:
     with open(data, "w", encoding="utf-8") as f:
         for key in sorted(topics)[:64]:
             f.write(json.dumps({"input": f"Describe Python's {key}.",
-                                "output": " ".join(topics[key].split()[:40])}) + "\n")
+                                "output": " ".join(topics[key].split()[:20])}) + "\n")
     out, adapter = ctx.path("student_lora.nemo"), ctx.path("student_lora.lora")
     steps = ctx.opts.distill_steps
     run_fresh(ctx, "lora_finetune", "nemo_minitron.cli",
