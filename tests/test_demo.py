@@ -2,9 +2,9 @@
 numbers checked against transformers on its own outputs; the driver's workdir safety and
 stage-failure reporting (fast, both tiers).
 
-The end-to-end test runs in the default suite (marked slow): measured 308 s wall on 2 cores shared
-with other jobs (load average ~15) for about 76 s of CPU time, so roughly 1-1.5 min on an idle
-machine. It skips without transformers (the NeMo 24.05 tier), which the demo needs for text
+The end-to-end test runs in the default suite (marked slow): measured 140 s on 2 cores shared with
+other jobs at load average 6-7 (308 s at load ~15), for about 76 s of CPU time, so roughly 1-1.5 min on
+an idle machine. It skips without transformers (the NeMo 24.05 tier), which the demo needs for text
 prompts, text data and verify; there the demo's up-front refusal is tested instead.
 """
 import json
