@@ -292,6 +292,10 @@ def transformers_missing() -> str:
 def stage_verify(ctx: Context) -> StageResult:
     from nemo_minitron.convert.verify import verify
 
+    if not ctx.tty:  # transformers' weight-loading bar would go to a log or a pipe
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     results = verify(ctx.paths["student_hf"], ctx.model)
     worst = max(r.max_abs_diff for r in results)
     tokens = sum(r.tokens for r in results)
