@@ -8,7 +8,7 @@ Stages (``STAGES``, in order; each returns its key numbers and its outputs):
 
     teacher     a tiny random Llama-3.1-family teacher written like the released HF repos
     convert     HF -> teacher.nemo (torch_dist, bf16)
-    inspect     parameters, padded vocabulary, the diagnoses of ``nemo-minitron inspect`` (must be OK)
+    inspect     parameters, padded vocabulary, ``nemo-minitron inspect``'s diagnoses (must be OK)
     generate    greedy completion of a prompt by the .nemo with Megatron-Core (tokens/s)
     prune       Minitron width pruning to the 4B-Width-shaped tiny student (conf/prune/tiny.yaml)
     distill     N steps of logit distillation (conf/distill/tiny.yaml; held-out KL before/after)

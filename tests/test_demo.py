@@ -3,9 +3,9 @@ numbers checked against transformers on its own outputs; the driver's workdir sa
 stage-failure reporting (fast, both tiers).
 
 The end-to-end test runs in the default suite (marked slow): measured 140 s on 2 cores shared with
-other jobs at load average 6-7 (308 s at load ~15), for about 76 s of CPU time, so roughly 1-1.5 min on
-an idle machine. It skips without transformers (the NeMo 24.05 tier), which the demo needs for text
-prompts, text data and verify; there the demo's up-front refusal is tested instead.
+other jobs at load average 6-7 (308 s at load ~15), for about 76 s of CPU time, so roughly
+1-1.5 min on an idle machine. It skips without transformers (the NeMo 24.05 tier), which the demo
+needs for text prompts, text data and verify; there the demo's up-front refusal is tested instead.
 """
 import json
 import os
@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _table(stdout: str) -> dict:
     """stage -> (seconds, key numbers, output) from the printed summary table."""
     lines = stdout.splitlines()
-    head = next(i for i, line in enumerate(lines) if re.match(r"stage\s+seconds\s+key numbers", line))
+    head = next(i for i, line in enumerate(lines)
+                if re.match(r"stage\s+seconds\s+key numbers", line))
     starts = [lines[head].index(c) for c in ("seconds", "key numbers", "output")]
     rows = {}
     for line in lines[head + 2:]:
@@ -123,7 +124,8 @@ def test_refuses_a_directory_that_is_not_a_demo_dir(tmp_path, capsys):
     assert main(["demo", "--workdir", str(user), "--quick"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not a previous demo directory" in err and str(user) in err
-    assert sorted(os.listdir(user)) == ["notes.txt"] and (user / "notes.txt").read_text() == "keep me"
+    assert sorted(os.listdir(user)) == ["notes.txt"]
+    assert (user / "notes.txt").read_text() == "keep me"
 
     (tmp_path / "file").write_text("x")
     assert main(["demo", "--workdir", str(tmp_path / "file")]) == 2
