@@ -32,10 +32,11 @@ $(VENV_2405)/.stamp: pyproject.toml requirements/nemo2405.txt
 	$(VENV_2405)/bin/pip install $(PIP_QUIET) --no-deps -e .
 	touch $@
 
-# The main job on the embedded tiny family, on a CPU (nemo_minitron/demo.py): a tiny Llama-3.1-family
-# teacher laid out like the released HF repos -> .nemo -> inspect -> generate -> Minitron width
-# pruning -> distillation -> HF export -> verify against transformers -> perplexities, with a summary
-# table. DEMO_ARGS=--quick for a shorter run; a previous demo's $(DEMO_DIR) is replaced.
+# The main job on the embedded tiny family, on a CPU (nemo_minitron/demo.py): a tiny
+# Llama-3.1-family teacher laid out like the released HF repos -> .nemo -> inspect -> generate ->
+# Minitron width pruning -> distillation -> HF export -> verify against transformers ->
+# perplexities, with a summary table. DEMO_ARGS=--quick for a shorter run; a previous demo's
+# $(DEMO_DIR) is replaced.
 demo: venv
 	$(VENV)/bin/nemo-minitron demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
 
