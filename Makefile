@@ -32,23 +32,13 @@ $(VENV_2405)/.stamp: pyproject.toml requirements/nemo2405.txt
 	$(VENV_2405)/bin/pip install $(PIP_QUIET) --no-deps -e .
 	touch $@
 
-# The main job on the embedded tiny family, on a CPU: a tiny Llama-3.1-family teacher laid out like
-# the released HF repos -> .nemo -> inspect -> generate -> Minitron width pruning (.nemo in, .nemo
-# out) -> back to HF -> perplexity of teacher and student on Python's own documentation.
+# The main job on the embedded tiny family, on a CPU (nemo_minitron/demo.py): a tiny
+# Llama-3.1-family teacher laid out like the released HF repos -> .nemo -> inspect -> generate ->
+# Minitron width pruning -> distillation -> HF export -> verify against transformers ->
+# perplexities, with a summary table. DEMO_ARGS=--quick for a shorter run; a previous demo's
+# $(DEMO_DIR) is replaced.
 demo: venv
-	$(VENV)/bin/nemo-minitron presets
-	$(VENV)/bin/nemo-minitron info minitron_4b_width --tp 8 --pp 2
-	$(VENV)/bin/python -c "from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint as w; \
-	  print('wrote', w('$(DEMO_DIR)/tiny_llama31_hf', 'tiny_llama31', overwrite=True))"
-	$(VENV)/bin/nemo-minitron convert hf-to-nemo $(DEMO_DIR)/tiny_llama31_hf $(DEMO_DIR)/teacher.nemo --overwrite
-	$(VENV)/bin/nemo-minitron info $(DEMO_DIR)/teacher.nemo
-	$(VENV)/bin/nemo-minitron generate --config conf/generate/tiny.yaml --model $(DEMO_DIR)/teacher.nemo
-	$(VENV)/bin/nemo-minitron prune --config conf/prune/tiny.yaml --model $(DEMO_DIR)/teacher.nemo \
-	  --out $(DEMO_DIR)/student.nemo overwrite=true
-	$(VENV)/bin/nemo-minitron convert nemo-to-hf $(DEMO_DIR)/student.nemo $(DEMO_DIR)/student_hf --overwrite
-	$(VENV)/bin/python -c "import pydoc_data.topics as t; open('$(DEMO_DIR)/doc.txt', 'w').write(t.topics['while'])"
-	$(VENV)/bin/nemo-minitron eval-ppl --model $(DEMO_DIR)/tiny_llama31_hf --data $(DEMO_DIR)/doc.txt window=128 stride=64
-	$(VENV)/bin/nemo-minitron eval-ppl --model $(DEMO_DIR)/student_hf --data $(DEMO_DIR)/doc.txt window=128 stride=64
+	$(VENV)/bin/nemo-minitron demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
 
 test: test-current test-nemo2405
 

@@ -25,6 +25,7 @@
                            [--distill-config YAML] [slurm options] [--dry-run]
     nemo-minitron preprocess --input IN.jsonl --output-prefix PREFIX [--json-keys text]
                              [--tokenizer HF_DIR] [--append-eod] [--workers N] [--overwrite]
+    nemo-minitron demo [--workdir demo_out] [--quick] [--keep] [--steps N]
 
 Jobs run the same under python, torchrun and srun (tp=.. pp=.. overrides); only rank 0 prints.
 Config precedence: defaults, then --config YAML, then flags and key=value overrides.
@@ -314,6 +315,13 @@ def cmd_preprocess(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from nemo_minitron.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(workdir=args.workdir, quick=args.quick, keep=args.keep, steps=args.steps))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nemo_minitron import __version__
 
@@ -423,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_preprocess)
+    from nemo_minitron.demo import add_demo_arguments
+
+    p = sub.add_parser("demo", help="the whole pipeline on the tiny family, on a CPU, in minutes")
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

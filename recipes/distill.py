@@ -136,8 +136,11 @@ def setup(cfg):
     return trainer, student, student_cfg, logger
 
 
-def run(cfg, overwrite: bool = False):
-    """Distill and write the student; returns the trainer state (every rank)."""
+def run(cfg, overwrite: bool = False, before_fit=None):
+    """Distill and write the student; returns the trainer state (every rank).
+
+    ``before_fit(trainer)``: called once everything is set up, before the first step (the demo
+    measures the held-out KL of the undistilled student there with ``trainer.validate()``)."""
     from nemo_minitron.dist import destroy_megatron
     from nemo_minitron.losses.hidden import without_projection
     from nemo_minitron.train.export import save_final_output
@@ -145,6 +148,8 @@ def run(cfg, overwrite: bool = False):
     validate(cfg)
     trainer, student, student_cfg, logger = setup(cfg)
     try:
+        if before_fit is not None:
+            before_fit(trainer)
         state = trainer.fit()
         state.val_metrics = trainer.last_val_metrics
         with without_projection(student):  # a hidden-loss projection is training state only
@@ -158,7 +163,7 @@ def run(cfg, overwrite: bool = False):
     return state
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, before_fit=None) -> int:
     from nemo_minitron.convert.io import hf_view_of
     from nemo_minitron.config.recipe import without_none
     from nemo_minitron.errors import MinitronError
@@ -182,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with contextlib.ExitStack() as stack:  # .nemo teacher/student: read through HF views
             hf_view_of(stack, cfg.teacher, "restore_from_path")
             hf_view_of(stack, cfg.model, "restore_from_path")
-            run(cfg, overwrite=args.overwrite)
+            run(cfg, overwrite=args.overwrite, before_fit=before_fit)
     except MinitronError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,10 +45,16 @@ def as_hf_dir(path: str, workdir: Optional[str] = None) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def single_process_env() -> dict:
+    """This process's environment without the launcher's variables: for a fresh process that is
+    a world of one whatever launched this one."""
+    return {k: v for k, v in os.environ.items()
+            if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)}
+
+
 def hf_dir_to_nemo(hf_dir: str, out: str, *, dtype: str = "bf16", overwrite: bool = False) -> str:
     """Convert ``hf_dir`` to the .nemo ``out`` in a fresh process; return ``out``."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)}
+    env = single_process_env()
     cmd = [sys.executable, "-m", "nemo_minitron.cli", "convert", "hf-to-nemo", hf_dir, out,
            "--dtype", dtype] + (["--overwrite"] if overwrite else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
