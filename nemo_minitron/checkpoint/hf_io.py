@@ -133,6 +133,85 @@ def iter_tensors(hf_dir: str, weight_map: Optional[Dict[str, str]] = None
                 yield name, f.get_tensor(name)
 
 
+# safetensors dtype names -> torch dtypes (the ones a Llama checkpoint can hold)
+_ST_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+             "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+             "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_header(path: str) -> Tuple[int, Dict[str, dict]]:
+    """(byte offset of the data section, {name: {"dtype", "shape", "data_offsets"}}) of a
+    safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def pread_into(fd: int, buf: torch.Tensor, offset: int, where: str) -> torch.Tensor:
+    """Fill the contiguous CPU tensor ``buf`` with the bytes at ``offset`` of ``fd``."""
+    view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{where}: file ends {len(view) - done} bytes early")
+        done += got
+    return buf
+
+
+class SafetensorsDir:
+    """``reader(name)``: one tensor of an HF safetensors directory, read on demand.
+
+    Each tensor is read with ``pread`` straight into a fresh tensor, located by the shards' JSON
+    headers: one copy from the page cache, nothing mmapped. (``safe_open`` maps every shard whole;
+    the pages a conversion touches then stay in its RSS as file pages until the handle closes --
+    5.7 GB of the 9 GB 4B-Width measured -- and ``get_tensor`` copies out of the mapping anyway.)
+    """
+
+    def __init__(self, hf_dir: str, weight_map: Optional[Dict[str, str]] = None):
+        self.hf_dir = hf_dir
+        self.weight_map = weight_map or read_weight_map(hf_dir)
+        self._fds: Dict[str, int] = {}
+        self._headers: Dict[str, Tuple[int, Dict[str, dict]]] = {}
+        for shard in sorted(set(self.weight_map.values())):
+            path = os.path.join(hf_dir, shard)
+            self._headers[shard] = read_header(path)
+            fd = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead
+            self._fds[shard] = fd
+
+    def __call__(self, name: str) -> torch.Tensor:
+        try:
+            shard = self.weight_map[name]
+        except KeyError:
+            raise CheckpointError(f"{self.hf_dir}: tensor {name} is missing") from None
+        start, header = self._headers[shard]
+        spec = header[name]
+        if spec["dtype"] not in _ST_TORCH:
+            raise CheckpointError(f"{self.hf_dir}/{shard}: {name} has unsupported dtype "
+                                  f"{spec['dtype']}")
+        buf = torch.empty(spec["shape"], dtype=_ST_TORCH[spec["dtype"]])
+        begin, end = spec["data_offsets"]
+        if end - begin != _nbytes(buf):
+            raise CheckpointError(f"{self.hf_dir}/{shard}: {name} stores {end - begin} bytes for "
+                                  f"shape {spec['shape']} {spec['dtype']}")
+        return pread_into(self._fds[shard], buf, start + begin, f"{self.hf_dir}/{shard}")
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self):
+        self.close()
+
+
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
