@@ -5,8 +5,11 @@
 
 Strict: config.json, tensor names and shapes are checked before anything is written; every HF tensor
 is consumed by the mapping (``convert/mapping.py``), every Megatron tensor filled. Streaming: HF
-tensors are read lazily and written out chunk by chunk (torch_dist) or rank by rank (legacy). The
-.nemo is staged in a temporary directory next to the output and renamed into place at the end.
+tensors are read one at a time (``pread``, nothing mmapped) and written out chunk by chunk
+(torch_dist: one to two layers, or one embedding, per ``dist_checkpointing.save``) or rank file by
+rank file (legacy: not bounded, see ``legacy.write_legacy``). The .nemo tar is written member by
+member under a temporary name next to the output (each chunk's data file is appended as soon as it
+exists; its scratch copy lives in /dev/shm when there is room) and renamed into place at the end.
 """
 from __future__ import annotations
 
@@ -136,9 +139,14 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
                     os.unlink(path)
 
                 tar.add_dir(f"./{WEIGHTS_DIR}")
-                save_torch_dist(out_cfg, _chunks(mapped(), layer_bytes, chunk_bytes), weights,
-                                on_file=into_tar, scratch=memory_scratch_dir(
-                                    2 * max(chunk_bytes, biggest), staging))
+                # removed here even if the writing process dies (/dev/shm is memory)
+                scratch = tempfile.mkdtemp(prefix=".nemo-minitron-scratch-", dir=memory_scratch_dir(
+                    2 * max(chunk_bytes, biggest), staging))
+                try:
+                    save_torch_dist(out_cfg, _chunks(mapped(), layer_bytes, chunk_bytes), weights,
+                                    on_file=into_tar, scratch=scratch)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
                 tar.add_tree(weights, f"./{WEIGHTS_DIR}")  # common.pt, .metadata, metadata.json
             else:
                 from nemo_minitron.convert.legacy import write_legacy
