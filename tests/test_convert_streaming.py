@@ -30,8 +30,14 @@ def test_safetensors_dir_matches_library_and_maps_nothing(tmp_path):
                "d": torch.tensor(2.5, dtype=torch.float16), "e": torch.empty(0, 4)}
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     reader = SafetensorsDir(str(tmp_path))
-    got = {name: reader(name) for name in tensors}
-    # read with pread into fresh tensors: the shard is not mapped (safe_open would map it whole)
+    got = {name: reader(name).clone() for name in tensors}
+    # each tensor maps only its own pages, unmapped once it is freed (safe_open keeps the whole
+    # shard mapped while the handle lives)
+    held = reader("a")
+    assert str(tmp_path / "model.safetensors") in _mapped_paths()
+    del held
+    import gc
+    gc.collect()
     assert str(tmp_path / "model.safetensors") not in _mapped_paths()
     want = load_file(str(tmp_path / "model.safetensors"))
     assert sorted(want) == sorted(got)

@@ -167,10 +167,10 @@ class FileView(io.RawIOBase):
         return self.pos
 
     def readinto(self, buf) -> int:
-        n = max(0, min(len(buf), self.length - self.pos))
+        n = max(0, min(memoryview(buf).nbytes, self.length - self.pos))
         if n == 0:
             return 0
-        got = os.preadv(self.fd, [memoryview(buf)[:n]], self.base + self.pos)
+        got = os.preadv(self.fd, [memoryview(buf).cast("B")[:n]], self.base + self.pos)
         self.pos += got
         return got
 
