@@ -27,9 +27,12 @@ over the tree:
 round trip is checked bit for bit against the source. Goals (issue 3): <= 1.5x the copy time and
 <= 2 GB peak memory.
 
-Measured on the shared 2-core, 24 GB CPU machine, 9.03 GB synthetic 4B-Width (see README):
-before this change copy 20.5 s, hf-to-nemo 41.9 s (2.04x, rss 5.72 GB), nemo-to-hf 54.8 s
-(2.67x, rss 1.97 GB); numbers after it are in the README's conversion section.
+Measured on the shared 2-core, 24 GB CPU machine, 9.03 GB synthetic 4B-Width (README, conversion
+section, has the table): before the streaming work copy 20.5 s, hf-to-nemo 41.9 s (2.04x, rss
+5.72 GB, mostly mmapped shard pages), nemo-to-hf 54.8 s (2.67x, rss 1.97 GB); after it (one run,
+before the per-tensor mmap reads) copy 10.8 s, hf-to-nemo 50.6 s (4.67x, 34.4 CPU s, anon
+1.74 GB, file 0.04 GB, tmpfs 0.79 GB), nemo-to-hf 29.9 s (2.76x, 17.4 CPU s, anon 1.26 GB).
+The copy's wall time swings 2x between runs on this machine (page cache, other jobs).
 """
 from __future__ import annotations
 
