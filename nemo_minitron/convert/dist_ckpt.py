@@ -7,9 +7,10 @@ offset ``(layer, 0, 0)`` (what a TP=1/PP=1 GPTModel's sharded state dict holds);
 layer are ``[padded_vocab, hidden]``; ``_extra_state`` objects per layer for linear_qkv/proj/fc1/fc2.
 
 Streaming write: one ``dist_checkpointing.save`` per chunk of tensors (the embedding, a run of
-consecutive layers, the output layer), each into a scratch directory; the chunks' ``.distcp`` files
-are then moved into ``model_weights/`` and their DCP ``.metadata`` merged into one. Peak memory is
-one chunk, not the model. A chunk holding layers [a, b) saves each stacked key as a
+consecutive layers, the output layer), each into a scratch directory (/dev/shm when the caller
+picks it); the chunks' ``.distcp`` files are then handed on (hf-to-nemo appends them to the .nemo
+tar at once) or moved into ``model_weights/``, and their DCP ``.metadata`` merged into one. Peak
+memory is one chunk, not the model. A chunk holding layers [a, b) saves each stacked key as a
 ``[b - a, ...]`` tensor (Megatron's torch_dist strategy insists that a rank's shards form a complete
 regular grid, so in a 1-rank world a chunk cannot declare the full ``[num_layers, ...]`` shape); the
 merge shifts those chunks' offsets by ``a`` and sets the global size to ``num_layers``. DCP stores
