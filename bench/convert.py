@@ -1,15 +1,38 @@
 """Conversion speed and memory on a full-size synthetic Llama-3.1-Minitron-4B-Width checkpoint.
 
-    .venv/bin/python bench/convert.py [--workdir /tmp/bench_convert] [--preset minitron_4b_width] [--keep]
+    .venv/bin/python bench/convert.py [--workdir /tmp/bench_convert] [--preset minitron_4b_width]
+        [--layers N] [--repeat R] [--profile DIR] [--keep]
 
-Builds a random bf16 HF checkpoint with the real shapes (~9 GB for 4B-Width; needs ~40 GB of free
-disk for all outputs), then, in the same run:
-  1. the baseline: copying the same shard bytes to a new directory;
+Builds a random bf16 HF checkpoint with the real shapes (~9 GB for 4B-Width; needs ~20 GB of free
+disk: source, copy, .nemo and the converted-back directory, each removed when no longer needed);
+``--layers 4`` keeps the real widths with fewer layers (~2.5 GB) for cheap iteration. Then, in the
+same run and ``--repeat`` times (the machine is shared: compare ratios within one run):
+  1. the baseline: copying the same shard bytes to a new directory (``shutil.copyfile``);
   2. ``nemo-minitron convert hf-to-nemo`` (torch_dist, bf16);
   3. ``nemo-minitron convert nemo-to-hf``;
-each as a fresh process, reporting wall time, the ratio to the copy, and peak RSS (the process and
-its children, e.g. the forked dist_checkpointing writer). Finally the round trip is checked bit for
-bit against the source. Goals (issue 3): <= 1.5x the copy time and <= 2 GB peak RSS.
+each as a fresh process, reporting wall time, its ratio to the copy and the CPU seconds of the
+process tree (user + system; less sensitive to other load than wall time). Memory, sampled every
+20 ms from /proc/PID/status over the process and its children (e.g. the forked writer), summed
+over the tree:
+  * ``anon``: peak anonymous memory (Pss_Anon from smaps_rollup: a page shared by forked
+    processes counts once) -- the memory the conversion really holds (heap, tensors);
+  * ``file``: peak file-backed resident pages (Pss_File): mmapped files (safetensors shards,
+    shared libraries); clean page cache, which the kernel reclaims under pressure;
+  * ``rss``: peak of RssAnon + RssFile + RssShmem summed over the processes, what ``top`` adds
+    up (forked children's shared pages counted in each), and ``hwm``, the kernel's own peak
+    (ru_maxrss of the largest process; between samples, too);
+  * ``tmpfs``: peak growth of the machine's Shmem (the converter's one-chunk scratch files in
+    /dev/shm; other processes on the machine add noise).
+``--profile DIR`` runs each conversion under cProfile and writes ``DIR/<step>.prof``. Finally the
+round trip is checked bit for bit against the source. Goals (issue 3): <= 1.5x the copy time and
+<= 2 GB peak memory.
+
+Measured on the shared 2-core, 24 GB CPU machine, 9.03 GB synthetic 4B-Width (README, conversion
+section, has the table): before the streaming work copy 20.5 s, hf-to-nemo 41.9 s (2.04x, rss
+5.72 GB, mostly mmapped shard pages), nemo-to-hf 54.8 s (2.67x, rss 1.97 GB); after it (one run,
+before the per-tensor mmap reads) copy 10.8 s, hf-to-nemo 50.6 s (4.67x, 34.4 CPU s, anon
+1.74 GB, file 0.04 GB, tmpfs 0.79 GB), nemo-to-hf 29.9 s (2.76x, 17.4 CPU s, anon 1.26 GB).
+The copy's wall time swings 2x between runs on this machine (page cache, other jobs).
 """
 from __future__ import annotations
 
@@ -21,31 +44,79 @@ import subprocess
 import sys
 import time
 
+# Runs the command, samples the memory of its process tree, prints one BENCH json line.
 RUNNER = r"""
-import resource, subprocess, sys, time
+import json, os, resource, subprocess, sys, time
+
+def tree(root):
+    kids = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(pid))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+def sample(pids):
+    tot = dict.fromkeys(("RssAnon", "RssFile", "RssShmem", "Pss_Anon", "Pss_File", "Pss_Shmem"), 0)
+    for pid in pids:
+        for name in ("status", "smaps_rollup"):
+            try:
+                with open(f"/proc/{pid}/{name}") as f:
+                    for line in f:
+                        key = line.split(":", 1)[0]
+                        if key in tot:
+                            tot[key] += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+    return tot
+
+def shmem():
+    with open("/proc/meminfo") as f:
+        return [int(l.split()[1]) * 1024 for l in f if l.startswith("Shmem:")][0]
+
 t = time.perf_counter()
-proc = subprocess.run(sys.argv[1:])
+proc = subprocess.Popen(sys.argv[1:])
+peak = {"anon": 0, "file": 0, "rss": 0, "tmpfs": 0}
+shm0 = shmem()
+while proc.poll() is None:
+    s = sample(tree(proc.pid))
+    # proportional set sizes: a page shared by forked processes counts once
+    peak["anon"] = max(peak["anon"], s["Pss_Anon"])
+    peak["file"] = max(peak["file"], s["Pss_File"])
+    peak["rss"] = max(peak["rss"], s["RssAnon"] + s["RssFile"] + s["RssShmem"])
+    peak["tmpfs"] = max(peak["tmpfs"], shmem() - shm0)
+    time.sleep(0.02)
 wall = time.perf_counter() - t
-# children and grandchildren only: this runner was forked from the benchmark process, whose
-# (torch-sized) RSS its own ru_maxrss would carry across exec
-kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print("BENCH", proc.returncode, wall, kib * 1024, flush=True)
+# children and grandchildren only (this runner's own exec'd RSS is not counted)
+use = resource.getrusage(resource.RUSAGE_CHILDREN)
+peak["hwm"] = use.ru_maxrss * 1024
+peak["cpu"] = use.ru_utime + use.ru_stime  # CPU seconds of the tree: less noisy than wall
+print("BENCH", json.dumps({"code": proc.returncode, "wall": wall, **peak}), flush=True)
 """
 
 
 def timed(cmd):
-    """(wall seconds, peak RSS bytes over the command and its children) of a fresh process."""
+    """{"wall": seconds, "anon"/"file"/"rss"/"hwm": peak bytes} of a fresh process tree."""
     out = subprocess.run([sys.executable, "-c", RUNNER] + cmd, capture_output=True, text=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("BENCH ")]
     if not line:
         raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
-    _, code, wall, rss = line[-1].split()
-    if int(code) != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited {code}\n{out.stderr[-2000:]}")
-    return float(wall), int(rss)
+    res = json.loads(line[-1][len("BENCH "):])
+    if res.pop("code") != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed\n{out.stderr[-2000:]}")
+    return res
 
 
-def make_checkpoint(preset: str, out_dir: str) -> int:
+def make_checkpoint(preset: str, out_dir: str, layers=None) -> int:
     import torch
 
     from nemo_minitron.checkpoint.hf_io import write_safetensors_shards
@@ -54,6 +125,8 @@ def make_checkpoint(preset: str, out_dir: str) -> int:
     from nemo_minitron.tokenizer import write_tokenizer_files
 
     cfg = get_preset(preset)
+    if layers:
+        cfg = cfg.replace(num_layers=layers)
     os.makedirs(out_dir)
     gen = torch.Generator().manual_seed(0)
 
@@ -89,6 +162,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/bench_convert")
     parser.add_argument("--preset", default="minitron_4b_width")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="real widths, this many layers (e.g. 4: ~2.5 GB)")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--profile", default=None, help="write cProfile stats into this directory")
+    parser.add_argument("--format", default="torch_dist", choices=("torch_dist", "legacy"))
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
     args = parser.parse_args()
     if os.path.exists(args.workdir):
@@ -96,29 +174,44 @@ def main():
     os.makedirs(args.workdir)
     src, copy = os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "copy")
     nemo, back = os.path.join(args.workdir, "model.nemo"), os.path.join(args.workdir, "back")
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     try:
         t = time.perf_counter()
-        size = make_checkpoint(args.preset, src)
-        print(f"synthetic {args.preset}: {size / 1e9:.2f} GB of bf16 shards "
+        size = make_checkpoint(args.preset, src, args.layers)
+        label = args.preset + (f" ({args.layers} layers)" if args.layers else "")
+        print(f"synthetic {label}: {size / 1e9:.2f} GB of bf16 shards "
               f"({time.perf_counter() - t:.0f} s to make)", flush=True)
         script = ("import os, shutil; os.makedirs(%r); [shutil.copyfile(os.path.join(%r, f), "
                   "os.path.join(%r, f)) for f in sorted(os.listdir(%r)) "
                   "if f.endswith('.safetensors')]" % (copy, src, copy, src))
-        copy_s, copy_rss = timed([sys.executable, "-c", script])
-        cli = [sys.executable, "-m", "nemo_minitron.cli", "convert"]
-        to_nemo_s, to_nemo_rss = timed(cli + ["hf-to-nemo", src, nemo])
-        to_hf_s, to_hf_rss = timed(cli + ["nemo-to-hf", nemo, back])
+
+        def cli(step):
+            prof = ["-m", "cProfile", "-o", os.path.join(args.profile, step + ".prof")] \
+                if args.profile else []
+            return [sys.executable] + prof + ["-m", "nemo_minitron.cli", "convert", step]
+
+        runs = []
+        for r in range(args.repeat):
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.rmtree(back, ignore_errors=True)
+            row = {"copy shard bytes": timed([sys.executable, "-c", script])}
+            shutil.rmtree(copy)  # keep the disk footprint at source + .nemo + back
+            row["hf-to-nemo"] = timed(cli("hf-to-nemo") + [src, nemo, "--overwrite",
+                                                           "--format", args.format])
+            row["nemo-to-hf"] = timed(cli("nemo-to-hf") + [nemo, back])
+            runs.append(row)
+            print(f"run {r + 1}/{args.repeat}: {'step':<17} {'wall s':>7} {'x copy':>7} "
+                  f"{'cpu s':>6} {'anon GB':>8} {'file GB':>8} {'rss GB':>7} {'hwm GB':>7} {'tmpfs GB':>8}")
+            for name, m in row.items():
+                print(f"{'':<11}{name:<17} {m['wall']:>7.1f} "
+                      f"{m['wall'] / row['copy shard bytes']['wall']:>7.2f} {m['cpu']:>6.1f} "
+                      f"{m['anon'] / 1e9:>8.2f} {m['file'] / 1e9:>8.2f} {m['rss'] / 1e9:>7.2f} "
+                      f"{m['hwm'] / 1e9:>7.2f} {m['tmpfs'] / 1e9:>8.2f}", flush=True)
         exact = same_tensors(src, back)
-        rows = [("copy shard bytes", copy_s, copy_rss), ("hf-to-nemo", to_nemo_s, to_nemo_rss),
-                ("nemo-to-hf", to_hf_s, to_hf_rss)]
-        print(f"{'step':<18} {'wall s':>8} {'x copy':>7} {'peak RSS GB':>12}")
-        for name, s, rss in rows:
-            print(f"{name:<18} {s:>8.1f} {s / copy_s:>7.2f} {rss / 1e9:>12.2f}")
         print(f"round trip bit-identical: {exact}")
-        print(json.dumps({"preset": args.preset, "bytes": size, "copy_s": copy_s,
-                          "hf_to_nemo_s": to_nemo_s, "nemo_to_hf_s": to_hf_s,
-                          "hf_to_nemo_peak_rss": to_nemo_rss, "nemo_to_hf_peak_rss": to_hf_rss,
-                          "bit_identical": exact}))
+        print(json.dumps({"preset": args.preset, "layers": args.layers, "bytes": size,
+                          "format": args.format, "runs": runs, "bit_identical": exact}))
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)

@@ -46,3 +46,16 @@ def atomic_output_dir(path: str, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, path)
+
+
+def memory_scratch_dir(need_bytes: int, fallback: str) -> str:
+    """``/dev/shm`` when it is a writable tmpfs with room for ``need_bytes`` plus 1 GB to spare,
+    else ``fallback``: short-lived files there (written, read back, deleted) never reach the disk."""
+    shm = "/dev/shm"
+    try:
+        st = os.statvfs(shm)
+    except OSError:
+        return fallback
+    if os.access(shm, os.W_OK) and st.f_bavail * st.f_frsize >= need_bytes + (1 << 30):
+        return shm
+    return fallback

@@ -7,6 +7,7 @@ a single ``model.safetensors`` without index is also read.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -131,6 +132,95 @@ def iter_tensors(hf_dir: str, weight_map: Optional[Dict[str, str]] = None
         with safe_open(os.path.join(hf_dir, shard), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+# safetensors dtype names -> torch dtypes (the ones a Llama checkpoint can hold)
+_ST_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+             "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+             "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_header(path: str) -> Tuple[int, Dict[str, dict]]:
+    """(byte offset of the data section, {name: {"dtype", "shape", "data_offsets"}}) of a
+    safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def pread_into(fd: int, buf: torch.Tensor, offset: int, where: str) -> torch.Tensor:
+    """Fill the contiguous CPU tensor ``buf`` with the bytes at ``offset`` of ``fd``."""
+    view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{where}: file ends {len(view) - done} bytes early")
+        done += got
+    return buf
+
+
+class SafetensorsDir:
+    """``reader(name)``: one tensor of an HF safetensors directory, read on demand.
+
+    Each tensor is its own private (copy-on-write) mapping of exactly its bytes, located by the
+    shards' JSON headers: no copy, the pages are file-backed (clean page cache the kernel can
+    reclaim), and they leave the process when the tensor is freed. (``safe_open`` maps every shard
+    whole; every page a conversion touches then stays in its RSS until the handle closes: 5.7 GB
+    of the 9 GB 4B-Width measured.)
+    """
+
+    def __init__(self, hf_dir: str, weight_map: Optional[Dict[str, str]] = None):
+        self.hf_dir = hf_dir
+        self.weight_map = weight_map or read_weight_map(hf_dir)
+        self._fds: Dict[str, int] = {}
+        self._headers: Dict[str, Tuple[int, Dict[str, dict]]] = {}
+        for shard in sorted(set(self.weight_map.values())):
+            path = os.path.join(hf_dir, shard)
+            self._headers[shard] = read_header(path)
+            fd = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead
+            self._fds[shard] = fd
+
+    def __call__(self, name: str) -> torch.Tensor:
+        try:
+            shard = self.weight_map[name]
+        except KeyError:
+            raise CheckpointError(f"{self.hf_dir}: tensor {name} is missing") from None
+        start, header = self._headers[shard]
+        spec = header[name]
+        if spec["dtype"] not in _ST_TORCH:
+            raise CheckpointError(f"{self.hf_dir}/{shard}: {name} has unsupported dtype "
+                                  f"{spec['dtype']}")
+        dtype = _ST_TORCH[spec["dtype"]]
+        begin, end = spec["data_offsets"]
+        count = int(torch.Size(spec["shape"]).numel())
+        if end - begin != count * dtype.itemsize:
+            raise CheckpointError(f"{self.hf_dir}/{shard}: {name} stores {end - begin} bytes for "
+                                  f"shape {spec['shape']} {spec['dtype']}")
+        fd, where = self._fds[shard], start + begin
+        if count == 0 or where + end - begin > os.fstat(fd).st_size:  # empty, or cut short
+            return pread_into(fd, torch.empty(spec["shape"], dtype=dtype), where,
+                              f"{self.hf_dir}/{shard}")
+        # a private mapping of just this tensor's pages: no copy, file-backed (reclaimable) pages,
+        # unmapped when the tensor is freed
+        skew = where % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(fd, end - begin + skew, access=mmap.ACCESS_COPY, offset=where - skew)
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=skew).view(spec["shape"])
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self):
+        self.close()
 
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}

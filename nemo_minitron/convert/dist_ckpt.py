@@ -7,9 +7,10 @@ offset ``(layer, 0, 0)`` (what a TP=1/PP=1 GPTModel's sharded state dict holds);
 layer are ``[padded_vocab, hidden]``; ``_extra_state`` objects per layer for linear_qkv/proj/fc1/fc2.
 
 Streaming write: one ``dist_checkpointing.save`` per chunk of tensors (the embedding, a run of
-consecutive layers, the output layer), each into a scratch directory; the chunks' ``.distcp`` files
-are then moved into ``model_weights/`` and their DCP ``.metadata`` merged into one. Peak memory is
-one chunk, not the model. A chunk holding layers [a, b) saves each stacked key as a
+consecutive layers, the output layer), each into a scratch directory (/dev/shm when the caller
+picks it); the chunks' ``.distcp`` files are then handed on (hf-to-nemo appends them to the .nemo
+tar at once) or moved into ``model_weights/``, and their DCP ``.metadata`` merged into one. Peak
+memory is one chunk, not the model. A chunk holding layers [a, b) saves each stacked key as a
 ``[b - a, ...]`` tensor (Megatron's torch_dist strategy insists that a rank's shards form a complete
 regular grid, so in a 1-rank world a chunk cannot declare the full ``[num_layers, ...]`` shape); the
 merge shifts those chunks' offsets by ``a`` and sets the global size to ``num_layers``. DCP stores
@@ -28,7 +29,8 @@ import json
 import os
 import pickle
 import shutil
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+import tempfile
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -190,19 +192,30 @@ def _merge_metadata(parts: List[Tuple[object, Dict[str, str]]]):
 
 
 def save_torch_dist(cfg: ModelConfig, chunks: Iterable[Sequence[Tuple[str, torch.Tensor]]],
-                    out_dir: str) -> None:
+                    out_dir: str, *, on_file: Optional[Callable[[str, str], None]] = None,
+                    scratch: Optional[str] = None) -> None:
     """Write ``model_weights/`` (``out_dir``, created here) from chunks of (layer-indexed
     checkpoint name, full tensor); every chunk is saved by ``dist_checkpointing.save`` and freed
     before the next one is produced. The chunks are produced (and the HF files read) in the
-    process that writes (see :func:`run_with_process_group`)."""
+    process that writes (see :func:`run_with_process_group`).
+
+    Each chunk is saved into a scratch directory under ``scratch`` (default ``out_dir``; a tmpfs
+    such as /dev/shm keeps these one-chunk files off the disk, and Megatron fsyncs every file it
+    writes). ``on_file(path, name)`` takes each finished data file (``__<chunk>_<i>.distcp``) and
+    must consume it, e.g. append it to the .nemo tar and delete it; by default it is moved into
+    ``out_dir``. ``common.pt``, ``.metadata`` and ``metadata.json`` always end up in ``out_dir``."""
     os.makedirs(out_dir)
-    run_with_process_group(_save_chunks, cfg, chunks, out_dir)
+    run_with_process_group(_save_chunks, cfg, chunks, out_dir, on_file, scratch or out_dir)
 
 
-def _save_chunks(cfg: ModelConfig, chunks, out_dir: str) -> None:
+def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, on_file, scratch_root: str) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+    _start_writer_manager()
+    if on_file is None:
+        def on_file(path, name):
+            os.rename(path, os.path.join(out_dir, name))
     parts, written = [], set()
     for k, chunk in enumerate(chunks):
         names = [n for n, _ in chunk]
@@ -210,34 +223,47 @@ def _save_chunks(cfg: ModelConfig, chunks, out_dir: str) -> None:
         if dup:
             raise CheckpointError(f"tensor(s) written twice: {', '.join(sorted(dup))}")
         written.update(names)
-        scratch = os.path.join(out_dir, f".chunk-{k:05d}")
-        os.makedirs(scratch)
-        # thread_count=1: one .distcp file per chunk
-        strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-        sharded, base = _sharded_chunk(cfg, chunk)
-        # validate_access_integrity=False: the extra-state objects name their global layer
-        # (shard_<layer>_<num_layers>), so a chunk holds only some of them
-        dist_checkpointing.save(sharded, scratch, sharded_strategy=strategy,
-                                validate_access_integrity=False)
-        del chunk, sharded
-        with open(os.path.join(scratch, ".metadata"), "rb") as f:
-            md = pickle.load(f)
-        _shift(md, base, cfg.num_layers)
-        renames = {}
-        for j, path in enumerate(sorted(glob.glob(os.path.join(scratch, "*.distcp")))):
-            new = f"__{k}_{j}.distcp"
-            os.rename(path, os.path.join(out_dir, new))
-            renames[os.path.basename(path)] = new
-        parts.append((md, renames))
-        if k == 0:
-            os.rename(os.path.join(scratch, "common.pt"), os.path.join(out_dir, "common.pt"))
-        shutil.rmtree(scratch)
+        scratch = tempfile.mkdtemp(prefix=f".chunk-{k:05d}-", dir=scratch_root)
+        try:
+            # thread_count=1: one .distcp file per chunk
+            strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+            sharded, base = _sharded_chunk(cfg, chunk)
+            # validate_access_integrity=False: the extra-state objects name their global layer
+            # (shard_<layer>_<num_layers>), so a chunk holds only some of them
+            dist_checkpointing.save(sharded, scratch, sharded_strategy=strategy,
+                                    validate_access_integrity=False)
+            del chunk, sharded
+            with open(os.path.join(scratch, ".metadata"), "rb") as f:
+                md = pickle.load(f)
+            _shift(md, base, cfg.num_layers)
+            renames = {}
+            for j, path in enumerate(sorted(glob.glob(os.path.join(scratch, "*.distcp")))):
+                new = f"__{k}_{j}.distcp"
+                on_file(path, new)
+                renames[os.path.basename(path)] = new
+            parts.append((md, renames))
+            if k == 0:
+                shutil.move(os.path.join(scratch, "common.pt"), os.path.join(out_dir, "common.pt"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     merged = _merge_metadata(parts)
     _check_coverage(cfg, merged, written)
     with open(os.path.join(out_dir, ".metadata"), "wb") as f:
         pickle.dump(merged, f)
     with open(os.path.join(out_dir, "metadata.json"), "w") as f:
         json.dump(METADATA_JSON, f)
+
+
+def _start_writer_manager() -> None:
+    """Start the result-queue manager process that megatron-core (0.8+) forks lazily at its first
+    save, now, before any tensor exists: forked in the middle of the first save, it would keep the
+    first chunk's pages copy-on-write for the whole conversion (measured: the 0.79 GB embedding,
+    private to it once this process frees the chunk). Older megatron-core has no such manager."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    start = getattr(filesystem_async, "_get_write_results_queue", None)
+    if start is not None:
+        start()
 
 
 def _check_coverage(cfg: ModelConfig, md, written) -> None:
@@ -315,25 +341,27 @@ class _LayerCachedReader:
 
 
 class TorchDistReader(_LayerCachedReader):
-    """torch_dist weights read with torch DCP's own ``FileSystemReader`` (storage format, offsets,
-    any chunking: per layer, per TP shard, gate/up halves), one layer's slice at a time.
+    """torch_dist weights: DCP's ``.metadata`` (read with torch's ``FileSystemReader``) locates
+    every stored chunk (file, byte range; any chunking: per layer, per TP shard, gate/up halves);
+    each chunk is one ``torch.save``'d tensor, loaded by ``torch.load`` straight from its byte range
+    (of an extracted file or, ``in_place``, of the .nemo tar itself: no extraction pass), one
+    layer's chunks at a time. A chunk that is exactly the requested region is returned as loaded
+    (no copy); others are copied into place.
 
     Not ``dist_checkpointing.load``: in a 1-rank world Megatron's torch_dist strategy accepts only
     requests that cover the whole regular grid of a tensor (a whole ``[num_layers, ...]`` stack), which
     would hold e.g. 3.6 GB of 4B-Width's fc1 at once; no process group is needed either.
     """
 
-    def __init__(self, weights_dir: str):
+    def __init__(self, weights_dir: str, in_place=None):
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        self.weights_dir = weights_dir
+        self.weights_dir, self.in_place, self._fds = weights_dir, in_place, {}
         if not os.path.isfile(os.path.join(weights_dir, ".metadata")):
             raise CheckpointError(f"{weights_dir}: torch_dist checkpoint without .metadata")
         try:
-            self.reader = FileSystemReader(weights_dir)
-            self.metadata = self.reader.read_metadata()
-            self.reader.set_up_storage_reader(self.metadata, True)
+            self.metadata = FileSystemReader(weights_dir).read_metadata()
         except Exception as e:  # noqa: BLE001 - pickle/torch raise many types for bad files
             raise CheckpointError(f"{weights_dir}/.metadata: unreadable "
                                   f"({type(e).__name__}: {_first_line(e)})") from None
@@ -345,65 +373,74 @@ class TorchDistReader(_LayerCachedReader):
                 raise CheckpointError(f"{weights_dir}: {index.fqn} is stored with transforms "
                                       f"{info.transform_descriptors} (not supported)")
             path = os.path.join(weights_dir, info.relative_path)
-            if index.fqn in tensors and not os.path.isfile(path):
+            if index.fqn in tensors and not (os.path.isfile(path) or os.path.realpath(path)
+                                             in (in_place or {})):
                 raise CheckpointError(f"{path}: data file named in .metadata is missing")
         super().__init__(weights_dir, tensors)
 
-    def _load(self, keys, layer):
+    def _read_chunk(self, stored: str, chunk, dtype) -> torch.Tensor:
+        """The stored tensor of one chunk (its ``torch.save`` bytes loaded in place)."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
-        from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-        out, items = {}, []
+        from nemo_minitron.convert.nemo_file import FileView, open_member
+
+        info = self.metadata.storage_data.get(MetadataIndex(stored, torch.Size(chunk.offsets)))
+        if info is None:
+            raise CheckpointError(f"{self.weights_dir}: {stored} chunk at {list(chunk.offsets)} "
+                                  "has no storage entry")
+        path = os.path.join(self.weights_dir, info.relative_path)
+        fd, base, size = open_member(path, self.in_place, self._fds)
+        if info.offset + info.length > size:
+            raise CheckpointError(f"{path}: {stored} lies beyond the end of the file (truncated?)")
+        try:
+            t = torch.load(FileView(fd, base + info.offset, info.length), map_location="cpu",
+                           weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: reading {stored} failed "
+                                  f"({type(e).__name__}: {_first_line(e)})") from None
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(chunk.sizes) \
+                or t.dtype != dtype:
+            raise CheckpointError(f"{path}: {stored} chunk at {list(chunk.offsets)} is not a "
+                                  f"{list(chunk.sizes)} {dtype} tensor")
+        return t
+
+    def _load(self, keys, layer):
+        out = {}
         for key in keys:
             stored, shape, dtype = self.keys[key]
-            lo = [0] * len(shape)
-            hi = list(shape)
+            lo, hi = [0] * len(shape), list(shape)
             if layer is not None:
                 lo[0], hi[0] = layer, layer + 1
-            out[key] = torch.empty([h - l for l, h in zip(lo, hi)], dtype=dtype)
-            covered = 0
+            region = [h - l for l, h in zip(lo, hi)]
+            pieces, covered = [], 0
             for chunk in self.metadata.state_dict_metadata[stored].chunks:
                 start = [max(o, l) for o, l in zip(chunk.offsets, lo)]
                 stop = [min(o + n, h) for o, n, h in zip(chunk.offsets, chunk.sizes, hi)]
                 if any(a >= b for a, b in zip(start, stop)):
                     continue
-                lengths = torch.Size([b - a for a, b in zip(start, stop)])
-                covered += int(np.prod(lengths))
-                items.append(ReadItem(
-                    type=LoadItemType.TENSOR,
-                    dest_index=MetadataIndex(key), dest_offsets=torch.Size(
-                        [a - l for a, l in zip(start, lo)]),
-                    storage_index=MetadataIndex(stored, torch.Size(chunk.offsets)),
-                    storage_offsets=torch.Size([a - o for a, o in zip(start, chunk.offsets)]),
-                    lengths=lengths))
-            if covered != out[key].numel():  # chunks of one key never overlap
+                covered += int(np.prod([b - a for a, b in zip(start, stop)]))
+                pieces.append((chunk, start, stop))
+            if covered != int(np.prod(region)):  # chunks of one key never overlap
                 raise CheckpointError(f"{self.weights_dir}: {stored} is incomplete (layer {layer}: "
-                                      f"{covered} of {out[key].numel()} elements stored)")
-        try:
-            self.reader.read_data(LoadPlan(items), _Planner(out)).wait()
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{self.weights_dir}: reading {', '.join(keys[:3])} failed "
-                                  f"({type(e).__name__}: {_first_line(e)})") from None
+                                      f"{covered} of {int(np.prod(region))} elements stored)")
+            if len(pieces) == 1 and list(pieces[0][0].sizes) == region:
+                out[key] = self._read_chunk(stored, pieces[0][0], dtype)  # the region itself
+                continue
+            out[key] = torch.empty(region, dtype=dtype)
+            for chunk, start, stop in pieces:
+                src, dst = self._read_chunk(stored, chunk, dtype), out[key]
+                for dim, (a, b, o, l) in enumerate(zip(start, stop, chunk.offsets, lo)):
+                    src, dst = src.narrow(dim, a - o, b - a), dst.narrow(dim, a - l, b - a)
+                dst.copy_(src)
         return {k: (t[0] if layer is not None else t) for k, t in out.items()}
 
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
-class _Planner:
-    """The three LoadPlanner calls FileSystemReader.read_data makes: narrow the destination."""
-
-    def __init__(self, out: Dict[str, torch.Tensor]):
-        self.out = out
-
-    def resolve_tensor(self, item):
-        t = self.out[item.dest_index.fqn]
-        for dim, (offset, length) in enumerate(zip(item.dest_offsets, item.lengths)):
-            t = t.narrow(dim, offset, length)
-        return t
-
-    def commit_tensor(self, item, tensor):
-        pass
-
-    def load_bytes(self, item, value):
-        raise CheckpointError(f"{item.dest_index.fqn}: unexpected bytes item")
+    def __del__(self):
+        self.close()
 
 
 def _first_line(e: BaseException) -> str:

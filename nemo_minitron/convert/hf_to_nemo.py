@@ -5,8 +5,11 @@
 
 Strict: config.json, tensor names and shapes are checked before anything is written; every HF tensor
 is consumed by the mapping (``convert/mapping.py``), every Megatron tensor filled. Streaming: HF
-tensors are read lazily and written out chunk by chunk (torch_dist) or rank by rank (legacy). The
-.nemo is staged in a temporary directory next to the output and renamed into place at the end.
+tensors are read one at a time (``pread``, nothing mmapped) and written out chunk by chunk
+(torch_dist: one to two layers, or one embedding, per ``dist_checkpointing.save``) or rank file by
+rank file (legacy: not bounded, see ``legacy.write_legacy``). The .nemo tar is written member by
+member under a temporary name next to the output (each chunk's data file is appended as soon as it
+exists; its scratch copy lives in /dev/shm when there is room) and renamed into place at the end.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
+from nemo_minitron.checkpoint.fsutil import memory_scratch_dir
 from nemo_minitron.checkpoint.hf_io import read_shapes
 from nemo_minitron.config.arch import ModelConfig
 from nemo_minitron.config.hf import check_hf_shapes, read_hf_config
@@ -24,7 +28,7 @@ from nemo_minitron.config.megatron import torch_dtype
 from nemo_minitron.config.nemo import DEFAULT_TOKENIZER, dump_yaml, to_nemo_dict
 from nemo_minitron.config.parallel import validate_parallel
 from nemo_minitron.convert import mapping
-from nemo_minitron.convert.nemo_file import (CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_DIR, pack_nemo)
+from nemo_minitron.convert.nemo_file import CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_DIR, NemoTarWriter
 from nemo_minitron.convert.progress import Progress
 from nemo_minitron.errors import CheckpointError, ConfigError, MinitronError
 
@@ -105,35 +109,59 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.staging-",
                                dir=os.path.dirname(out_path))
     try:
-        nemo_cfg = to_nemo_dict(out_cfg, tp=tp, pp=pp,
-                                tokenizer=_tokenizer_section(hf_dir, tokenizer_type, staging),
-                                dist_ckpt_format="torch_dist")
-        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
-            f.write(dump_yaml(nemo_cfg))
+        with NemoTarWriter(out_path, overwrite=overwrite) as tar:
+            nemo_cfg = to_nemo_dict(out_cfg, tp=tp, pp=pp,
+                                    tokenizer=_tokenizer_section(hf_dir, tokenizer_type, staging),
+                                    dist_ckpt_format="torch_dist")
+            with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+                f.write(dump_yaml(nemo_cfg))
+            tar.add_tree(staging)  # config and tokenizer files; the weights follow as written
 
-        def mapped(names=None):
-            for name, full in mapping.hf_to_megatron(cfg, reader, tp=tp, names=names):
-                t = full.to(store)
-                if tuple(t.shape) != shapes[name]:
-                    raise CheckpointError(f"{name}: mapped shape {list(t.shape)} != expected "
-                                          f"{list(shapes[name])}")
-                bar.update(t.numel() * t.element_size())
-                yield name, t
+            def mapped(names=None):
+                for name, full in mapping.hf_to_megatron(cfg, reader, tp=tp, names=names):
+                    t = full.to(store)
+                    if tuple(t.shape) != shapes[name]:
+                        raise CheckpointError(f"{name}: mapped shape {list(t.shape)} != expected "
+                                              f"{list(shapes[name])}")
+                    bar.update(t.numel() * t.element_size())
+                    yield name, t
 
-        if fmt == "torch_dist":
-            from nemo_minitron.convert.dist_ckpt import save_torch_dist
+            weights = os.path.join(staging, WEIGHTS_DIR)
+            if fmt == "torch_dist":
+                from nemo_minitron.convert.dist_ckpt import save_torch_dist
 
-            layer_bytes = sum(int(torch.Size(s).numel()) for n, s in shapes.items()
-                              if mapping.stacked_key(n)[1] == 0) * store.itemsize
-            save_torch_dist(out_cfg, _chunks(mapped(), layer_bytes, chunk_bytes),
-                            os.path.join(staging, WEIGHTS_DIR))
-        else:
-            from nemo_minitron.convert.legacy import write_legacy
+                layer_bytes = sum(int(torch.Size(s).numel()) for n, s in shapes.items()
+                                  if mapping.stacked_key(n)[1] == 0) * store.itemsize
+                biggest = max(int(torch.Size(s).numel()) for s in shapes.values()) * store.itemsize
 
-            by_name = {n: (n, r, l) for n, r, l in mapping.megatron_names(cfg)}
-            write_legacy(cfg, lambda n: next(mapped([by_name[n]]))[1], staging, tp, pp)
-        bar.close()
-        pack_nemo(staging, out_path, overwrite=overwrite)
+                def into_tar(path, name):  # each chunk's data file, as soon as it is written
+                    tar.add_file(path, f"./{WEIGHTS_DIR}/{name}")
+                    os.unlink(path)
+
+                tar.add_dir(f"./{WEIGHTS_DIR}")
+                # removed here even if the writing process dies (/dev/shm is memory)
+                scratch = tempfile.mkdtemp(prefix=".nemo-minitron-scratch-", dir=memory_scratch_dir(
+                    2 * max(chunk_bytes, biggest), staging))
+                try:
+                    save_torch_dist(out_cfg, _chunks(mapped(), layer_bytes, chunk_bytes), weights,
+                                    on_file=into_tar, scratch=scratch)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                tar.add_tree(weights, f"./{WEIGHTS_DIR}")  # common.pt, .metadata, metadata.json
+            else:
+                from nemo_minitron.convert.legacy import write_legacy
+
+                def legacy_into_tar(path, rel):  # each rank's file, as soon as it is written
+                    if os.path.dirname(rel):
+                        tar.add_dir(f"./{os.path.dirname(rel)}")
+                    tar.add_file(path, f"./{rel}")
+                    os.unlink(path)
+
+                by_name = {n: (n, r, l) for n, r, l in mapping.megatron_names(cfg)}
+                legacy_root = os.path.join(staging, ".legacy")
+                write_legacy(cfg, lambda n: next(mapped([by_name[n]]))[1], legacy_root, tp, pp,
+                             on_file=legacy_into_tar)
+            bar.close()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_path

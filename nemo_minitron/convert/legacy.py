@@ -24,9 +24,18 @@ IGNORED_SUFFIXES = ("_extra_state", "rotary_pos_emb.inv_freq")
 
 
 def write_legacy(cfg: ModelConfig, get_full: Callable[[str], torch.Tensor], root: str, tp: int,
-                 pp: int, on_tensor=None) -> None:
+                 pp: int, on_tensor=None, on_file=None) -> None:
     """Write every rank's file under ``root`` from full Megatron tensors (``get_full(name)``, vocab
-    padded for ``tp``). One rank's state dict is in memory at a time."""
+    padded for ``tp``); ``on_file(path, relative path)`` takes each finished file.
+
+    Not streaming: one pipeline stage's full tensors are in memory at a time (the whole model at
+    PP=1, e.g. 9 GB for 4B-Width). ``torch.save`` pickles the state dict and then writes the bytes
+    of every storage it references, so all of a file's tensors must exist when it is called;
+    writing a file tensor by tensor would mean producing PyTorch's zip container (records,
+    alignment, CRC32s that torch 2.3's reader checks) ourselves. Use the default torch_dist
+    format for large models. A TP shard is cloned only when it is a view (``torch.save`` would
+    otherwise write the whole full tensor's storage); at TP=1 the full tensors are saved as they
+    are, without a second copy."""
     per = cfg.num_layers // pp
     for pp_rank in range(pp):
         names = mapping.stage_names(cfg, pp_rank, pp)
@@ -36,13 +45,18 @@ def write_legacy(cfg: ModelConfig, get_full: Callable[[str], torch.Tensor], root
             state = {}
             for name, _, layer in names:
                 local = mapping.to_local_layer(name, offset)
-                state["model." + local] = mapping.tp_shard(name, fulls[name], tp_rank, tp).clone()
+                shard = mapping.tp_shard(name, fulls[name], tp_rank, tp)
+                if shard.untyped_storage().nbytes() != shard.numel() * shard.element_size():
+                    shard = shard.clone()  # a view: save only its own bytes
+                state["model." + local] = shard
             for local_layer in range(per):  # TE modules' FP8 state: none
                 for module in mapping.EXTRA_STATE_MODULES:
                     state[f"model.decoder.layers.{local_layer}.{module}._extra_state"] = None
             path = rank_file(root, tp_rank, pp_rank, tp, pp)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.save(state, path)
+            if on_file is not None:  # takes the finished file (e.g. into the .nemo tar)
+                on_file(path, os.path.relpath(path, root))
             if on_tensor is not None:
                 on_tensor(sum(t.numel() * t.element_size() for t in state.values()
                               if isinstance(t, torch.Tensor)), len(names) if tp_rank == 0 else 0)

@@ -12,12 +12,14 @@ Weight layouts, by what exists (NeMo's own rule, shared/FACTS.md section 3):
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
 import tarfile
 import tempfile
-from typing import Iterator, Tuple
+import time
+from typing import Dict, Iterator, Optional, Tuple
 
 from nemo_minitron.errors import CheckpointError, MinitronError
 
@@ -27,13 +29,27 @@ LEGACY_NAME = "model_weights.ckpt"
 TOKENIZER_DIR = "tokenizer"  # our packed HF tokenizer files, referenced from model_config.yaml
 _MP_RE = re.compile(r"^mp_rank_(\d{2})$")
 _TP_PP_RE = re.compile(r"^tp_rank_(\d{2})_pp_rank_(\d{3})$")
+# extracted path (realpath) -> (archive, offset of the member's data, size): members read in place
+InPlace = Dict[str, Tuple[str, int, int]]
 
 
-def safe_extract(archive: str, target: str) -> None:
-    """Extract ``archive`` (tar or tar.gz) into the existing directory ``target``."""
+def safe_extract(archive: str, target: str, in_place: Optional[InPlace] = None) -> None:
+    """Extract ``archive`` (tar or tar.gz) into the existing directory ``target``.
+
+    ``in_place``: when given and the archive is an uncompressed tar, the distributed checkpoint's
+    data files (``*.distcp``, nearly all the bytes) are not extracted; ``in_place`` maps each one's
+    would-be path (realpath) to ``(archive, byte offset of its data, size)`` for readers that read
+    them where they are (:func:`open_member`)."""
     root = os.path.realpath(target)
+    mode = "r:*"
+    if in_place is not None:
+        with open(archive, "rb") as f:
+            if f.read(2) == b"\x1f\x8b":  # gzip: offsets are not file offsets
+                in_place = None
+            else:
+                mode = "r:"
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with tarfile.open(archive, mode) as tar:
             for member in tar:
                 name = member.name
                 dest = os.path.realpath(os.path.join(root, name))
@@ -49,6 +65,11 @@ def safe_extract(archive: str, target: str) -> None:
                     raise CheckpointError(f"{archive}: member {name!r} is not a regular file; "
                                           "refusing")
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
+                if in_place is not None and name.endswith(".distcp") and not member.issparse():
+                    if member.offset_data + member.size > os.path.getsize(archive):
+                        raise CheckpointError(f"{archive}: member {name!r} is truncated")
+                    in_place[dest] = (os.path.abspath(archive), member.offset_data, member.size)
+                    continue
                 src = tar.extractfile(member)
                 with open(dest, "wb") as out:
                     shutil.copyfileobj(src, out, 16 << 20)
@@ -60,9 +81,10 @@ def safe_extract(archive: str, target: str) -> None:
 
 
 @contextlib.contextmanager
-def opened_nemo(path: str) -> Iterator[str]:
+def opened_nemo(path: str, in_place: Optional[InPlace] = None) -> Iterator[str]:
     """Yield a directory holding the .nemo's tree: the directory itself, or a temporary extraction
-    (next to the archive's default temp dir; removed afterwards)."""
+    (next to the archive's default temp dir; removed afterwards). ``in_place``: see
+    :func:`safe_extract` (readers then go through :func:`open_member`)."""
     if os.path.isdir(path):
         yield _content_root(path)
         return
@@ -70,7 +92,7 @@ def opened_nemo(path: str) -> Iterator[str]:
         raise CheckpointError(f"{path}: no such .nemo file or directory")
     tmp = tempfile.mkdtemp(prefix="nemo-extract-")
     try:
-        safe_extract(path, tmp)
+        safe_extract(path, tmp, in_place)
         yield _content_root(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,23 +145,128 @@ def rank_file(root: str, tp_rank: int, pp_rank: int, tp: int, pp: int) -> str:
     return os.path.join(root, f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}", LEGACY_NAME)
 
 
-def pack_nemo(src_dir: str, out_path: str, overwrite: bool = False) -> None:
-    """Tar ``src_dir``'s contents (uncompressed, as NeMo writes) into ``out_path`` atomically."""
-    out_path = os.path.abspath(out_path)
-    if os.path.exists(out_path) and not overwrite:
-        raise MinitronError(f"{out_path} exists; pass --overwrite to replace it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_path)}.tmp-",
-                               dir=os.path.dirname(out_path))
-    os.close(fd)
-    try:
-        with tarfile.open(tmp, "w") as tar:
-            for entry in sorted(os.listdir(src_dir)):
-                tar.add(os.path.join(src_dir, entry), arcname=f"./{entry}")
+class FileView(io.RawIOBase):
+    """Read-only, seekable view of ``length`` bytes at ``base`` of an open file descriptor
+    (``pread``: no shared file position, so views of one descriptor are independent)."""
+
+    def __init__(self, fd: int, base: int, length: int):
+        super().__init__()
+        self.fd, self.base, self.length, self.pos = fd, base, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.length}[whence] + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(memoryview(buf).nbytes, self.length - self.pos))
+        if n == 0:
+            return 0
+        got = os.preadv(self.fd, [memoryview(buf).cast("B")[:n]], self.base + self.pos)
+        self.pos += got
+        return got
+
+
+def open_member(path: str, in_place: Optional[InPlace], fds: Dict[str, int]) -> Tuple[int, int, int]:
+    """(descriptor, base offset, size) of an extracted file or of a member left in its archive;
+    descriptors are cached in ``fds`` (archive or file path -> fd; the caller closes them)."""
+    real = os.path.realpath(path)
+    where, base, size = (in_place or {}).get(real) or (real, 0, None)
+    if where not in fds:
+        try:
+            fds[where] = os.open(where, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+    if size is None:
+        size = os.fstat(fds[where]).st_size
+    return fds[where], base, size
+
+
+class NemoTarWriter:
+    """A .nemo (uncompressed tar) written member by member, as its files become ready.
+
+    Written under a temporary name next to ``out_path`` and renamed into place by :meth:`commit`
+    (the context manager commits on success and removes the temporary file on error). Regular
+    files are copied by the kernel (``os.sendfile``: no Python-level pass over the bytes). All
+    writes go to the raw descriptor, whose file position a forked child shares, so a child
+    process may append members (e.g. the distributed-checkpoint writer) while the parent waits.
+    """
+
+    def __init__(self, out_path: str, overwrite: bool = False):
+        self.out_path = os.path.abspath(out_path)
+        if os.path.exists(self.out_path) and not overwrite:
+            raise MinitronError(f"{self.out_path} exists; pass --overwrite to replace it")
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.out_path)}.tmp-",
+                                        dir=os.path.dirname(self.out_path))
+        self.fd = fd
+
+    def _header(self, name: str, kind: bytes, size: int, mode: int, mtime: float) -> None:
+        info = tarfile.TarInfo(name)
+        info.type, info.size, info.mode, info.mtime = kind, size, mode, int(mtime)
+        os.write(self.fd, info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def add_dir(self, arcname: str) -> None:
+        self._header(arcname, tarfile.DIRTYPE, 0, 0o755, time.time())
+
+    def add_file(self, path: str, arcname: str) -> None:
+        with open(path, "rb") as src:
+            st = os.fstat(src.fileno())
+            self._header(arcname, tarfile.REGTYPE, st.st_size, st.st_mode & 0o7777, st.st_mtime)
+            done = 0
+            while done < st.st_size:
+                sent = os.sendfile(self.fd, src.fileno(), done, min(st.st_size - done, 1 << 30))
+                if sent <= 0:
+                    raise CheckpointError(f"{path}: changed size while being packed")
+                done += sent
+        os.write(self.fd, bytes(-st.st_size % tarfile.BLOCKSIZE))
+
+    def add_tree(self, src_dir: str, arcname: str = ".") -> None:
+        """The entries of ``src_dir`` (recursively, sorted) under ``arcname``."""
+        for entry in sorted(os.listdir(src_dir)):
+            path, name = os.path.join(src_dir, entry), f"{arcname}/{entry}"
+            if os.path.isdir(path):
+                self.add_dir(name)
+                self.add_tree(path, name)
+            else:
+                self.add_file(path, name)
+
+    def commit(self) -> None:
+        """End-of-archive blocks, padding to a whole tar record, permissions, rename."""
+        end = os.lseek(self.fd, 0, os.SEEK_CUR) + 2 * tarfile.BLOCKSIZE
+        os.write(self.fd, bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        os.close(self.fd)
+        self.fd = None
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out_path)
-    except BaseException:
+        os.chmod(self.tmp, 0o666 & ~umask)
+        os.replace(self.tmp, self.out_path)
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+            os.unlink(self.tmp)
+
+    def __enter__(self) -> "NemoTarWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def pack_nemo(src_dir: str, out_path: str, overwrite: bool = False) -> None:
+    """Tar ``src_dir``'s contents (uncompressed, as NeMo writes) into ``out_path`` atomically."""
+    with NemoTarWriter(out_path, overwrite=overwrite) as tar:
+        tar.add_tree(src_dir)

@@ -6,7 +6,8 @@ Writes sharded safetensors (<= 5 GB shards) with ``model.safetensors.index.json`
 (explicit head_dim, rope_theta + llama3 rope_scaling, torch_dtype), ``generation_config.json`` and the
 tokenizer files; transformers loads the directory as is. The padded vocabulary (any padding) is
 sliced back to the tokenizer's. One tensor (one layer for distributed checkpoints) is in memory at
-a time; the output is built under a temporary name and renamed into place.
+a time; the output is built under a temporary name and renamed into place. A .nemo tar is not
+extracted for torch_dist weights: each stored chunk is read from its byte range in the tar.
 """
 from __future__ import annotations
 
@@ -62,14 +63,15 @@ def read_config(root: str, label: str) -> ModelConfig:
     return read_nemo_config(os.path.join(root, CONFIG_NAME), label=label, vocab_size=vocab)
 
 
-def weights_reader(root: str, cfg: ModelConfig):
-    """(layout, reader) for an extracted .nemo; ``reader.get(name)`` gives the full tensor."""
+def weights_reader(root: str, cfg: ModelConfig, in_place=None):
+    """(layout, reader) for an extracted .nemo; ``reader.get(name)`` gives the full tensor.
+    ``in_place``: torch_dist data files left in the .nemo tar (see ``opened_nemo``)."""
     from nemo_minitron.convert import dist_ckpt, legacy
 
     layout, tp, pp = detect_layout(root)
     weights = os.path.join(root, "model_weights")
     if layout == "torch_dist":
-        return layout, dist_ckpt.TorchDistReader(weights)
+        return layout, dist_ckpt.TorchDistReader(weights, in_place)
     if layout == "zarr":
         return layout, dist_ckpt.ZarrReader(weights)
     return (f"legacy TP={tp} PP={pp}" if (tp, pp) != (1, 1) else "legacy"), \
@@ -117,9 +119,10 @@ def nemo_to_hf(nemo_path: str, out_dir: str, *, dtype: Optional[str] = None,
     """Convert; return (output directory, source weight layout). ``dtype``: default the stored one."""
     if os.path.exists(out_dir) and not overwrite:
         raise CheckpointError(f"{os.path.abspath(out_dir)} exists; pass --overwrite to replace it")
-    with opened_nemo(nemo_path) as root:
+    in_place = {}  # torch_dist data files are read from the tar where they lie, not extracted
+    with opened_nemo(nemo_path, in_place) as root:
         cfg = read_config(root, nemo_path)
-        layout, reader = weights_reader(root, cfg)
+        layout, reader = weights_reader(root, cfg, in_place)
         check_stored_keys(cfg, reader)
         get = checked_getter(cfg, reader)
         if dtype is None:

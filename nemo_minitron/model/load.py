@@ -12,30 +12,12 @@ from typing import Optional
 
 import torch
 
-from nemo_minitron.checkpoint.hf_io import read_shapes, read_weight_map
+from nemo_minitron.checkpoint.hf_io import SafetensorsDir as HFReader  # noqa: F401 - re-exported
+from nemo_minitron.checkpoint.hf_io import read_shapes
 from nemo_minitron.config.arch import ModelConfig
 from nemo_minitron.config.hf import check_hf_shapes
 from nemo_minitron.convert import mapping
 from nemo_minitron.errors import CheckpointError
-
-
-class HFReader:
-    """Lazy tensor access to an HF safetensors directory (one open handle per shard)."""
-
-    def __init__(self, hf_dir: str):
-        from safetensors import safe_open
-
-        self.hf_dir = hf_dir
-        self.weight_map = read_weight_map(hf_dir)
-        self._handles = {s: safe_open(os.path.join(hf_dir, s), framework="pt")
-                         for s in sorted(set(self.weight_map.values()))}
-
-    def __call__(self, name: str) -> torch.Tensor:
-        try:
-            shard = self.weight_map[name]
-        except KeyError:
-            raise CheckpointError(f"{self.hf_dir}: tensor {name} is missing") from None
-        return self._handles[shard].get_tensor(name)
 
 
 def load_hf_into_model(model, cfg: ModelConfig, hf_dir: str, reader: Optional[HFReader] = None):

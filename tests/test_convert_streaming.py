@@ -1,0 +1,160 @@
+"""The streaming pieces of the converters (issue 3): safetensors reads without mmap, the .nemo tar
+written member by member, torch_dist data read in place from the tar. Checked against independent
+readers: the safetensors library, GNU tar and Python's tarfile, torch DCP's own FileSystemReader."""
+import inspect
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+import torch
+
+from nemo_minitron.checkpoint.hf_io import SafetensorsDir, read_weight_map
+from nemo_minitron.convert.nemo_file import NemoTarWriter, opened_nemo, pack_nemo
+from nemo_minitron.errors import CheckpointError, MinitronError
+from tests.convert_helpers import GOLDEN
+
+
+def _mapped_paths():
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+
+
+def test_safetensors_dir_matches_library_and_maps_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(7, 5, generator=g).to(torch.bfloat16),
+               "b": torch.randn(3, generator=g), "c": torch.arange(6, dtype=torch.int64),
+               "d": torch.tensor(2.5, dtype=torch.float16), "e": torch.empty(0, 4)}
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    reader = SafetensorsDir(str(tmp_path))
+    got = {name: reader(name).clone() for name in tensors}
+    # each tensor maps only its own pages, unmapped once it is freed (safe_open keeps the whole
+    # shard mapped while the handle lives)
+    held = reader("a")
+    assert str(tmp_path / "model.safetensors") in _mapped_paths()
+    del held
+    import gc
+    gc.collect()
+    assert str(tmp_path / "model.safetensors") not in _mapped_paths()
+    want = load_file(str(tmp_path / "model.safetensors"))
+    assert sorted(want) == sorted(got)
+    for name, ref in want.items():
+        assert got[name].dtype == ref.dtype and got[name].shape == ref.shape
+        assert torch.equal(got[name].view(-1).view(torch.uint8), ref.view(-1).view(torch.uint8))
+    with pytest.raises(CheckpointError, match="missing"):
+        reader("zzz")
+    reader.close()
+    # a shard cut short is an error naming it, not a short tensor
+    path = tmp_path / "model.safetensors"
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 10)
+    reader = SafetensorsDir(str(tmp_path), weight_map={n: "model.safetensors" for n in want})
+    with pytest.raises(CheckpointError, match="file ends [0-9]+ bytes early"):
+        for name in want:
+            reader(name)
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
+def test_tar_writer_matches_gnu_tar(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub" / "deep").mkdir(parents=True)
+    blobs = {"model_config.yaml": b"a: 1\n", "sub/x.bin": os.urandom(70001),
+             "sub/deep/" + "long" * 40 + ".distcp": os.urandom(512), "sub/empty": b"",
+             ".metadata": os.urandom(1000)}
+    for name, data in blobs.items():
+        (src / name).write_bytes(data)
+    out = tmp_path / "o.nemo"
+    pack_nemo(str(src), str(out))
+    listing = subprocess.run(["tar", "-tf", str(out)], capture_output=True, text=True, check=True)
+    names = [n.rstrip("/") for n in listing.stdout.split()]
+    assert sorted(n for n in names if n.startswith("./") and n[2:] in blobs) == \
+        sorted("./" + n for n in blobs)
+    assert "./sub" in names and "./sub/deep" in names
+    target = tmp_path / "x"
+    target.mkdir()
+    subprocess.run(["tar", "-xf", str(out), "-C", str(target)], check=True)
+    for name, data in blobs.items():
+        assert (target / name).read_bytes() == data, name
+    with tarfile.open(out) as tar:  # Python's reader agrees, and the archive ends cleanly
+        assert {m.name for m in tar.getmembers() if m.isfile()} == {"./" + n for n in blobs}
+    assert os.path.getsize(out) % tarfile.RECORDSIZE == 0
+    with pytest.raises(MinitronError, match="exists"):
+        pack_nemo(str(src), str(out))
+
+
+def test_tar_writer_removes_temporary_on_error(tmp_path):
+    out = tmp_path / "o.nemo"
+    with pytest.raises(RuntimeError):
+        with NemoTarWriter(str(out)) as tar:
+            tar.add_dir("./d")
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_torch_dist_read_in_place_from_tar(tmp_path):
+    """The golden torch_dist .nemo read without extracting its .distcp files: every recorded
+    member range holds the member's bytes, and the reader returns what torch DCP's own
+    FileSystemReader reads from an extracted copy."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from nemo_minitron.convert.dist_ckpt import TorchDistReader
+
+    nemo = os.path.join(GOLDEN, "torch_dist_tp1.nemo")
+    in_place = {}
+    with opened_nemo(nemo, in_place) as root:
+        weights = os.path.join(root, "model_weights")
+        assert in_place and not [f for f in os.listdir(weights) if f.endswith(".distcp")]
+        with tarfile.open(nemo) as tar:
+            by_name = {os.path.basename(m.name): tar.extractfile(m).read()
+                       for m in tar.getmembers() if m.name.endswith(".distcp")}
+        for dest, (archive, offset, size) in in_place.items():
+            with open(archive, "rb") as f:
+                f.seek(offset)
+                assert f.read(size) == by_name[os.path.basename(dest)]
+        reader = TorchDistReader(weights, in_place)
+        md = reader.metadata
+        key = "model.decoder.layers.mlp.linear_fc1.weight"
+        shape = md.state_dict_metadata[key].size
+        got = torch.stack([reader.get(f"decoder.layers.{i}.mlp.linear_fc1.weight")
+                           for i in range(shape[0])])
+        emb = reader.get("embedding.word_embeddings.weight")
+    extracted = tmp_path / "x"
+    extracted.mkdir()
+    with tarfile.open(nemo) as tar:
+        tar.extractall(extracted, filter="data")
+    ref = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+           for k, v in md.state_dict_metadata.items()
+           if isinstance(v, TensorStorageMetadata) and k in (key, "model.embedding.word_embeddings.weight")}
+    # torch >= 2.4 asks for no_dist; torch 2.3 infers it (no process group here)
+    no_dist = {"no_dist": True} if "no_dist" in inspect.signature(load).parameters else {}
+    load(ref, storage_reader=FileSystemReader(str(extracted / "model_weights")), **no_dist)
+    assert torch.equal(got, ref[key])
+    assert torch.equal(emb, ref["model.embedding.word_embeddings.weight"])
+
+
+def test_truncated_tar_member_is_an_error(tmp_path):
+    nemo = os.path.join(GOLDEN, "torch_dist_tp1.nemo")
+    with tarfile.open(nemo) as tar:
+        last = max((m for m in tar.getmembers() if m.name.endswith(".distcp")),
+                   key=lambda m: m.offset_data)
+    cut = tmp_path / "cut.nemo"
+    with open(nemo, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(last.offset_data + last.size // 2))
+    with pytest.raises(CheckpointError, match="truncated|not a readable"):
+        with opened_nemo(str(cut), {}):
+            pass
+
+
+def test_read_weight_map_used_by_reader(tiny_hf_dir):
+    """The converters' HF reader (pread) returns what the safetensors library loads."""
+    from safetensors.torch import load_file
+
+    reader = SafetensorsDir(tiny_hf_dir)
+    for shard in sorted(set(read_weight_map(tiny_hf_dir).values())):
+        for name, ref in load_file(os.path.join(tiny_hf_dir, shard)).items():
+            assert torch.equal(reader(name), ref), name
