@@ -27,12 +27,12 @@ over the tree:
 round trip is checked bit for bit against the source. Goals (issue 3): <= 1.5x the copy time and
 <= 2 GB peak memory.
 
-Measured on the shared 2-core, 24 GB CPU machine, 9.03 GB synthetic 4B-Width (README, conversion
-section, has the table): before the streaming work copy 20.5 s, hf-to-nemo 41.9 s (2.04x, rss
-5.72 GB, mostly mmapped shard pages), nemo-to-hf 54.8 s (2.67x, rss 1.97 GB); after it (one run,
-before the per-tensor mmap reads) copy 10.8 s, hf-to-nemo 50.6 s (4.67x, 34.4 CPU s, anon
-1.74 GB, file 0.04 GB, tmpfs 0.79 GB), nemo-to-hf 29.9 s (2.76x, 17.4 CPU s, anon 1.26 GB).
-The copy's wall time swings 2x between runs on this machine (page cache, other jobs).
+Measured (2-core, 24 GB CPU machine, otherwise idle; README conversion section has the table),
+9.03 GB synthetic 4B-Width, code before and after the streaming work back to back: copy 13.8 s;
+hf-to-nemo 33.5 s (2.43x, anon 1.02 GB, rss 2.03 GB, scratch 0.79 GB) vs 48.0 s before (3.03x of
+15.8 s, rss 6.80 GB, mostly mmapped shard pages); nemo-to-hf 19.4 s (1.41x, anon 1.22 GB) vs 43.1 s
+before (2.72x, 1.86 GB). The copy's wall time swings between runs (page cache, other jobs):
+compare ratios within one run.
 """
 from __future__ import annotations
 
