@@ -165,7 +165,19 @@ def pread_into(fd: int, buf: torch.Tensor, offset: int, where: str) -> torch.Ten
     return buf
 
 
-class SafetensorsDir:
+class OpenFiles:
+    """Readers that keep file descriptors open in ``self._fds`` (name -> fd) until closed."""
+
+    def close(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():  # also after a failed __init__
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self):
+        self.close()
+
+
+class SafetensorsDir(OpenFiles):
     """``reader(name)``: one tensor of an HF safetensors directory, read on demand.
 
     Each tensor is its own private (copy-on-write) mapping of exactly its bytes, located by the
@@ -213,15 +225,6 @@ class SafetensorsDir:
         skew = where % mmap.ALLOCATIONGRANULARITY
         mm = mmap.mmap(fd, end - begin + skew, access=mmap.ACCESS_COPY, offset=where - skew)
         return torch.frombuffer(mm, dtype=dtype, count=count, offset=skew).view(spec["shape"])
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
-
-    def __del__(self):
-        self.close()
-
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 

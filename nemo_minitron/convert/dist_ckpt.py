@@ -35,6 +35,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from nemo_minitron.checkpoint.hf_io import OpenFiles
 from nemo_minitron.config.arch import ModelConfig
 from nemo_minitron.convert import mapping
 from nemo_minitron.errors import CheckpointError
@@ -340,7 +341,7 @@ class _LayerCachedReader:
         raise NotImplementedError
 
 
-class TorchDistReader(_LayerCachedReader):
+class TorchDistReader(_LayerCachedReader, OpenFiles):
     """torch_dist weights: DCP's ``.metadata`` (read with torch's ``FileSystemReader``) locates
     every stored chunk (file, byte range; any chunking: per layer, per TP shard, gate/up halves);
     each chunk is one ``torch.save``'d tensor, loaded by ``torch.load`` straight from its byte range
@@ -433,14 +434,6 @@ class TorchDistReader(_LayerCachedReader):
                     src, dst = src.narrow(dim, a - o, b - a), dst.narrow(dim, a - l, b - a)
                 dst.copy_(src)
         return {k: (t[0] if layer is not None else t) for k, t in out.items()}
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
-
-    def __del__(self):
-        self.close()
 
 
 def _first_line(e: BaseException) -> str:
