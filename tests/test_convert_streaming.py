@@ -158,3 +158,22 @@ def test_read_weight_map_used_by_reader(tiny_hf_dir):
     for shard in sorted(set(read_weight_map(tiny_hf_dir).values())):
         for name, ref in load_file(os.path.join(tiny_hf_dir, shard)).items():
             assert torch.equal(reader(name), ref), name
+
+
+def test_one_rank_child_survives_a_taken_port(monkeypatch):
+    """The converter's one-rank child picks a free port; another process can bind it first (seen
+    under load). The child retries with a new port instead of failing the conversion."""
+    import socket
+
+    import torch.distributed as dist
+
+    from nemo_minitron import dist as nm_dist
+    from nemo_minitron.convert.dist_ckpt import run_with_process_group
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1]])
+        real = nm_dist.free_port
+        monkeypatch.setattr(nm_dist, "free_port", lambda: next(ports, None) or real())
+        assert run_with_process_group(lambda: dist.get_world_size() + 41) == 42

@@ -82,9 +82,16 @@ def _child(fn, args, send):
         torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork()
         for var in [v for v in os.environ if v.startswith(("SLURM_", "TORCHELASTIC_"))]:
             del os.environ[var]  # a world of one, whatever launched the parent
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-        init_megatron(tp=1, pp=1)
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        for attempt in range(5):  # the free port can be taken by another process before we bind
+            os.environ["MASTER_PORT"] = str(free_port())
+            try:
+                init_megatron(tp=1, pp=1)
+                break
+            except RuntimeError as e:
+                if attempt == 4 or "address already in use" not in str(e).lower() \
+                        and "eaddrinuse" not in str(e).lower():
+                    raise
         result = fn(*args)
         destroy_megatron()
         # plain pickle: tensors travel by value (multiprocessing's pickler would share them
