@@ -72,7 +72,8 @@ def test_quick_demo_end_to_end(tmp_path):
     rows = _table(proc.stdout)
     assert list(rows) == [s.name for s in STAGES]
     for name, (seconds, numbers, _) in rows.items():
-        assert seconds > 0 and re.search(r"\d", numbers), (name, numbers)
+        # seconds as printed (one decimal: a fast stage such as export can show 0.0)
+        assert seconds >= 0 and re.search(r"\d", numbers), (name, numbers)
     summary = json.loads((workdir / "summary.json").read_text())
     assert [r["status"] for r in summary["stages"]] == ["ok"] * len(STAGES)
     assert (workdir / MARKER).is_file() and not list(workdir.glob("*.ckpt"))  # no --keep
