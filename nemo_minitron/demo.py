@@ -228,7 +228,9 @@ def _train_losses(out: str) -> str:
     """'first -> last' training loss from a recipe's metrics.csv (in ``<out>.ckpt/logs``)."""
     import csv
 
-    path = os.path.join(out.rstrip("/") + ".ckpt", "logs", "metrics.csv")
+    from nemo_minitron.train.loop import default_ckpt_dir
+
+    path = os.path.join(default_ckpt_dir(out), "logs", "metrics.csv")
     with open(path, newline="") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"]
     return f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "-"

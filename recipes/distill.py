@@ -72,8 +72,6 @@ def setup_data(cfg, model_cfg):
 
 
 def setup(cfg):
-    import torch.distributed as dist
-
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.config.parallel import validate_parallel
     from nemo_minitron.config.recipe import to_dict
@@ -81,8 +79,7 @@ def setup(cfg):
     from nemo_minitron.losses.hidden import HiddenDistillation, check_hidden
     from nemo_minitron.train.distill import (LogitDistillation, build_teacher, check_same_tokenizer,
                                              kd_metric_names)
-    from nemo_minitron.train.logs import MetricsLogger
-    from nemo_minitron.train.loop import LoopConfig, Trainer
+    from nemo_minitron.train.loop import Trainer, recipe_loop
     from nemo_minitron.train.model import build_train_model
     from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp
 
@@ -111,23 +108,14 @@ def setup(cfg):
     ddp = wrap_ddp(student, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
     optimizer = build_optimizer(ddp, cfg.optim, t.precision)
     scheduler = build_scheduler(cfg.optim, t.max_steps)
-    ckpt_dir = t.ckpt_dir or os.path.abspath(cfg.out).rstrip("/") + ".ckpt"
-    loop = LoopConfig(max_steps=t.max_steps, micro_batch_size=m.micro_batch_size,
-                      global_batch_size=m.global_batch_size, seq_length=cfg.data.seq_length,
-                      log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_check_interval,
-                      limit_val_batches=t.limit_val_batches, ckpt_dir=ckpt_dir,
-                      ckpt_every_n_steps=t.ckpt_every_n_steps, keep_last_n_ckpts=t.keep_last_n_ckpts,
-                      resume=t.resume)
-    logger = MetricsLogger(t.log_dir or os.path.join(ckpt_dir, "logs"), enabled=dist.get_rank() == 0,
-                           total_steps=t.max_steps, progress_bar=t.progress_bar,
-                           extra_columns=kd_metric_names(cfg.kd))
+    loop, logger = recipe_loop(cfg, extra_columns=kd_metric_names(cfg.kd))
     logger.info(f"distill: {len(train_data)} training rows ({fmt}) of {cfg.data.seq_length} "
                 f"positions, {cfg.kd.loss} T={cfg.kd.temperature:g} kd_weight={cfg.kd.kd_weight:g} "
                 f"lm_weight={cfg.kd.lm_weight:g}"
                 + (f", hidden pairs {cfg.kd.hidden_pairs} x{cfg.kd.hidden_weight:g}" if hidden else "")
                 + f", TP={t.tensor_model_parallel_size} PP={t.pipeline_model_parallel_size} "
                 f"DP={world // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)}, "
-                f"checkpoints in {ckpt_dir}")
+                f"checkpoints in {loop.ckpt_dir}")
     kd = LogitDistillation(teacher, cfg.kd, vocab_size=student_cfg.vocab_size, hidden=hidden)
     trainer = Trainer(ddp, optimizer, scheduler, train_data, loop, val_data=val_data, logger=logger,
                       forward_step=kd.forward_step, loss_fn=kd.loss_fn,

@@ -74,14 +74,11 @@ def setup_data(cfg, model_cfg):
 
 
 def setup(cfg):
-    import torch.distributed as dist
-
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.config.parallel import validate_parallel
     from nemo_minitron.dist import init_megatron, launched_world_size
     from nemo_minitron.config.recipe import to_dict
-    from nemo_minitron.train.logs import MetricsLogger
-    from nemo_minitron.train.loop import LoopConfig, Trainer
+    from nemo_minitron.train.loop import Trainer, recipe_loop
     from nemo_minitron.train.model import build_train_model
     from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp
 
@@ -104,21 +101,13 @@ def setup(cfg):
     ddp = wrap_ddp(model, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
     optimizer = build_optimizer(ddp, cfg.optim, t.precision)
     scheduler = build_scheduler(cfg.optim, t.max_steps)
-    ckpt_dir = t.ckpt_dir or os.path.abspath(cfg.out).rstrip("/") + ".ckpt"
-    loop = LoopConfig(max_steps=t.max_steps, micro_batch_size=m.micro_batch_size,
-                      global_batch_size=m.global_batch_size, seq_length=cfg.data.seq_length,
-                      log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_check_interval,
-                      limit_val_batches=t.limit_val_batches, ckpt_dir=ckpt_dir,
-                      ckpt_every_n_steps=t.ckpt_every_n_steps, keep_last_n_ckpts=t.keep_last_n_ckpts,
-                      resume=t.resume)
-    logger = MetricsLogger(t.log_dir or os.path.join(ckpt_dir, "logs"), enabled=dist.get_rank() == 0,
-                           total_steps=t.max_steps, progress_bar=t.progress_bar)
+    loop, logger = recipe_loop(cfg)
     logger.info(f"finetune: {len(train_data)} training rows ({fmt}) of {cfg.data.seq_length} "
                 f"positions, "
                 f"TP={t.tensor_model_parallel_size} PP={t.pipeline_model_parallel_size} "
                 f"DP={world // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)}, "
                 f"{_trainable(model)} trainable parameters on this rank, "
-                f"checkpoints in {ckpt_dir}")
+                f"checkpoints in {loop.ckpt_dir}")
     trainer = Trainer(ddp, optimizer, scheduler, train_data, loop, val_data=val_data, logger=logger,
                       extra_state={"config": to_dict(cfg)})
     return trainer, model, model_cfg, logger

@@ -151,6 +151,14 @@ def save_checkpoint(ckpt_dir: str, step: int, model, optimizer, trainer_state: d
     return final
 
 
+def _torch_adams(optimizer):
+    """The torch Adam/AdamW optimizers inside a Megatron (possibly chained) optimizer."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield inner
+
+
 def _init_empty_adam_state(optimizer) -> None:
     """Give a fresh Megatron optimizer's torch Adam the state entries a checkpoint fills in.
 
@@ -158,10 +166,7 @@ def _init_empty_adam_state(optimizer) -> None:
     torch optimizer's per-parameter state, which is empty until the first step, so building the
     loading template fails (``assert len(steps) == 1``). Zeros are placeholders: the load replaces
     every one of them."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
+    for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state[p]
@@ -177,10 +182,7 @@ def _restore_adam_steps(optimizer) -> None:
     ``step`` tensor, which the per-bucket copy then overwrites with the placeholder; torch's
     foreach Adam would also add 1 to a shared tensor once per parameter. Each parameter gets its
     own step again, from the param group it belongs to (restored from the checkpoint)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
+    for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             if "step" not in group:
                 continue

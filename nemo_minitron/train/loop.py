@@ -29,6 +29,7 @@ batches and DDP averages gradients over the ``dp`` replicas; the loop pre-multip
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
@@ -65,6 +66,34 @@ class LoopConfig:
     ckpt_every_n_steps: int = 0
     keep_last_n_ckpts: int = 2
     resume: bool = True
+
+
+def default_ckpt_dir(out: str) -> str:
+    """Where a recipe keeps its training checkpoints unless ``trainer.ckpt_dir`` says: ``<out>.ckpt``."""
+    return os.path.abspath(out).rstrip("/") + ".ckpt"
+
+
+def recipe_loop(cfg, extra_columns: Sequence[str] = ()):
+    """(LoopConfig, MetricsLogger) of a recipe config (its ``trainer``, ``model`` and ``data``
+    sections and ``out``): checkpoints in ``trainer.ckpt_dir`` (default ``<out>.ckpt``), logs in
+    ``trainer.log_dir`` (default ``<ckpt_dir>/logs``) written by rank 0 only; ``extra_columns``:
+    the recipe's own metrics."""
+    import torch.distributed as dist
+
+    from nemo_minitron.train.logs import MetricsLogger
+
+    t, m = cfg.trainer, cfg.model
+    ckpt_dir = t.ckpt_dir or default_ckpt_dir(cfg.out)
+    loop = LoopConfig(max_steps=t.max_steps, micro_batch_size=m.micro_batch_size,
+                      global_batch_size=m.global_batch_size, seq_length=cfg.data.seq_length,
+                      log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_check_interval,
+                      limit_val_batches=t.limit_val_batches, ckpt_dir=ckpt_dir,
+                      ckpt_every_n_steps=t.ckpt_every_n_steps, keep_last_n_ckpts=t.keep_last_n_ckpts,
+                      resume=t.resume)
+    logger = MetricsLogger(t.log_dir or os.path.join(ckpt_dir, "logs"), enabled=dist.get_rank() == 0,
+                           total_steps=t.max_steps, progress_bar=t.progress_bar,
+                           extra_columns=extra_columns)
+    return loop, logger
 
 
 @dataclass
