@@ -172,6 +172,7 @@ def main(argv: Optional[List[str]] = None, before_fit=None) -> int:
              "data": {"train_ds": {"file_path": args.data}}, "out": args.out}
     try:
         cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
+        validate(cfg)  # before a .nemo teacher or student is converted
         with contextlib.ExitStack() as stack:  # .nemo teacher/student: read through HF views
             hf_view_of(stack, cfg.teacher, "restore_from_path")
             hf_view_of(stack, cfg.model, "restore_from_path")
