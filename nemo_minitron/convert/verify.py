@@ -55,7 +55,9 @@ def _megatron_logits(cfg, nemo_path: str, ids: List[List[int]]) -> List[torch.Te
     model = build_gpt_model(cfg, dtype="float32", use_te=False)
     load_nemo_into_model(model, cfg, nemo_path)
     model.eval()
-    return [full_logits(model, torch.tensor([seq]), cfg.vocab_size)[0].float() for seq in ids]
+    device = next(model.parameters()).device  # a GPU where CUDA is (the CPU shim only without)
+    return [full_logits(model, torch.tensor([seq], device=device), cfg.vocab_size)[0].float().cpu()
+            for seq in ids]
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> PromptResult:
@@ -86,11 +88,15 @@ def verify(hf_dir: str, nemo_path: str, prompts: Optional[str] = None) -> List[P
         raise CheckpointError(f"{hf_dir}: no tokenizer.json to tokenize the prompts")
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     ids = [tokenizer(p)["input_ids"][: cfg.max_position_embeddings] for p in _prompts(prompts)]
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        reference = [model(torch.tensor([seq])).logits[0].float() for seq in ids]
-    del model
+    # Megatron first: its forked child needs a parent that has not touched CUDA yet
     megatron = run_with_process_group(_megatron_logits, cfg, nemo_path, ids)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model = model.to(device).eval()
+    with torch.no_grad():
+        reference = [model(torch.tensor([seq], device=device)).logits[0].float().cpu()
+                     for seq in ids]
+    del model
     return [compare(m, r) for m, r in zip(megatron, reference)]
 
 
