@@ -47,6 +47,19 @@ def default_forward_step(model, batch):
                  attention_mask=batch["attention_mask"], labels=batch["labels"])
 
 
+def compute_device() -> torch.device:
+    """Where this rank computes: its current GPU (NCCL reduces only GPU tensors), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A micro batch (built on the CPU by the data classes) on the model's device."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
 def masked_lm_loss(output, batch):
     """Answer-only LM loss: (sum over loss_mask tokens, number of them)."""
     mask = batch["loss_mask"]
@@ -132,6 +145,7 @@ class Trainer:
         self.metric_names = tuple(metric_names)
         self.last_val_metrics: dict = {}
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.device = compute_device()  # batches and reduced sums live here
         self.schedule_model, self.schedule_kwargs = ddp_model, {}
         if pipeline_io is not None and ps.get_pipeline_model_parallel_world_size() > 1:
             from nemo_minitron.compat import mcore
@@ -155,15 +169,16 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def step_func(data_iterator, model):
-            batch = next(data_iterator)
+            batch = to_device(next(data_iterator), self.device)
             output = self.forward_step(model, batch)
 
             def loss_func(out):
                 loss_sum, tokens, *extra = self.loss_fn(out, batch)
                 extra = extra[0] if extra else {}
-                sums = torch.stack([loss_sum.detach().float(), torch.as_tensor(tokens).float()]
-                                   + [torch.as_tensor(extra[n]).detach().float().reshape(())
-                                      for n in self.metric_names])
+                # e.g. a NaN placeholder metric made on the CPU: everything on self.device
+                sums = torch.stack([torch.as_tensor(v).detach().float().reshape(()).to(self.device)
+                                    for v in [loss_sum, tokens]
+                                    + [extra[n] for n in self.metric_names]])
                 return loss_sum * scale, {"sums": sums}
 
             return output, loss_func
@@ -173,7 +188,7 @@ class Trainer:
             model=[self.schedule_model], num_microbatches=len(micro_batches),
             seq_length=self.loop.seq_length, micro_batch_size=self.loop.micro_batch_size,
             forward_only=forward_only, **self.schedule_kwargs)
-        sums = torch.zeros(2 + len(self.metric_names))
+        sums = torch.zeros(2 + len(self.metric_names), device=self.device)
         for r in results or []:
             sums += r["sums"]
         return sums
@@ -206,7 +221,7 @@ class Trainer:
         if self.val_data is None:
             return None
         self.model.eval()
-        total = torch.zeros(2 + len(self.metric_names))
+        total = torch.zeros(2 + len(self.metric_names), device=self.device)
         for rows in self.val_data.eval_batches(self.loop.global_batch_size,
                                                self.loop.limit_val_batches):
             micro = self.val_data.rows_to_micro_batches(rows, self.loop.micro_batch_size,
