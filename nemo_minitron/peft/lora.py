@@ -105,11 +105,12 @@ class LoRAAdapter(torch.nn.Module):
     """``(alpha/r) * B A dropout(x)`` for one TP rank; see the module docstring for the layout."""
 
     def __init__(self, parallel: str, in_features: int, out_features: int, rank: int,
-                 alpha: float, dropout: float, dtype: torch.dtype):
+                 alpha: float, dropout: float, dtype: torch.dtype, device=None):
         super().__init__()
         self.parallel, self.scale = parallel, alpha / rank
-        self.lora_a = torch.nn.Parameter(torch.empty(rank, in_features, dtype=dtype))
-        self.lora_b = torch.nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
+        # on the base weight's device (a GPU under CUDA): nothing moves the model after this
+        self.lora_a = torch.nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.lora_b = torch.nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +182,7 @@ def apply_lora(model, cfg: ModelConfig, spec, seed: int = 0) -> List[str]:
             in_features = in_local if t.parallel == "column" else full_in // tp
             out_features = out_local if t.parallel == "column" else full_out
             adapter = LoRAAdapter(t.parallel, in_features, out_features, spec.rank, spec.alpha,
-                                  spec.dropout, linear.weight.dtype)
+                                  spec.dropout, linear.weight.dtype, linear.weight.device)
             g = torch.Generator().manual_seed(seed * 1000003 + index * 16
                                               + list(TARGETS).index(name))
             full_a = init_lora_a(torch.empty(spec.rank, full_in), g)
