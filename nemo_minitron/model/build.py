@@ -34,5 +34,19 @@ def build_gpt_model(cfg: ModelConfig, *, dtype: str = "float32", use_te: Optiona
                               post_process=ps.is_pipeline_last_stage())
     with mcore.final_norm_for_local_spec():
         model = GPTModel(config=config, **kwargs)
+    place_parameters(model, config.params_dtype)
     apply_rope(model, cfg)
     return model
+
+
+def place_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter in ``dtype`` and, where CUDA is, on this rank's GPU, as Megatron-LM's
+    ``get_model`` does (``.cuda()``, then ``Float16Module``'s cast). Megatron's own layers already
+    are, but the local spec's norms without apex are plain ``torch.nn.RMSNorm``s, built in fp32
+    on the CPU whatever the config says (on a GPU: "weight is on cpu" in the first forward; in
+    bf16: fp32 parameters the mixed-precision optimizer and the fused norm kernel refuse)."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
