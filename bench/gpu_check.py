@@ -41,7 +41,7 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_FLOPS = 989e12
-PARTS = ("env", "convert", "sft", "lora", "distill")  # "ckpts" runs in the background
+PARTS = ("env", "convert", "generate", "sft", "lora", "distill")  # "ckpts" runs in the background
 
 
 def settings(smoke: bool) -> dict:
@@ -135,6 +135,47 @@ def part_convert(s, work, smoke):
                 min_cosine=min(r.min_cosine for r in results),
                 top1=sum(r.top1_agreement * r.tokens for r in results) / sum(r.tokens for r in results),
                 tokens=sum(r.tokens for r in results), pass_1e_3=worst <= 1e-3)
+
+
+def _greedy_ours(hf_dir, prompts, new):
+    from nemo_minitron.inference.generate import generate
+    from nemo_minitron.inference.runner import ModelRunner
+    from nemo_minitron.inference.sampling import SamplingParams
+
+    runner = ModelRunner.from_hf(hf_dir, dtype="float32")
+    out = generate(runner, prompts, SamplingParams(greedy=True, max_new_tokens=new, ignore_eos=True))
+    return [list(c.tokens) for c in out]
+
+
+def part_generate(s, work, smoke):
+    """Greedy KV-cache decoding of the Megatron model (forked one-rank child, CUDA) against
+    transformers' generate on CUDA, fp32, real tokenizer, pydoc prompts: token ids must agree."""
+    import torch
+    import transformers
+    from pydoc_data.topics import topics
+
+    from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
+    from nemo_minitron.convert.dist_ckpt import run_with_process_group
+    from nemo_minitron.tokenizer import load_tokenizer
+
+    hf = os.path.join(work, "gen_hf")
+    write_tiny_hf_checkpoint(hf, "tiny_minitron_width", seed=3, overwrite=True)
+    tok = load_tokenizer(hf)
+    prompts = [tok.encode(topics[k][:n]) for k, n in (("assert", 40), ("if", 150), ("with", 400))]
+    new = 16
+    ours = run_with_process_group(_greedy_ours, hf, prompts, new)  # before CUDA is touched here
+    dev = "cpu" if smoke else "cuda"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).to(dev).eval()
+    theirs = []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p], device=dev), max_new_tokens=new,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        theirs.append(out[0, len(p):].tolist())
+    same = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y))
+    total = sum(len(y) for y in theirs)
+    return dict(prompts=len(prompts), new_tokens=new, agree=f"{same}/{total}",
+                identical=ours == theirs)
 
 
 def _train(recipe: str, s, work, smoke, extra):
@@ -330,7 +371,7 @@ def main(argv=None) -> int:
         save()
 
     ckpts = _spawn("ckpts", args, args.work) if training else None  # overlaps env and convert
-    for name in [x for x in wanted if x in ("env", "convert")]:
+    for name in [x for x in wanted if x in ("env", "convert", "generate")]:
         finish(name, _collect(name, _spawn(name, args, args.work),
                               min(args.part_timeout, left()), args.work))
     if ckpts is not None:
@@ -345,7 +386,7 @@ def main(argv=None) -> int:
                                   min(args.part_timeout, left()), args.work))
     save()
     print("GPU_CHECK_JSON " + json.dumps({k: {kk: v.get(kk) for kk in (
-        "ok", "error", "device", "max_abs_dlogit", "tokens_per_s", "mfu", "peak_mem_gib")
+        "ok", "error", "device", "max_abs_dlogit", "agree", "tokens_per_s", "mfu", "peak_mem_gib")
         if kk in v} for k, v in summary["parts"].items()}, default=str), flush=True)
     print(f"GPU_CHECK total {summary['total_s']} s -> {args.out}", flush=True)
     return 0 if all(v.get("ok") for v in summary["parts"].values()) else 1
