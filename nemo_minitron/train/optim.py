@@ -83,7 +83,9 @@ class TorchOptimizer:
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-        sq = torch.zeros((), dtype=torch.float32)
+        # on the parameters' device: NCCL reduces only GPU tensors
+        sq = torch.zeros((), dtype=torch.float32,
+                         device=self.params[0].device if self.params else None)
         for p in self.params:
             if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
                 sq += p.grad.float().pow(2).sum()
