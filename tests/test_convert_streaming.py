@@ -177,3 +177,137 @@ def test_one_rank_child_survives_a_taken_port(monkeypatch):
         real = nm_dist.free_port
         monkeypatch.setattr(nm_dist, "free_port", lambda: next(ports, None) or real())
         assert run_with_process_group(lambda: dist.get_world_size() + 41) == 42
+
+
+def _golden_chunks(cfg, tp=1):
+    """(layer-indexed checkpoint name, tensor) chunks as hf-to-nemo makes them: embedding, layers
+    two by two, final norm, output layer."""
+    from nemo_minitron.convert import mapping
+    from nemo_minitron.convert.hf_to_nemo import _chunks
+    from tests.convert_helpers import golden_hf_state
+
+    state = golden_hf_state()
+    mapped = mapping.hf_to_megatron(cfg, lambda name: state[name], tp=tp)
+    per_layer = sum(t.numel() * t.element_size() for n, t in mapping.hf_to_megatron(
+        cfg, lambda name: state[name], tp=tp) if mapping.stacked_key(n)[1] == 0)
+    return list(_chunks(mapped, per_layer, 2 * per_layer))
+
+
+@pytest.mark.megatron
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
+def test_megatron_data_files_streamed_into_tar_are_megatrons_bytes(tmp_path):
+    """hf-to-nemo has Megatron's writer write each chunk's data file straight into a .nemo tar
+    member (no scratch copy). The members hold exactly the bytes Megatron's writer puts in the
+    file when left alone, the merged .metadata is the same, and GNU tar reads the archive."""
+    import pickle
+
+    from nemo_minitron.convert.dist_ckpt import save_torch_dist
+    from tests.convert_helpers import GOLDEN_CFG
+
+    chunks = _golden_chunks(GOLDEN_CFG)
+    assert len(chunks) >= 3  # embedding, layers, ..., output layer
+    plain = tmp_path / "plain"
+    save_torch_dist(GOLDEN_CFG, iter(chunks), str(plain))  # Megatron writes the files itself
+    out = tmp_path / "streamed.nemo"
+    (tmp_path / "scratch").mkdir()
+    with NemoTarWriter(str(out)) as tar:
+        tar.add_dir("./model_weights")
+        save_torch_dist(GOLDEN_CFG, iter(chunks), str(tmp_path / "rest"),
+                        member=lambda name: tar.member(f"./model_weights/{name}"),
+                        scratch=str(tmp_path / "scratch"))
+    data_files = sorted(f for f in os.listdir(plain) if f.endswith(".distcp"))
+    assert len(data_files) == len(chunks)
+    assert sorted(os.listdir(tmp_path / "rest")) == [".metadata", "common.pt", "metadata.json"]
+    target = tmp_path / "x"
+    target.mkdir()
+    subprocess.run(["tar", "-xf", str(out), "-C", str(target)], check=True)
+    assert sorted(os.listdir(target / "model_weights")) == data_files
+    for name in data_files:
+        assert (target / "model_weights" / name).read_bytes() == (plain / name).read_bytes(), name
+    with open(plain / ".metadata", "rb") as f, open(tmp_path / "rest" / ".metadata", "rb") as g:
+        a, b = pickle.load(f), pickle.load(g)
+    assert a.state_dict_metadata == b.state_dict_metadata and a.storage_data == b.storage_data
+    assert os.listdir(tmp_path / "scratch") == []  # per-chunk scratch dirs removed
+
+
+def test_tar_member_stream_header_and_padding(tmp_path):
+    """A member written through the stream gets its size in the header afterwards and is padded
+    to a whole block; members before and after it are intact."""
+    out = tmp_path / "o.nemo"
+    payload = os.urandom(3 * tarfile.BLOCKSIZE + 17)
+    (tmp_path / "after.bin").write_bytes(b"after")
+    with NemoTarWriter(str(out)) as tar:
+        tar.add_dir("./d")
+        with tar.member("./d/streamed.distcp") as stream:
+            assert stream.write(payload[:100]) == 100 and stream.tell() == 100
+            stream.write(memoryview(payload)[100:])
+            assert stream.tell() == len(payload)
+        tar.add_file(str(tmp_path / "after.bin"), "./d/after.bin")
+    with tarfile.open(out) as t:
+        assert t.extractfile("./d/streamed.distcp").read() == payload
+        assert t.extractfile("./d/after.bin").read() == b"after"
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_write_all_writes_every_byte_at_the_position(tmp_path, monkeypatch, splice):
+    """fsutil.write_all (vmsplice + splice for large buffers, os.write otherwise or as fallback)
+    appends exactly the given bytes at the descriptor's position, from read-only buffers and
+    tensors alike."""
+    from nemo_minitron.checkpoint import fsutil
+
+    if not splice:
+        monkeypatch.setattr(fsutil._SPLICER, "write", lambda fd, view: False)
+    blobs = [b"head", os.urandom(3 * (1 << 20) + 123), b"", os.urandom(100),
+             torch.arange(600_000, dtype=torch.int32).numpy()]
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY)
+    try:
+        for blob in blobs:
+            assert fsutil.write_all(fd, blob) == memoryview(blob).nbytes
+        assert os.lseek(fd, 0, os.SEEK_CUR) == sum(memoryview(b).nbytes for b in blobs)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(bytes(memoryview(b).cast("B")) for b in blobs)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+def test_legacy_files_streamed_are_torch_save_bytes(tmp_path, tp, pp):
+    """--format legacy writes each rank file one tensor at a time, through torch.save's own code
+    over placeholders; every file is byte for byte what torch.save writes for the same state
+    dict of real tensors (and what torch.load reads back)."""
+    from nemo_minitron.convert import mapping
+    from nemo_minitron.convert.legacy import write_legacy
+    from nemo_minitron.convert.nemo_file import rank_file
+    from tests.convert_helpers import GOLDEN_CFG, golden_hf_state
+
+    cfg, state = GOLDEN_CFG, golden_hf_state()
+    fulls = dict(mapping.hf_to_megatron(cfg, lambda name: state[name], tp=tp))
+    made = []
+
+    def get_full(name):
+        made.append(name)
+        return fulls[name]
+
+    write_legacy(cfg, get_full, str(tmp_path / "streamed"), tp, pp, torch.bfloat16)
+    assert sorted(set(made)) == sorted(fulls) and len(made) == tp * len(fulls)
+    per = cfg.num_layers // pp
+    for pp_rank in range(pp):
+        names = mapping.stage_names(cfg, pp_rank, pp)
+        offset = mapping.layer_offset(cfg, pp_rank, pp)
+        for tp_rank in range(tp):
+            ref = {}
+            for name, _, _ in names:
+                shard = mapping.tp_shard(name, fulls[name], tp_rank, tp).clone()
+                ref["model." + mapping.to_local_layer(name, offset)] = shard
+            for layer in range(per):
+                for module in mapping.EXTRA_STATE_MODULES:
+                    ref[f"model.decoder.layers.{layer}.{module}._extra_state"] = None
+            got = rank_file(str(tmp_path / "streamed"), tp_rank, pp_rank, tp, pp)
+            want = tmp_path / "ref" / os.path.basename(got)  # torch names records after the file
+            want.parent.mkdir(exist_ok=True)
+            torch.save(ref, want)
+            with open(got, "rb") as f:
+                assert f.read() == want.read_bytes(), got
+            loaded = torch.load(got, weights_only=True)
+            assert list(loaded) == list(ref)
+            assert all(torch.equal(loaded[k], v) for k, v in ref.items() if v is not None)

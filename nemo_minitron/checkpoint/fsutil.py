@@ -59,3 +59,87 @@ def memory_scratch_dir(need_bytes: int, fallback: str) -> str:
     if os.access(shm, os.W_OK) and st.f_bavail * st.f_frsize >= need_bytes + (1 << 30):
         return shm
     return fallback
+
+
+class _Splicer:
+    """vmsplice(2) + splice(2): a process's memory into a file at its current position, the pages
+    handed to a pipe by reference and copied into the page cache by the kernel (as ``sendfile``
+    does), instead of ``write(2)``'s copy out of the user mapping. Measured on the 2-core CI-class
+    VM (1 GiB buffer, after dropping the page cache each time): 3.5-3.6 GiB/s against 0.8-1.05 for
+    ``write``, 0.6-0.7 for write-to-pipe + splice and 0.6-0.8 for an mmap copy. One pipe per
+    process (recreated after fork); None where the calls are missing (not Linux/glibc)."""
+
+    PIPE_BYTES = 1 << 20
+
+    def __init__(self):
+        self.pid, self.pipe, self.vmsplice = None, None, None
+
+    def _setup(self) -> bool:
+        if self.pid == os.getpid():
+            return self.pipe is not None
+        self.pid, self.pipe = os.getpid(), None
+        try:
+            import ctypes
+            import fcntl
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            vmsplice = libc.vmsplice
+            vmsplice.restype = ctypes.c_ssize_t
+            vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            if not hasattr(os, "splice"):
+                return False
+            r, w = os.pipe()
+            try:  # F_SETPIPE_SZ; the default 64 KiB pipe works too, with more calls
+                fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), self.PIPE_BYTES)
+            except OSError:
+                pass
+        except (OSError, AttributeError, ImportError):
+            return False
+        self.pipe, self.vmsplice, self.ctypes = (r, w), vmsplice, ctypes
+        return True
+
+    def write(self, fd: int, view: memoryview) -> bool:
+        """Write all of ``view`` (contiguous bytes) to ``fd``; False (nothing written) where
+        splicing is unavailable or refused, so the caller falls back to ``os.write``."""
+        if view.nbytes == 0 or not self._setup():
+            return view.nbytes == 0
+        import numpy as np
+
+        ctypes = self.ctypes
+
+        class IoVec(ctypes.Structure):
+            _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+        base = np.frombuffer(view, dtype=np.uint8).ctypes.data  # read-only buffers too
+        r, w = self.pipe
+        done = 0
+        while done < view.nbytes:
+            iov = IoVec(base + done, min(view.nbytes - done, self.PIPE_BYTES))
+            n = self.vmsplice(w, ctypes.byref(iov), 1, 0)
+            if n <= 0:
+                if done == 0:
+                    return False  # e.g. EINVAL under a seccomp profile: plain write instead
+                raise OSError(ctypes.get_errno(), "vmsplice failed mid-write")
+            moved = 0
+            while moved < n:  # splice copies the referenced pages before the buffer is reused
+                step = os.splice(r, fd, n - moved)
+                if step <= 0:
+                    raise OSError(f"splice moved {step} bytes")
+                moved += step
+            done += n
+        return True
+
+
+_SPLICER = _Splicer()
+
+
+def write_all(fd: int, data) -> int:
+    """Write the bytes-like ``data`` to ``fd`` at its position (shared with forked children); for
+    large buffers through :class:`_Splicer` where available. Returns the number of bytes."""
+    view = memoryview(data).cast("B")
+    if view.nbytes >= (1 << 20) and view.c_contiguous and _SPLICER.write(fd, view):
+        return view.nbytes
+    done = 0
+    while done < view.nbytes:
+        done += os.write(fd, view[done:done + (1 << 30)])
+    return done

@@ -13,6 +13,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
+from nemo_minitron.checkpoint.fsutil import write_all
 from nemo_minitron.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -286,7 +287,8 @@ def write_safetensors_streaming(specs: List[Tuple[str, tuple, torch.dtype]],
                     raise CheckpointError(f"produced {got_name} {list(tensor.shape)} {tensor.dtype}, "
                                           f"expected {name} {list(shape)} {dtype}")
                 data = tensor.contiguous().view(torch.uint8).numpy() if tensor.numel() else b""
-                f.write(memoryview(data))
+                f.flush()
+                write_all(f.fileno(), data)
                 weight_map[name] = final
                 total += tensor.numel() * tensor.element_size()
                 if on_tensor is not None:

@@ -7,15 +7,17 @@ offset ``(layer, 0, 0)`` (what a TP=1/PP=1 GPTModel's sharded state dict holds);
 layer are ``[padded_vocab, hidden]``; ``_extra_state`` objects per layer for linear_qkv/proj/fc1/fc2.
 
 Streaming write: one ``dist_checkpointing.save`` per chunk of tensors (the embedding, a run of
-consecutive layers, the output layer), each into a scratch directory (/dev/shm when the caller
-picks it); the chunks' ``.distcp`` files are then handed on (hf-to-nemo appends them to the .nemo
-tar at once) or moved into ``model_weights/``, and their DCP ``.metadata`` merged into one. Peak
-memory is one chunk, not the model. A chunk holding layers [a, b) saves each stacked key as a
+consecutive layers, the output layer), each into a scratch directory; each chunk's one ``.distcp``
+data file is written by Megatron's writer straight into a member of the .nemo tar (hf-to-nemo: the
+writer's ``open`` of that file is redirected, so the bytes are written once) or moved into
+``model_weights/``, and the chunks' DCP ``.metadata`` are merged into one. Peak memory is one chunk,
+not the model. A chunk holding layers [a, b) saves each stacked key as a
 ``[b - a, ...]`` tensor (Megatron's torch_dist strategy insists that a rank's shards form a complete
 regular grid, so in a 1-rank world a chunk cannot declare the full ``[num_layers, ...]`` shape); the
 merge shifts those chunks' offsets by ``a`` and sets the global size to ``num_layers``. DCP stores
-every shard as its own item, addressed only through this metadata, so the shift is the whole change. Every file is the one
-Megatron wrote; only the metadata is re-assembled, and the tests load the result with Megatron's own
+every shard as its own item, addressed only through this metadata, so the shift is the whole
+change. Every data file holds the bytes Megatron's writer produced (a test compares them with the
+files it writes when left alone); only the metadata is re-assembled, and the tests load the result with Megatron's own
 ``dist_checkpointing.load`` (current stack and megatron-core 0.7.0 / torch 2.3).
 
 torch 2.3 compatibility: the merged ``Metadata`` is pickled without its ``storage_meta`` attribute,
@@ -23,14 +25,16 @@ whose class (``StorageMeta``) torch 2.3 lacks (``AttributeError: Can't get attri
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import glob
+import io
 import json
 import os
 import pickle
 import shutil
 import tempfile
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import (Callable, ContextManager, Dict, Iterable, Iterator, List, Optional,
+                    Sequence, Tuple)
 
 import numpy as np
 import torch
@@ -201,22 +205,92 @@ def _merge_metadata(parts: List[Tuple[object, Dict[str, str]]]):
 
 def save_torch_dist(cfg: ModelConfig, chunks: Iterable[Sequence[Tuple[str, torch.Tensor]]],
                     out_dir: str, *, on_file: Optional[Callable[[str, str], None]] = None,
+                    member: Optional[Callable[[str], ContextManager[io.RawIOBase]]] = None,
                     scratch: Optional[str] = None) -> None:
     """Write ``model_weights/`` (``out_dir``, created here) from chunks of (layer-indexed
     checkpoint name, full tensor); every chunk is saved by ``dist_checkpointing.save`` and freed
     before the next one is produced. The chunks are produced (and the HF files read) in the
     process that writes (see :func:`run_with_process_group`).
 
+    Where each chunk's data file (``__<chunk>_0.distcp``) goes:
+      * ``member(name)``: a context manager yielding a writable stream, e.g. a member of the .nemo
+        tar (:meth:`NemoTarWriter.member`). Megatron's writer process writes the file's bytes
+        straight into it (its ``open`` of the data file is redirected there while the chunk is
+        saved): the same bytes it would write to the file, written once.
+      * else ``on_file(path, name)`` takes each finished file and must consume it;
+      * else it is moved into ``out_dir``.
     Each chunk is saved into a scratch directory under ``scratch`` (default ``out_dir``; a tmpfs
-    such as /dev/shm keeps these one-chunk files off the disk, and Megatron fsyncs every file it
-    writes). ``on_file(path, name)`` takes each finished data file (``__<chunk>_<i>.distcp``) and
-    must consume it, e.g. append it to the .nemo tar and delete it; by default it is moved into
-    ``out_dir``. ``common.pt``, ``.metadata`` and ``metadata.json`` always end up in ``out_dir``."""
+    such as /dev/shm keeps these files off the disk, and Megatron fsyncs every file it writes).
+    ``common.pt``, ``.metadata`` and ``metadata.json`` always end up in ``out_dir``."""
     os.makedirs(out_dir)
-    run_with_process_group(_save_chunks, cfg, chunks, out_dir, on_file, scratch or out_dir)
+    run_with_process_group(_save_chunks, cfg, chunks, out_dir, on_file, member, scratch or out_dir)
 
 
-def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, on_file, scratch_root: str) -> None:
+class _RedirectedDataFile(io.RawIOBase):
+    """What Megatron's writer gets for its data file: writes and ``tell`` go to ``stream`` (e.g. a
+    .nemo tar member); the file it asked for is created empty, and ``fileno`` is that file's, so
+    Megatron's ``os.fsync`` of its data file syncs the (empty) scratch file, not the archive: one
+    fsync per chunk would make every chunk wait for the disk instead of overlapping the writeback
+    with reading and mapping the next chunk (the .nemo is renamed into place at the end, as NeMo
+    does without an fsync; a plain save here behaves the same, its scratch is tmpfs)."""
+
+    def __init__(self, stream, path: str):
+        super().__init__()
+        self.stream, self.placeholder = stream, open(path, "wb")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return self.stream.write(data)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def fileno(self) -> int:
+        return self.placeholder.fileno()
+
+    def close(self) -> None:
+        self.placeholder.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def _data_file_into(stream, scratch: str) -> Iterator[None]:
+    """While Megatron saves one chunk into ``scratch``: its writer's ``open(<scratch>/X.distcp,
+    "wb")`` returns a :class:`_RedirectedDataFile` writing to ``stream``. Both megatron-core 0.7
+    and 0.16 open the data file with the builtin ``open`` in ``strategies/filesystem_async.py``,
+    in a writer process forked for the save; the name is shadowed in that module for the duration
+    of the save (the forked writer inherits it). Every byte is the one Megatron's writer produces
+    (``torch.distributed.checkpoint``'s ``_write_item``: ``torch.save`` per item); only its
+    destination changes, so the data is written once, with no scratch copy."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    opened = []
+
+    def redirected(path, mode="r", *args, **kwargs):
+        path_s = os.fspath(path)
+        if os.path.dirname(os.path.abspath(path_s)) == os.path.abspath(scratch) \
+                and path_s.endswith(".distcp") and "w" in mode:
+            if opened:
+                raise CheckpointError(f"Megatron opened a second data file {path_s} for one chunk "
+                                      f"(already {opened[0]})")
+            opened.append(path_s)
+            return _RedirectedDataFile(stream, path_s)
+        return open(path, mode, *args, **kwargs)
+
+    if "open" in vars(filesystem_async):
+        raise CheckpointError("megatron-core's filesystem_async already defines 'open'; "
+                              "cannot redirect its data file")
+    filesystem_async.open = redirected
+    try:
+        yield
+    finally:
+        del filesystem_async.open
+
+
+def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, on_file, member, scratch_root: str
+                 ) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -232,24 +306,29 @@ def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, on_file, scratch_root: 
             raise CheckpointError(f"tensor(s) written twice: {', '.join(sorted(dup))}")
         written.update(names)
         scratch = tempfile.mkdtemp(prefix=f".chunk-{k:05d}-", dir=scratch_root)
+        new = f"__{k}_0.distcp"
         try:
             # thread_count=1: one .distcp file per chunk
             strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
             sharded, base = _sharded_chunk(cfg, chunk)
-            # validate_access_integrity=False: the extra-state objects name their global layer
-            # (shard_<layer>_<num_layers>), so a chunk holds only some of them
-            dist_checkpointing.save(sharded, scratch, sharded_strategy=strategy,
-                                    validate_access_integrity=False)
+            with contextlib.ExitStack() as stack:
+                if member is not None:
+                    stack.enter_context(_data_file_into(stack.enter_context(member(new)), scratch))
+                # validate_access_integrity=False: the extra-state objects name their global layer
+                # (shard_<layer>_<num_layers>), so a chunk holds only some of them
+                dist_checkpointing.save(sharded, scratch, sharded_strategy=strategy,
+                                        validate_access_integrity=False)
             del chunk, sharded
             with open(os.path.join(scratch, ".metadata"), "rb") as f:
                 md = pickle.load(f)
             _shift(md, base, cfg.num_layers)
-            renames = {}
-            for j, path in enumerate(sorted(glob.glob(os.path.join(scratch, "*.distcp")))):
-                new = f"__{k}_{j}.distcp"
-                on_file(path, new)
-                renames[os.path.basename(path)] = new
-            parts.append((md, renames))
+            files = sorted({info.relative_path for info in md.storage_data.values()})
+            if len(files) != 1:
+                raise CheckpointError(f"chunk {k}: Megatron wrote {len(files)} data files "
+                                      f"({files[:3]}), expected one")
+            if member is None:
+                on_file(os.path.join(scratch, files[0]), new)
+            parts.append((md, {files[0]: new}))
             if k == 0:
                 shutil.move(os.path.join(scratch, "common.pt"), os.path.join(out_dir, "common.pt"))
         finally:

@@ -5,11 +5,11 @@
 
 Strict: config.json, tensor names and shapes are checked before anything is written; every HF tensor
 is consumed by the mapping (``convert/mapping.py``), every Megatron tensor filled. Streaming: HF
-tensors are read one at a time (``pread``, nothing mmapped) and written out chunk by chunk
-(torch_dist: one to two layers, or one embedding, per ``dist_checkpointing.save``) or rank file by
-rank file (legacy: not bounded, see ``legacy.write_legacy``). The .nemo tar is written member by
-member under a temporary name next to the output (each chunk's data file is appended as soon as it
-exists; its scratch copy lives in /dev/shm when there is room) and renamed into place at the end.
+tensors are read one at a time (each through its own mmap, released with it) and written out chunk
+by chunk (torch_dist: one to two layers, or one embedding, per ``dist_checkpointing.save``) or rank
+file by rank file (legacy: one tensor at a time too, see ``legacy.write_legacy``). The .nemo tar is written member
+by member under a temporary name next to the output and renamed into place at the end; Megatron's
+writer writes each chunk's data file straight into its tar member (``dist_ckpt.save_torch_dist``).
 """
 from __future__ import annotations
 
@@ -117,13 +117,14 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
                 f.write(dump_yaml(nemo_cfg))
             tar.add_tree(staging)  # config and tokenizer files; the weights follow as written
 
-            def mapped(names=None):
+            def mapped(names=None, count=True):
                 for name, full in mapping.hf_to_megatron(cfg, reader, tp=tp, names=names):
                     t = full.to(store)
                     if tuple(t.shape) != shapes[name]:
                         raise CheckpointError(f"{name}: mapped shape {list(t.shape)} != expected "
                                               f"{list(shapes[name])}")
-                    bar.update(t.numel() * t.element_size())
+                    if count:
+                        bar.update(t.numel() * t.element_size())
                     yield name, t
 
             weights = os.path.join(staging, WEIGHTS_DIR)
@@ -132,21 +133,15 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
 
                 layer_bytes = sum(int(torch.Size(s).numel()) for n, s in shapes.items()
                                   if mapping.stacked_key(n)[1] == 0) * store.itemsize
-                biggest = max(int(torch.Size(s).numel()) for s in shapes.values()) * store.itemsize
-
-                def into_tar(path, name):  # each chunk's data file, as soon as it is written
-                    tar.add_file(path, f"./{WEIGHTS_DIR}/{name}")
-                    os.unlink(path)
-
                 tar.add_dir(f"./{WEIGHTS_DIR}")
-                # removed here even if the writing process dies (/dev/shm is memory)
-                scratch = tempfile.mkdtemp(prefix=".nemo-minitron-scratch-", dir=memory_scratch_dir(
-                    2 * max(chunk_bytes, biggest), staging))
-                try:
-                    save_torch_dist(out_cfg, _chunks(mapped(), layer_bytes, chunk_bytes), weights,
-                                    on_file=into_tar, scratch=scratch)
-                finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
+                # each chunk's data file is written by Megatron straight into the tar; the
+                # scratch dir holds its .metadata, common.pt and an empty placeholder (in memory:
+                # Megatron fsyncs every file it writes)
+                scratch = tempfile.mkdtemp(prefix=".nemo-minitron-scratch-",
+                                           dir=memory_scratch_dir(64 << 20, staging))
+                save_torch_dist(out_cfg, _chunks(mapped(), layer_bytes, chunk_bytes), weights,
+                                member=lambda name: tar.member(f"./{WEIGHTS_DIR}/{name}"),
+                                scratch=scratch)
                 tar.add_tree(weights, f"./{WEIGHTS_DIR}")  # common.pt, .metadata, metadata.json
             else:
                 from nemo_minitron.convert.legacy import write_legacy
@@ -159,8 +154,10 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
 
                 by_name = {n: (n, r, l) for n, r, l in mapping.megatron_names(cfg)}
                 legacy_root = os.path.join(staging, ".legacy")
-                write_legacy(cfg, lambda n: next(mapped([by_name[n]]))[1], legacy_root, tp, pp,
-                             on_file=legacy_into_tar)
+                # at TP>1 a full tensor is made once per rank file: progress counts the shards
+                write_legacy(cfg, lambda n: next(mapped([by_name[n]], count=False))[1],
+                             legacy_root, tp, pp, store, on_file=legacy_into_tar,
+                             on_tensor=lambda nbytes, tensors: bar.update(nbytes, tensors))
             bar.close()
     finally:
         shutil.rmtree(staging, ignore_errors=True)

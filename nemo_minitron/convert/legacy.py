@@ -9,6 +9,7 @@ model; the converter reassembles full tensors from any layout.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Dict, List, Set, Tuple
 
@@ -24,44 +25,93 @@ IGNORED_SUFFIXES = ("_extra_state", "rotary_pos_emb.inv_freq")
 
 
 def write_legacy(cfg: ModelConfig, get_full: Callable[[str], torch.Tensor], root: str, tp: int,
-                 pp: int, on_tensor=None, on_file=None) -> None:
+                 pp: int, dtype: torch.dtype, on_tensor=None, on_file=None) -> None:
     """Write every rank's file under ``root`` from full Megatron tensors (``get_full(name)``, vocab
-    padded for ``tp``); ``on_file(path, relative path)`` takes each finished file.
+    padded for ``tp``, in ``dtype``); ``on_file(path, relative path)`` takes each finished file,
+    ``on_tensor(bytes, tensors)`` counts each shard written (tensors: 1 for TP rank 0's shards,
+    else 0, so the counts add up to the model's tensors).
 
-    Not streaming: one pipeline stage's full tensors are in memory at a time (the whole model at
-    PP=1, e.g. 9 GB for 4B-Width). ``torch.save`` pickles the state dict and then writes the bytes
-    of every storage it references, so all of a file's tensors must exist when it is called;
-    writing a file tensor by tensor would mean producing PyTorch's zip container (records,
-    alignment, CRC32s that torch 2.3's reader checks) ourselves. Use the default torch_dist
-    format for large models. A TP shard is cloned only when it is a view (``torch.save`` would
-    otherwise write the whole full tensor's storage); at TP=1 the full tensors are saved as they
-    are, without a second copy."""
+    Streaming: each file is written by ``torch.save``'s own code (``torch.serialization._save``:
+    its pickle, records, alignment and CRC32s) over a state dict of placeholders, untouched
+    ``torch.empty`` tensors of the right shapes (address space, no memory); when torch writes a
+    placeholder's data record, that tensor is made (``get_full`` + this rank's TP shard), written
+    and freed. One tensor is in memory at a time; at TP>1 a full tensor is made once per rank
+    file."""
     per = cfg.num_layers // pp
+    shapes = mapping.megatron_shapes(cfg, tp)
     for pp_rank in range(pp):
         names = mapping.stage_names(cfg, pp_rank, pp)
         offset = mapping.layer_offset(cfg, pp_rank, pp)
-        fulls = {name: get_full(name) for name, _, _ in names}  # this stage, unsharded
         for tp_rank in range(tp):
-            state = {}
+            state, makers = {}, {}
             for name, _, layer in names:
                 local = mapping.to_local_layer(name, offset)
-                shard = mapping.tp_shard(name, fulls[name], tp_rank, tp)
-                if shard.untyped_storage().nbytes() != shard.numel() * shard.element_size():
-                    shard = shard.clone()  # a view: save only its own bytes
-                state["model." + local] = shard
+                shape = mapping.tp_shard(name, torch.empty(shapes[name], device="meta"),
+                                         tp_rank, tp).shape
+                placeholder = torch.empty(shape, dtype=dtype)
+                state["model." + local] = placeholder
+                makers[placeholder.data_ptr()] = (name, functools.partial(
+                    _shard_of, get_full, name, tp_rank, tp, shape, dtype), int(tp_rank == 0))
             for local_layer in range(per):  # TE modules' FP8 state: none
                 for module in mapping.EXTRA_STATE_MODULES:
                     state[f"model.decoder.layers.{local_layer}.{module}._extra_state"] = None
             path = rank_file(root, tp_rank, pp_rank, tp, pp)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(state, path)
+            _save_streaming(state, makers, path, on_tensor)
             if on_file is not None:  # takes the finished file (e.g. into the .nemo tar)
                 on_file(path, os.path.relpath(path, root))
-            if on_tensor is not None:
-                on_tensor(sum(t.numel() * t.element_size() for t in state.values()
-                              if isinstance(t, torch.Tensor)), len(names) if tp_rank == 0 else 0)
-            del state
-        del fulls
+            del state, makers
+
+
+def _shard_of(get_full, name: str, tp_rank: int, tp: int, shape, dtype) -> torch.Tensor:
+    shard = mapping.tp_shard(name, get_full(name), tp_rank, tp)
+    if tuple(shard.shape) != tuple(shape) or shard.dtype != dtype:
+        raise CheckpointError(f"{name}: produced {list(shard.shape)} {shard.dtype}, expected "
+                              f"{list(shape)} {dtype}")
+    if not shard.is_contiguous() or shard.storage_offset() \
+            or shard.untyped_storage().nbytes() != shard.numel() * shard.element_size():
+        shard = shard.clone()  # a view: write only its own bytes
+    return shard
+
+
+class _MadeOnWrite:
+    """``torch.save``'s zip writer, except that a placeholder's data record is written from the
+    tensor its maker makes at that moment (then dropped)."""
+
+    def __init__(self, writer, makers, on_tensor=None):
+        self.writer, self.makers, self.on_tensor = writer, makers, on_tensor
+
+    def write_record(self, name, data, size):
+        entry = None
+        if name.startswith("data/") and isinstance(data, torch.UntypedStorage):
+            entry = self.makers.pop(data.data_ptr(), None)
+        if entry is None:
+            return self.writer.write_record(name, data, size)
+        key, make, count = entry
+        tensor = make()
+        if tensor.numel() * tensor.element_size() != size:
+            raise CheckpointError(f"{key}: {tensor.numel() * tensor.element_size()} bytes made "
+                                  f"for a {size}-byte record")
+        self.writer.write_record(name, tensor.untyped_storage(), size)
+        if self.on_tensor is not None:
+            self.on_tensor(size, count)
+
+    def __getattr__(self, attr):
+        return getattr(self.writer, attr)
+
+
+def _save_streaming(state: dict, makers: dict, path: str, on_tensor=None) -> None:
+    """``torch.save(state, path)`` with the placeholders' data made on write."""
+    import pickle
+
+    from torch import serialization
+
+    with serialization._open_zipfile_writer(path) as writer:
+        serialization._save(state, _MadeOnWrite(writer, makers, on_tensor), pickle,
+                            serialization.DEFAULT_PROTOCOL, False)
+    if makers:  # torch wrote no record for them (e.g. two placeholders sharing memory)
+        missing = sorted(entry[0] for entry in makers.values())
+        raise CheckpointError(f"{path}: no data written for {missing[:3]}")
 
 
 def _load(path: str) -> dict:

@@ -190,6 +190,30 @@ def open_member(path: str, in_place: Optional[InPlace], fds: Dict[str, int]) -> 
     return fds[where], base, size
 
 
+class MemberStream(io.RawIOBase):
+    """Write-only stream appending to a descriptor from ``base`` on (a :meth:`NemoTarWriter.member`);
+    ``tell`` counts from ``base``. Closing it leaves the descriptor open. Writes go to the raw
+    descriptor at its position, shared with forked children (``fsutil.write_all``)."""
+
+    def __init__(self, fd: int, base: int):
+        super().__init__()
+        self.fd, self.base = fd, base
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        from nemo_minitron.checkpoint.fsutil import write_all
+
+        return write_all(self.fd, data)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR) - self.base
+
+    def fileno(self) -> int:
+        return self.fd
+
+
 class NemoTarWriter:
     """A .nemo (uncompressed tar) written member by member, as its files become ready.
 
@@ -208,10 +232,14 @@ class NemoTarWriter:
                                         dir=os.path.dirname(self.out_path))
         self.fd = fd
 
-    def _header(self, name: str, kind: bytes, size: int, mode: int, mtime: float) -> None:
+    @staticmethod
+    def _header_bytes(name: str, kind: bytes, size: int, mode: int, mtime: float) -> bytes:
         info = tarfile.TarInfo(name)
         info.type, info.size, info.mode, info.mtime = kind, size, mode, int(mtime)
-        os.write(self.fd, info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+    def _header(self, name: str, kind: bytes, size: int, mode: int, mtime: float) -> None:
+        os.write(self.fd, self._header_bytes(name, kind, size, mode, mtime))
 
     def add_dir(self, arcname: str) -> None:
         self._header(arcname, tarfile.DIRTYPE, 0, 0o755, time.time())
@@ -227,6 +255,24 @@ class NemoTarWriter:
                     raise CheckpointError(f"{path}: changed size while being packed")
                 done += sent
         os.write(self.fd, bytes(-st.st_size % tarfile.BLOCKSIZE))
+
+    @contextlib.contextmanager
+    def member(self, arcname: str) -> Iterator["MemberStream"]:
+        """A regular-file member whose bytes are written, inside the block, through the yielded
+        stream (or by a forked child writing to it: the file position is shared). Its header is
+        reserved first and filled in at the end with the size written, so the bytes go to the
+        archive once, with no scratch copy. The member must stay under 8 GiB (one ustar header)."""
+        start = os.lseek(self.fd, 0, os.SEEK_CUR)
+        os.write(self.fd, bytes(tarfile.BLOCKSIZE))
+        yield MemberStream(self.fd, start + tarfile.BLOCKSIZE)
+        end = os.lseek(self.fd, 0, os.SEEK_CUR)
+        size = end - start - tarfile.BLOCKSIZE
+        header = self._header_bytes(arcname, tarfile.REGTYPE, size, 0o644, time.time())
+        if len(header) != tarfile.BLOCKSIZE:  # a PAX header would not fit the reserved block
+            raise CheckpointError(f"{arcname}: member of {size} bytes or its name too long for "
+                                  "one tar header block")
+        os.pwrite(self.fd, header, start)
+        os.write(self.fd, bytes(-size % tarfile.BLOCKSIZE))
 
     def add_tree(self, src_dir: str, arcname: str = ".") -> None:
         """The entries of ``src_dir`` (recursively, sorted) under ``arcname``."""

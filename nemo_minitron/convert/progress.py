@@ -21,7 +21,7 @@ class Progress:
         now = time.time()
         if self.enabled and (now - self._last > 0.2 or self.tensors == self.total_tensors):
             self._last = now
-            frac = self.bytes / self.total_bytes if self.total_bytes else 1.0
+            frac = min(1.0, self.bytes / self.total_bytes) if self.total_bytes else 1.0
             bar = "#" * int(30 * frac)
             sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.tensors}/{self.total_tensors} "
                              f"{self.unit}, {self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB, "
