@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs the command, samples the memory of its process tree, prints one BENCH json line.
 RUNNER = r"""
 import json, os, resource, subprocess, sys, time
@@ -104,9 +105,10 @@ print("BENCH", json.dumps({"code": proc.returncode, "wall": wall, **peak}), flus
 """
 
 
-def timed(cmd):
+def timed(cmd, env=None, cwd=None):
     """{"wall": seconds, "anon"/"file"/"rss"/"hwm": peak bytes} of a fresh process tree."""
-    out = subprocess.run([sys.executable, "-c", RUNNER] + cmd, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", RUNNER] + cmd, capture_output=True, text=True,
+                         env=env, cwd=cwd)
     line = [l for l in out.stdout.splitlines() if l.startswith("BENCH ")]
     if not line:
         raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
@@ -168,6 +170,9 @@ def main():
     parser.add_argument("--profile", default=None, help="write cProfile stats into this directory")
     parser.add_argument("--format", default="torch_dist", choices=("torch_dist", "legacy"))
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    parser.add_argument("--baseline-tree", default=None,
+                        help="also time the converters of another checkout of this repository "
+                             "(e.g. `git worktree add /tmp/old <commit>`), in the same run")
     args = parser.parse_args()
     if os.path.exists(args.workdir):
         shutil.rmtree(args.workdir)
@@ -197,15 +202,29 @@ def main():
             shutil.rmtree(back, ignore_errors=True)
             row = {"copy shard bytes": timed([sys.executable, "-c", script])}
             shutil.rmtree(copy)  # keep the disk footprint at source + .nemo + back
-            row["hf-to-nemo"] = timed(cli("hf-to-nemo") + [src, nemo, "--overwrite",
-                                                           "--format", args.format])
-            row["nemo-to-hf"] = timed(cli("nemo-to-hf") + [nemo, back])
+            # ours last: the round-trip check below reads its output. Each tree's converters run
+            # from that tree (`python -m` puts the working directory first on sys.path)
+            trees = [("", ROOT)]
+            if args.baseline_tree:
+                trees.insert(0, (" (baseline)", os.path.abspath(args.baseline_tree)))
+            for tag, tree in trees:  # the output never pre-exists: no old .nemo to unlink
+                env = dict(os.environ, PYTHONPATH=tree)
+                shutil.rmtree(back, ignore_errors=True)
+                if os.path.exists(nemo):
+                    os.remove(nemo)
+                row["hf-to-nemo" + tag] = timed(cli("hf-to-nemo") + [src, nemo, "--format",
+                                                                     args.format], env, tree)
+                row["nemo-to-hf" + tag] = timed(cli("nemo-to-hf") + [nemo, back], env, tree)
+            # the VM's copy speed drifts (page cache, neighbours): measured again after the steps
+            row["copy again"] = timed([sys.executable, "-c", script])
+            shutil.rmtree(copy)
             runs.append(row)
-            print(f"run {r + 1}/{args.repeat}: {'step':<17} {'wall s':>7} {'x copy':>7} "
+            print(f"run {r + 1}/{args.repeat}: {'step':<28} {'wall s':>7} {'x copy':>7} "
                   f"{'cpu s':>6} {'anon GB':>8} {'file GB':>8} {'rss GB':>7} {'hwm GB':>7} {'tmpfs GB':>8}")
+            copy_s = (row["copy shard bytes"]["wall"] + row["copy again"]["wall"]) / 2
             for name, m in row.items():
-                print(f"{'':<11}{name:<17} {m['wall']:>7.1f} "
-                      f"{m['wall'] / row['copy shard bytes']['wall']:>7.2f} {m['cpu']:>6.1f} "
+                print(f"{'':<11}{name:<28} {m['wall']:>7.1f} "
+                      f"{m['wall'] / copy_s:>7.2f} {m['cpu']:>6.1f} "
                       f"{m['anon'] / 1e9:>8.2f} {m['file'] / 1e9:>8.2f} {m['rss'] / 1e9:>7.2f} "
                       f"{m['hwm'] / 1e9:>7.2f} {m['tmpfs'] / 1e9:>8.2f}", flush=True)
         exact = same_tensors(src, back)
