@@ -311,3 +311,32 @@ def test_legacy_files_streamed_are_torch_save_bytes(tmp_path, tp, pp):
             loaded = torch.load(got, weights_only=True)
             assert list(loaded) == list(ref)
             assert all(torch.equal(loaded[k], v) for k, v in ref.items() if v is not None)
+
+
+def _mapped_rss_kb(path):
+    rss, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                rss += int(line.split()[1])
+    return rss
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_drop_mapped_pages_keeps_data_and_frees_resident_pages(tmp_path):
+    """Legacy reading drops each written tensor's pages from the mmapped file: the resident set
+    shrinks and the tensor still reads its bytes (from the file)."""
+    from nemo_minitron.checkpoint.fsutil import drop_mapped_pages
+
+    ref = torch.randn(2048, 1024)  # 8 MiB
+    path = tmp_path / "w.ckpt"
+    torch.save({"w": ref}, path)
+    t = torch.load(path, mmap=True, weights_only=True)["w"]
+    assert torch.equal(t, ref)  # every page touched
+    before = _mapped_rss_kb(path)
+    drop_mapped_pages(t)
+    after = _mapped_rss_kb(path)
+    assert before >= 8 * 1024 - 8 and after < before - 7 * 1024, (before, after)
+    assert torch.equal(t, ref)

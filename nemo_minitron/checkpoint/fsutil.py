@@ -143,3 +143,24 @@ def write_all(fd: int, data) -> int:
     while done < view.nbytes:
         done += os.write(fd, view[done:done + (1 << 30)])
     return done
+
+
+def drop_mapped_pages(tensor) -> None:
+    """Let the kernel drop the resident pages of a tensor that lives in a private, read-only use
+    file mapping (``torch.load(mmap=True)``): ``madvise(MADV_DONTNEED)`` on the whole pages inside
+    its bytes. The data stays valid (a later access reads the file again); only the process's
+    resident set shrinks, so a reader walking a large mmapped file holds one tensor's pages, not the
+    file. Never call it on anonymous memory (its contents would be zeroed). No-op off Linux."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi <= lo or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)

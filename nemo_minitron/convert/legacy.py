@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Set, Tuple
 
 import torch
 
+from nemo_minitron.checkpoint.fsutil import drop_mapped_pages
 from nemo_minitron.config.arch import ModelConfig
 from nemo_minitron.convert import mapping
 from nemo_minitron.convert.nemo_file import rank_file
@@ -114,16 +115,18 @@ def _save_streaming(state: dict, makers: dict, path: str, on_tensor=None) -> Non
         raise CheckpointError(f"{path}: no data written for {missing[:3]}")
 
 
-def _load(path: str) -> dict:
+def _load(path: str) -> Tuple[dict, bool]:
+    """(state dict, whether its tensors live in a file mapping)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: weights file is missing")
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # old pickle format
+            # old pickle format: in memory
+            return torch.load(path, map_location="cpu", weights_only=True), False
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt or unsafe files
         raise CheckpointError(f"{path}: not a loadable weights file with weights_only=True "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -139,9 +142,13 @@ class LegacyReader:
         self.root, self.cfg, self.tp, self.pp = root, cfg, tp, pp
         self.states: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
         self.unused: Set[Tuple[int, int, str]] = set()
+        self.mapped: Set[Tuple[int, int]] = set()  # ranks whose file is mmapped
+        self._last: List[torch.Tensor] = []  # the previous get()'s mmapped shards
         for pp_rank in range(pp):
             for tp_rank in range(tp):
-                state = _load(rank_file(root, tp_rank, pp_rank, tp, pp))
+                state, mapped = _load(rank_file(root, tp_rank, pp_rank, tp, pp))
+                if mapped:
+                    self.mapped.add((tp_rank, pp_rank))
                 if not isinstance(state, dict):
                     raise CheckpointError(f"{rank_file(root, tp_rank, pp_rank, tp, pp)}: not a "
                                           "state dict")
@@ -169,6 +176,11 @@ class LegacyReader:
         else:
             pp_rank = 0 if name.startswith("embedding.") else self.pp - 1
         local = mapping.to_local_layer(name, pp_rank * per)
+        # the previous tensor has been written by now: drop its pages from this process (the
+        # mapping stays valid), so reading a mmapped file holds one tensor's pages, not the file
+        for done in self._last:
+            drop_mapped_pages(done)
+        self._last = []
         shards: List[torch.Tensor] = []
         for tp_rank in range(self.tp):
             state = self.states[(tp_rank, pp_rank)]
@@ -177,6 +189,8 @@ class LegacyReader:
                                       f" tensor {local} is missing")
             self.unused.discard((tp_rank, pp_rank, local))
             shards.append(state[local])
+            if (tp_rank, pp_rank) in self.mapped:
+                self._last.append(state[local])
         return mapping.tp_unshard(name, shards)
 
     def check_all_used(self) -> None:
