@@ -27,12 +27,9 @@ over the tree:
 round trip is checked bit for bit against the source. Goals (issue 3): <= 1.5x the copy time and
 <= 2 GB peak memory.
 
-Measured (2-core, 24 GB CPU machine, otherwise idle; README conversion section has the table),
-9.03 GB synthetic 4B-Width, code before and after the streaming work back to back: copy 13.8 s;
-hf-to-nemo 33.5 s (2.43x, anon 1.02 GB, rss 2.03 GB, scratch 0.79 GB) vs 48.0 s before (3.03x of
-15.8 s, rss 6.80 GB, mostly mmapped shard pages); nemo-to-hf 19.4 s (1.41x, anon 1.22 GB) vs 43.1 s
-before (2.72x, 1.86 GB). The copy's wall time swings between runs (page cache, other jobs):
-compare ratios within one run.
+Measured results and how to read them (the copy's own speed swings 3x between runs on the 2-core
+VM): README.md, conversion section. ``--baseline-tree DIR`` (e.g. a ``git worktree`` of an older
+commit) times that checkout's converters in the same run, before ours.
 """
 from __future__ import annotations
 
