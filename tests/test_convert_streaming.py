@@ -1,6 +1,7 @@
 """The streaming pieces of the converters (issue 3): safetensors reads without mmap, the .nemo tar
 written member by member, torch_dist data read in place from the tar. Checked against independent
 readers: the safetensors library, GNU tar and Python's tarfile, torch DCP's own FileSystemReader."""
+import contextlib
 import inspect
 import os
 import shutil
@@ -340,3 +341,29 @@ def test_drop_mapped_pages_keeps_data_and_frees_resident_pages(tmp_path):
     after = _mapped_rss_kb(path)
     assert before >= 8 * 1024 - 8 and after < before - 7 * 1024, (before, after)
     assert torch.equal(t, ref)
+
+
+@pytest.mark.megatron
+def test_unredirected_data_file_is_still_packed(tmp_path, monkeypatch):
+    """A megatron-core whose writer does not open its data file through the redirected name writes
+    it into the scratch dir itself; the converter then copies it into the tar member, so the
+    .nemo is the same either way."""
+    import tarfile as tf
+
+    from nemo_minitron.convert import dist_ckpt
+    from nemo_minitron.convert.dist_ckpt import save_torch_dist
+    from tests.convert_helpers import GOLDEN_CFG
+
+    chunks = _golden_chunks(GOLDEN_CFG)
+    plain = tmp_path / "plain"
+    save_torch_dist(GOLDEN_CFG, iter(chunks), str(plain))
+    monkeypatch.setattr(dist_ckpt, "_data_file_into", lambda stream, scratch: contextlib.nullcontext())
+    out = tmp_path / "o.nemo"
+    (tmp_path / "scratch").mkdir()
+    with NemoTarWriter(str(out)) as tar:
+        save_torch_dist(GOLDEN_CFG, iter(chunks), str(tmp_path / "rest"),
+                        member=lambda name: tar.member(f"./model_weights/{name}"),
+                        scratch=str(tmp_path / "scratch"))
+    with tf.open(out) as t:
+        for name in sorted(f for f in os.listdir(plain) if f.endswith(".distcp")):
+            assert t.extractfile(f"./model_weights/{name}").read() == (plain / name).read_bytes()

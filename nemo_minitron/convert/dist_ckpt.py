@@ -289,6 +289,19 @@ def _data_file_into(stream, scratch: str) -> Iterator[None]:
         del filesystem_async.open
 
 
+def _copy_unredirected(scratch: str, stream) -> None:
+    """A megatron-core that opened its data file some other way wrote it into ``scratch`` itself:
+    copy it into the member (correct, one extra pass over the bytes)."""
+    files = [f for f in os.listdir(scratch) if f.endswith(".distcp")
+             and os.path.getsize(os.path.join(scratch, f)) > 0]
+    if len(files) != 1:
+        raise CheckpointError(f"Megatron's data file for {scratch} was neither redirected nor "
+                              f"written once (found {files})")
+    with open(os.path.join(scratch, files[0]), "rb") as f:
+        for block in iter(lambda: f.read(64 << 20), b""):
+            stream.write(block)
+
+
 def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, on_file, member, scratch_root: str
                  ) -> None:
     from megatron.core import dist_checkpointing
@@ -312,12 +325,16 @@ def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, on_file, member, scratc
             strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
             sharded, base = _sharded_chunk(cfg, chunk)
             with contextlib.ExitStack() as stack:
+                stream = None
                 if member is not None:
-                    stack.enter_context(_data_file_into(stack.enter_context(member(new)), scratch))
+                    stream = stack.enter_context(member(new))
+                    stack.enter_context(_data_file_into(stream, scratch))
                 # validate_access_integrity=False: the extra-state objects name their global layer
                 # (shard_<layer>_<num_layers>), so a chunk holds only some of them
                 dist_checkpointing.save(sharded, scratch, sharded_strategy=strategy,
                                         validate_access_integrity=False)
+                if stream is not None and stream.tell() == 0:
+                    _copy_unredirected(scratch, stream)
             del chunk, sharded
             with open(os.path.join(scratch, ".metadata"), "rb") as f:
                 md = pickle.load(f)
