@@ -73,6 +73,14 @@ def print_rank0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def compute_device() -> torch.device:
+    """Where this rank computes: the GPU ``init_megatron`` selected (NCCL moves only GPU tensors),
+    else the CPU (gloo)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = None) -> None:
     """Initialize the process group (if needed) and Megatron's TP/PP groups and RNG tracker."""
     import torch.distributed as dist

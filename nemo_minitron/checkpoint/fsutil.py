@@ -61,6 +61,22 @@ def memory_scratch_dir(need_bytes: int, fallback: str) -> str:
     return fallback
 
 
+def _libc():
+    """glibc through ctypes (errno kept), loaded once; None where there is none."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
+
+
+_LIBC = None
+
+
 class _Splicer:
     """vmsplice(2) + splice(2): a process's memory into a file at its current position, the pages
     handed to a pipe by reference and copied into the page cache by the kernel (as ``sendfile``
@@ -82,8 +98,7 @@ class _Splicer:
             import ctypes
             import fcntl
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            vmsplice = libc.vmsplice
+            vmsplice = _libc().vmsplice
             vmsplice.restype = ctypes.c_ssize_t
             vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
             if not hasattr(os, "splice"):
@@ -93,7 +108,7 @@ class _Splicer:
                 fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), self.PIPE_BYTES)
             except OSError:
                 pass
-        except (OSError, AttributeError, ImportError):
+        except (OSError, AttributeError, ImportError):  # AttributeError: no libc / no vmsplice
             return False
         self.pipe, self.vmsplice, self.ctypes = (r, w), vmsplice, ctypes
         return True
@@ -146,8 +161,8 @@ def write_all(fd: int, data) -> int:
 
 
 def drop_mapped_pages(tensor) -> None:
-    """Let the kernel drop the resident pages of a tensor that lives in a private, read-only use
-    file mapping (``torch.load(mmap=True)``): ``madvise(MADV_DONTNEED)`` on the whole pages inside
+    """Let the kernel drop the resident pages of a tensor that lives in a private file mapping it
+    only reads (``torch.load(mmap=True)``): ``madvise(MADV_DONTNEED)`` on the whole pages inside
     its bytes. The data stays valid (a later access reads the file again); only the process's
     resident set shrinks, so a reader walking a large mmapped file holds one tensor's pages, not the
     file. Never call it on anonymous memory (its contents would be zeroed). No-op off Linux."""
@@ -157,10 +172,9 @@ def drop_mapped_pages(tensor) -> None:
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     lo, hi = -(-start // page) * page, end // page * page
-    if hi <= lo or not hasattr(mmap, "MADV_DONTNEED"):
+    libc = _libc()
+    if hi <= lo or libc is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)

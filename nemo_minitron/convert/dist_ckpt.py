@@ -11,14 +11,13 @@ consecutive layers, the output layer), each into a scratch directory; each chunk
 data file is written by Megatron's writer straight into a member of the .nemo tar (hf-to-nemo: the
 writer's ``open`` of that file is redirected, so the bytes are written once) or moved into
 ``model_weights/``, and the chunks' DCP ``.metadata`` are merged into one. Peak memory is one chunk,
-not the model. A chunk holding layers [a, b) saves each stacked key as a
-``[b - a, ...]`` tensor (Megatron's torch_dist strategy insists that a rank's shards form a complete
-regular grid, so in a 1-rank world a chunk cannot declare the full ``[num_layers, ...]`` shape); the
-merge shifts those chunks' offsets by ``a`` and sets the global size to ``num_layers``. DCP stores
-every shard as its own item, addressed only through this metadata, so the shift is the whole
-change. Every data file holds the bytes Megatron's writer produced (a test compares them with the
-files it writes when left alone); only the metadata is re-assembled, and the tests load the result with Megatron's own
-``dist_checkpointing.load`` (current stack and megatron-core 0.7.0 / torch 2.3).
+not the model. A chunk holding layers [a, b) saves each stacked key as a ``[b - a, ...]`` tensor
+(Megatron's torch_dist strategy insists that a rank's shards form a complete regular grid, so in a
+1-rank world a chunk cannot declare the full ``[num_layers, ...]`` shape); the merge shifts those
+chunks' offsets by ``a`` and sets the global size to ``num_layers``. DCP stores every shard as its
+own item, addressed only through this metadata, so the shift is the whole change. Every data file holds the bytes Megatron's writer produced (a test compares them with the
+files it writes when left alone); only the metadata is re-assembled, and the tests load the result
+with Megatron's own ``dist_checkpointing.load`` (current stack and megatron-core 0.7.0 / torch 2.3).
 
 torch 2.3 compatibility: the merged ``Metadata`` is pickled without its ``storage_meta`` attribute,
 whose class (``StorageMeta``) torch 2.3 lacks (``AttributeError: Can't get attribute 'StorageMeta'``).

@@ -7,9 +7,10 @@ Strict: config.json, tensor names and shapes are checked before anything is writ
 is consumed by the mapping (``convert/mapping.py``), every Megatron tensor filled. Streaming: HF
 tensors are read one at a time (each through its own mmap, released with it) and written out chunk
 by chunk (torch_dist: one to two layers, or one embedding, per ``dist_checkpointing.save``) or rank
-file by rank file (legacy: one tensor at a time too, see ``legacy.write_legacy``). The .nemo tar is written member
-by member under a temporary name next to the output and renamed into place at the end; Megatron's
-writer writes each chunk's data file straight into its tar member (``dist_ckpt.save_torch_dist``).
+file by rank file (legacy: one tensor at a time too, see ``legacy.write_legacy``). The .nemo tar
+is written member by member under a temporary name next to the output and renamed into place at
+the end; Megatron's writer writes each chunk's data file straight into its tar member
+(``dist_ckpt.save_torch_dist``).
 """
 from __future__ import annotations
 

@@ -52,9 +52,9 @@ class ModelRunner:
         self._pp_prev = ps.get_pipeline_model_parallel_prev_rank() if self.pp > 1 else None
         param = next(model.parameters())
         self.dtype = param.dtype
-        # NCCL moves CUDA tensors only; gloo (CPU) moves CPU tensors.
-        self.device = (torch.device("cuda", torch.cuda.current_device())
-                       if torch.cuda.is_available() else torch.device("cpu"))
+        from nemo_minitron.dist import compute_device
+
+        self.device = compute_device()
 
     @classmethod
     def from_hf(cls, hf_dir: str, dtype: str = "float32", use_te=None) -> "ModelRunner":

@@ -48,5 +48,6 @@ def place_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for param in model.parameters():
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
+    from nemo_minitron.dist import compute_device
+
+    model.to(compute_device())

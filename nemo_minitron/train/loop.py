@@ -47,13 +47,6 @@ def default_forward_step(model, batch):
                  attention_mask=batch["attention_mask"], labels=batch["labels"])
 
 
-def compute_device() -> torch.device:
-    """Where this rank computes: its current GPU (NCCL reduces only GPU tensors), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def to_device(batch: dict, device: torch.device) -> dict:
     """A micro batch (built on the CPU by the data classes) on the model's device."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
@@ -145,6 +138,8 @@ class Trainer:
         self.metric_names = tuple(metric_names)
         self.last_val_metrics: dict = {}
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        from nemo_minitron.dist import compute_device
+
         self.device = compute_device()  # batches and reduced sums live here
         self.schedule_model, self.schedule_kwargs = ddp_model, {}
         if pipeline_io is not None and ps.get_pipeline_model_parallel_world_size() > 1:
