@@ -227,7 +227,9 @@ class SafetensorsDir(OpenFiles):
         mm = mmap.mmap(fd, end - begin + skew, access=mmap.ACCESS_COPY, offset=where - skew)
         return torch.frombuffer(mm, dtype=dtype, count=count, offset=skew).view(spec["shape"])
 
-_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+# torch dtype -> safetensors name, for the dtypes the converters write
+_ST_DTYPES = {t: n for n, t in _ST_TORCH.items() if t in (torch.bfloat16, torch.float16,
+                                                           torch.float32)}
 
 
 def plan_shards(specs: List[Tuple[str, tuple, torch.dtype]], max_shard_bytes: int

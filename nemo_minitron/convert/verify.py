@@ -78,6 +78,7 @@ def verify(hf_dir: str, nemo_path: str, prompts: Optional[str] = None) -> List[P
     from nemo_minitron.convert.dist_ckpt import run_with_process_group
     from nemo_minitron.convert.nemo_file import opened_nemo
     from nemo_minitron.convert.nemo_to_hf import read_config
+    from nemo_minitron.dist import compute_device
 
     hf_cfg = read_hf_config(hf_dir)
     with opened_nemo(nemo_path) as root:
@@ -90,7 +91,7 @@ def verify(hf_dir: str, nemo_path: str, prompts: Optional[str] = None) -> List[P
     ids = [tokenizer(p)["input_ids"][: cfg.max_position_embeddings] for p in _prompts(prompts)]
     # Megatron first: its forked child needs a parent that has not touched CUDA yet
     megatron = run_with_process_group(_megatron_logits, cfg, nemo_path, ids)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model = model.to(device).eval()
     with torch.no_grad():
