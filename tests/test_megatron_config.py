@@ -95,3 +95,24 @@ def test_megatron_model_pp2_splits_layers():
     ranks = run_ranks(_param_counts, 2, pp=2, args=(cfg,))
     assert sum(r["sharded"] + r["replicated"] for r in ranks) == cfg.num_params()
     assert ranks[0]["emb"] == (cfg.vocab_size, cfg.hidden_size) and ranks[1]["emb"] is None
+
+
+def _param_dtypes(rank, cfg, dtype):
+    from nemo_minitron.dist import compute_device
+    from nemo_minitron.model.build import build_gpt_model
+
+    model = build_gpt_model(cfg, dtype=dtype)
+    return ({str(p.dtype) for p in model.parameters()},
+            {str(p.device) for p in model.parameters()}, str(compute_device()))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_every_parameter_in_the_model_dtype_on_the_rank_device(dtype):
+    """Megatron's local spec builds its norms (plain torch.nn.RMSNorm without apex) in fp32 on
+    the CPU whatever the config says; build_gpt_model places every parameter in the model's
+    dtype on this rank's device (found on a GPU: 'weight is on cpu', the bf16 optimizer refusing
+    fp32 parameters)."""
+    [(dtypes, devices, device)] = run_ranks(_param_dtypes, 1,
+                                            args=(get_preset("tiny_llama31"), dtype))
+    assert dtypes == {f"torch.{dtype}"}
+    assert devices == {device}
