@@ -14,15 +14,16 @@ each as a fresh process, reporting wall time, its ratio to the copy and the CPU 
 process tree (user + system; less sensitive to other load than wall time). Memory, sampled every
 20 ms from /proc/PID/status over the process and its children (e.g. the forked writer), summed
 over the tree:
-  * ``anon``: peak anonymous memory (Pss_Anon from smaps_rollup: a page shared by forked
-    processes counts once) -- the memory the conversion really holds (heap, tensors);
+  * ``anon``: peak anonymous and shared-anonymous memory (Pss_Anon + Pss_Shmem from
+    smaps_rollup: a page shared by forked processes counts once) -- the memory the conversion
+    really holds (heap, tensors, hf-to-nemo's shared buffers for merged tensors);
   * ``file``: peak file-backed resident pages (Pss_File): mmapped files (safetensors shards,
     shared libraries); clean page cache, which the kernel reclaims under pressure;
   * ``rss``: peak of RssAnon + RssFile + RssShmem summed over the processes, what ``top`` adds
     up (forked children's shared pages counted in each), and ``hwm``, the kernel's own peak
     (ru_maxrss of the largest process; between samples, too);
-  * ``tmpfs``: peak growth of the machine's Shmem (the converter's one-chunk scratch files in
-    /dev/shm; other processes on the machine add noise).
+  * ``tmpfs``: peak growth of the machine's Shmem (shared buffers and scratch files in /dev/shm,
+    so it overlaps ``anon``; other processes on the machine add noise).
 ``--profile DIR`` runs each conversion under cProfile and writes ``DIR/<step>.prof``. Finally the
 round trip is checked bit for bit against the source. Goals (issue 3): <= 1.5x the copy time and
 <= 2 GB peak memory.
@@ -88,7 +89,7 @@ shm0 = shmem()
 while proc.poll() is None:
     s = sample(tree(proc.pid))
     # proportional set sizes: a page shared by forked processes counts once
-    peak["anon"] = max(peak["anon"], s["Pss_Anon"])
+    peak["anon"] = max(peak["anon"], s["Pss_Anon"] + s["Pss_Shmem"])
     peak["file"] = max(peak["file"], s["Pss_File"])
     peak["rss"] = max(peak["rss"], s["RssAnon"] + s["RssFile"] + s["RssShmem"])
     peak["tmpfs"] = max(peak["tmpfs"], shmem() - shm0)

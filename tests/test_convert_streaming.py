@@ -3,6 +3,7 @@ written member by member, torch_dist data read in place from the tar. Checked ag
 readers: the safetensors library, GNU tar and Python's tarfile, torch DCP's own FileSystemReader."""
 import contextlib
 import inspect
+import io
 import os
 import shutil
 import subprocess
@@ -231,6 +232,129 @@ def test_megatron_data_files_streamed_into_tar_are_megatrons_bytes(tmp_path):
     assert os.listdir(tmp_path / "scratch") == []  # per-chunk scratch dirs removed
 
 
+@pytest.mark.megatron
+def test_hf_to_nemo_data_path_writes_megatrons_bytes(tmp_path):
+    """The tensors as hf-to-nemo hands them over: mapped straight from the HF shards (copied file
+    to file by the writer, ``file_region``) or merged into reused pool buffers (recycled once their
+    chunk is written, while the next chunk is produced). Every data file is byte for byte what
+    Megatron writes for the same tensors held in ordinary memory; a buffer reused too early or a
+    wrong file offset would change the bytes."""
+    from safetensors.torch import save_file
+
+    from nemo_minitron.convert import mapping
+    from nemo_minitron.convert.dist_ckpt import save_torch_dist
+    from nemo_minitron.convert.hf_to_nemo import _BufferPool, _chunks
+    from tests.convert_helpers import GOLDEN_CFG, golden_hf_state
+
+    state = golden_hf_state()
+    names = sorted(state)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    # two shards, so file offsets differ between tensors of different files
+    save_file({n: state[n] for n in names[::2]}, str(hf / "a.safetensors"), metadata={"format": "pt"})
+    save_file({n: state[n] for n in names[1::2]}, str(hf / "b.safetensors"), metadata={"format": "pt"})
+    weight_map = {n: ("a" if i % 2 == 0 else "b") + ".safetensors" for i, n in enumerate(names)}
+    per_layer = sum(t.numel() * t.element_size() for n, t in mapping.hf_to_megatron(
+        GOLDEN_CFG, lambda name: state[name]) if mapping.stacked_key(n)[1] == 0)
+    plain = tmp_path / "plain"
+    save_torch_dist(GOLDEN_CFG, _chunks(mapping.hf_to_megatron(GOLDEN_CFG, lambda n: state[n]),
+                                        per_layer, per_layer), str(plain))
+    reader, pool = SafetensorsDir(str(hf), weight_map), _BufferPool()
+    assert reader.file_region(reader(names[0])) is not None  # mapped tensors know their file
+    assert reader.file_region(torch.zeros(3)) is None
+    out = tmp_path / "o.nemo"
+    (tmp_path / "scratch").mkdir()
+    with NemoTarWriter(str(out)) as tar:
+        save_torch_dist(GOLDEN_CFG, _chunks(mapping.hf_to_megatron(GOLDEN_CFG, reader,
+                                                                   alloc=pool.take),
+                                            per_layer, per_layer),
+                        str(tmp_path / "rest"),
+                        member=lambda name: tar.member(f"./model_weights/{name}"),
+                        scratch=str(tmp_path / "scratch"), file_region=reader.file_region,
+                        on_saved=lambda chunk: pool.recycle(t for _, t in chunk))
+    data_files = sorted(f for f in os.listdir(plain) if f.endswith(".distcp"))
+    assert len(data_files) >= GOLDEN_CFG.num_layers + 2  # one layer per chunk: buffers reused
+    with tarfile.open(out) as t:
+        assert sorted(os.path.basename(m) for m in t.getnames() if m.endswith(".distcp")) \
+            == data_files
+        for name in data_files:
+            assert t.extractfile(f"./model_weights/{name}").read() == (plain / name).read_bytes()
+
+
+def test_redirected_data_file_defers_writes_and_copies_file_bytes_in_the_kernel(tmp_path,
+                                                                               monkeypatch):
+    """Megatron's data file, redirected into a tar member: writes return at once and a writer
+    thread appends them in order. Bytes inside a chunk tensor are read later, by reference;
+    bytes of a tensor mapped from a file are copied from that file (sendfile); any other buffer
+    is copied before ``write`` returns (the caller may reuse it). A failed write is raised."""
+    import mmap
+
+    from nemo_minitron.convert import nemo_file
+    from nemo_minitron.convert.dist_ckpt import _RedirectedDataFile
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        mapped = torch.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+        anon = torch.randint(0, 255, (2 << 20,), dtype=torch.uint8)
+        regions = [(mapped.data_ptr(), mapped.numel(), (fd, 0)), (anon.data_ptr(), anon.numel(),
+                                                                   None)]
+        copied = []
+        real_copy = nemo_file.MemberStream.copy_from
+        monkeypatch.setattr(nemo_file.MemberStream, "copy_from",
+                            lambda self, f, o, n: (copied.append((o, n)), real_copy(self, f, o, n)))
+        scratch_buf = bytearray(os.urandom(1 << 20))
+        expect = b"head" + bytes(mapped[1000:(2 << 20)].numpy()) + bytes(scratch_buf) \
+            + bytes(anon.numpy())
+        out = tmp_path / "o.nemo"
+        with NemoTarWriter(str(out)) as tar:
+            with tar.member("./x.distcp") as stream:
+                f = _RedirectedDataFile(stream, str(tmp_path / "placeholder"), regions)
+                assert f.write(b"head") == 4
+                f.write(memoryview(mapped.numpy())[1000:2 << 20])
+                f.write(scratch_buf)
+                scratch_buf[:] = bytes(len(scratch_buf))  # reused by the caller at once
+                f.write(memoryview(anon.numpy()))
+                assert f.tell() == len(expect)
+                f.flush()
+                f.close()
+        assert copied == [(1000, (2 << 20) - 1000)]
+        with tarfile.open(out) as t:
+            assert t.extractfile("./x.distcp").read() == expect
+
+        class Full(io.RawIOBase):
+            def writable(self):
+                return True
+
+            def tell(self):
+                return 0
+
+            def write(self, data):
+                raise OSError(28, "No space left on device")
+
+        f = _RedirectedDataFile(Full(), str(tmp_path / "placeholder2"))
+        f.write(b"x")
+        with pytest.raises(OSError, match="No space"):
+            f.close()
+    finally:
+        os.close(fd)
+
+
+def test_buffer_pool_reuses_recycled_buffers():
+    """Merged tensors land in pool buffers; a recycled buffer is handed out again for the same
+    shape and dtype, others are new; tensors not from the pool are ignored."""
+    from nemo_minitron.convert.hf_to_nemo import _BufferPool
+
+    pool = _BufferPool()
+    a = pool.take((4, 8), torch.bfloat16)
+    b = pool.take((4, 8), torch.bfloat16)
+    assert a.data_ptr() != b.data_ptr() and a.shape == (4, 8) and a.dtype == torch.bfloat16
+    pool.recycle([a.view(-1), torch.zeros(2)])
+    assert pool.take((4, 8), torch.bfloat16).data_ptr() == a.data_ptr()
+    assert pool.take((4, 8), torch.float32).data_ptr() not in (a.data_ptr(), b.data_ptr())
+
+
 def test_tar_member_stream_header_and_padding(tmp_path):
     """A member written through the stream gets its size in the header afterwards and is padded
     to a whole block; members before and after it are intact."""
@@ -357,7 +481,7 @@ def test_unredirected_data_file_is_still_packed(tmp_path, monkeypatch):
     chunks = _golden_chunks(GOLDEN_CFG)
     plain = tmp_path / "plain"
     save_torch_dist(GOLDEN_CFG, iter(chunks), str(plain))
-    monkeypatch.setattr(dist_ckpt, "_data_file_into", lambda stream, scratch: contextlib.nullcontext())
+    monkeypatch.setattr(dist_ckpt, "_data_file_into", lambda *a: contextlib.nullcontext())
     out = tmp_path / "o.nemo"
     (tmp_path / "scratch").mkdir()
     with NemoTarWriter(str(out)) as tar:

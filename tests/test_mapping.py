@@ -109,7 +109,7 @@ def test_wrong_mapping_is_caught(hf_fp32, monkeypatch):
     """Negative control: the same comparison fails when fc1 is stored as [up ; gate]."""
     path, ref = hf_fp32
     monkeypatch.setattr(mapping.GateUp, "merge",
-                        lambda self, cfg, t, padded: torch.cat([t[1], t[0]], 0))
+                        lambda self, cfg, t, padded, alloc=None: torch.cat([t[1], t[0]], 0))
     cfg = get_preset("tiny_llama31").replace(dtype="float32")
     [got] = run_ranks(_megatron_logits, 1, args=(path, cfg, _ids()))
     assert (got - ref).abs().max().item() > 100 * TOL

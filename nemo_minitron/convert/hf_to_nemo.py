@@ -14,10 +14,11 @@ the end; Megatron's writer writes each chunk's data file straight into its tar m
 """
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -62,6 +63,41 @@ def _chunks(tensors: Iterator[Tuple[str, torch.Tensor]], layer_bytes: int, budge
         chunk_layer = layer
     if chunk:
         yield chunk
+
+
+class _BufferPool:
+    """Memory for the merged tensors (fused qkv, fc1), reused from chunk to chunk: once a chunk is
+    saved (``recycle``), its buffers receive a later chunk's tensors. A fresh allocation per
+    tensor costs the kernel a page fault and a zeroed page for every 4 KiB before the copy (about
+    0.17 s/GiB on the CI VM; 4.8 of 4B-Width's 9 GB are merged); reused pages are only copied into.
+
+    The buffers are shared anonymous mappings, not private ones: the chunk writers are forked
+    processes (:mod:`dist_ckpt`), and filling a private buffer that a still-running writer
+    inherited would copy every page (copy-on-write; measured: 11% of the conversion's CPU time).
+    Holds the buffers of the chunks alive at once: the one being written, the one being produced."""
+
+    def __init__(self):
+        self.free: Dict[Tuple[tuple, torch.dtype], List[torch.Tensor]] = {}
+        self.issued: Dict[int, Tuple[Tuple[tuple, torch.dtype], torch.Tensor]] = {}
+
+    def take(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        key = (tuple(shape), dtype)
+        free = self.free.get(key)
+        if free:
+            t = free.pop()
+        else:
+            count = int(torch.Size(shape).numel())
+            memory = mmap.mmap(-1, max(1, count * dtype.itemsize))  # MAP_SHARED | MAP_ANONYMOUS
+            t = torch.frombuffer(memory, dtype=dtype, count=count).view(shape)
+        self.issued[t.untyped_storage().data_ptr()] = (key, t)
+        return t
+
+    def recycle(self, tensors) -> None:
+        """These tensors' buffers (any not from this pool are ignored) are free again."""
+        for t in tensors:
+            hit = self.issued.pop(t.untyped_storage().data_ptr(), None)
+            if hit is not None:
+                self.free.setdefault(hit[0], []).append(hit[1])
 
 
 def _tokenizer_section(hf_dir: str, tokenizer_type: Optional[str], staging: str) -> dict:
@@ -118,9 +154,14 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
                 f.write(dump_yaml(nemo_cfg))
             tar.add_tree(staging)  # config and tokenizer files; the weights follow as written
 
+            pool = _BufferPool() if fmt == "torch_dist" else None
+
             def mapped(names=None, count=True):
-                for name, full in mapping.hf_to_megatron(cfg, reader, tp=tp, names=names):
+                for name, full in mapping.hf_to_megatron(cfg, reader, tp=tp, names=names,
+                                                         alloc=pool.take if pool else None):
                     t = full.to(store)
+                    if pool is not None and t.data_ptr() != full.data_ptr():
+                        pool.recycle([full])  # converted to another dtype: the buffer is free
                     if tuple(t.shape) != shapes[name]:
                         raise CheckpointError(f"{name}: mapped shape {list(t.shape)} != expected "
                                               f"{list(shapes[name])}")
@@ -140,9 +181,12 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
                 # Megatron fsyncs every file it writes)
                 scratch = tempfile.mkdtemp(prefix=".nemo-minitron-scratch-",
                                            dir=memory_scratch_dir(64 << 20, staging))
+                # tensors mapped from the HF shards unchanged are copied file to file by the
+                # kernel; merged ones come from the pool, recycled once their chunk is saved
                 save_torch_dist(out_cfg, _chunks(mapped(), layer_bytes, chunk_bytes), weights,
                                 member=lambda name: tar.member(f"./{WEIGHTS_DIR}/{name}"),
-                                scratch=scratch)
+                                scratch=scratch, file_region=reader.file_region,
+                                on_saved=lambda chunk: pool.recycle(t for _, t in chunk))
                 tar.add_tree(weights, f"./{WEIGHTS_DIR}")  # common.pt, .metadata, metadata.json
             else:
                 from nemo_minitron.convert.legacy import write_legacy

@@ -29,10 +29,24 @@ from nemo_minitron.errors import CheckpointError
 
 
 # ---- transforms ---------------------------------------------------------------------------------
-class Transform:
-    """merge: HF tensors (in table order) -> one Megatron tensor; split: the inverse."""
+Alloc = Callable[[Tuple[int, ...], torch.dtype], torch.Tensor]
 
-    def merge(self, cfg: ModelConfig, tensors: Sequence[torch.Tensor], padded_vocab: int):
+
+def _cat(parts: Sequence[torch.Tensor], dim: int, alloc: Optional[Alloc]) -> torch.Tensor:
+    """``torch.cat``, into a tensor from ``alloc(shape, dtype)`` where given (e.g. a reused buffer)."""
+    if alloc is None or len({p.dtype for p in parts}) != 1:
+        return torch.cat(list(parts), dim=dim)
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return torch.cat(list(parts), dim=dim, out=alloc(tuple(shape), parts[0].dtype))
+
+
+class Transform:
+    """merge: HF tensors (in table order) -> one Megatron tensor (a new one from ``alloc`` where
+    given); split: the inverse."""
+
+    def merge(self, cfg: ModelConfig, tensors: Sequence[torch.Tensor], padded_vocab: int,
+              alloc: Optional[Alloc] = None):
         raise NotImplementedError
 
     def split(self, cfg: ModelConfig, tensor: torch.Tensor) -> List[torch.Tensor]:
@@ -40,7 +54,7 @@ class Transform:
 
 
 class Identity(Transform):
-    def merge(self, cfg, tensors, padded_vocab):
+    def merge(self, cfg, tensors, padded_vocab, alloc=None):
         return tensors[0]
 
     def split(self, cfg, tensor):
@@ -48,12 +62,12 @@ class Identity(Transform):
 
 
 class QKV(Transform):
-    def merge(self, cfg, tensors, padded_vocab):
+    def merge(self, cfg, tensors, padded_vocab, alloc=None):
         q, k, v = tensors  # [heads*hd, H], [groups*hd, H], [groups*hd, H]
         g, hd, h = cfg.num_query_groups, cfg.head_dim, q.shape[1]
         per_group = [q.reshape(g, cfg.heads_per_group * hd, h), k.reshape(g, hd, h),
                      v.reshape(g, hd, h)]
-        return torch.cat(per_group, dim=1).reshape(-1, h)  # [g*(hpg+2)*hd, H]
+        return _cat(per_group, 1, alloc).reshape(-1, h)  # [g*(hpg+2)*hd, H]
 
     def split(self, cfg, tensor):
         g, hd, hpg = cfg.num_query_groups, cfg.head_dim, cfg.heads_per_group
@@ -63,20 +77,20 @@ class QKV(Transform):
 
 
 class GateUp(Transform):
-    def merge(self, cfg, tensors, padded_vocab):
-        return torch.cat(tensors, dim=0)  # [gate ; up]
+    def merge(self, cfg, tensors, padded_vocab, alloc=None):
+        return _cat(tensors, 0, alloc)  # [gate ; up]
 
     def split(self, cfg, tensor):
         return list(torch.chunk(tensor, 2, dim=0))
 
 
 class Vocab(Transform):
-    def merge(self, cfg, tensors, padded_vocab):
+    def merge(self, cfg, tensors, padded_vocab, alloc=None):
         t = tensors[0]
         if padded_vocab == t.shape[0]:
             return t
         pad = t.new_zeros((padded_vocab - t.shape[0],) + tuple(t.shape[1:]))
-        return torch.cat([t, pad], dim=0)
+        return _cat([t, pad], 0, alloc)
 
     def split(self, cfg, tensor):
         return [tensor[: cfg.vocab_size]]
@@ -157,13 +171,15 @@ def hf_names_for(rule: Rule, layer: Optional[int]) -> List[str]:
 
 
 def hf_to_megatron(cfg: ModelConfig, get_hf: Callable[[str], torch.Tensor], tp: int = 1,
-                   names: Optional[Sequence[Tuple[str, Rule, Optional[int]]]] = None
-                   ) -> Iterator[Tuple[str, torch.Tensor]]:
+                   names: Optional[Sequence[Tuple[str, Rule, Optional[int]]]] = None,
+                   alloc: Optional[Alloc] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yield (Megatron name, full tensor) for ``names`` (default: all), reading HF tensors lazily
-    through ``get_hf(name)``; embeddings are padded to the vocab that TP=``tp`` needs."""
+    through ``get_hf(name)``; embeddings are padded to the vocab that TP=``tp`` needs. Merged
+    tensors (qkv, fc1, padded vocab) are written into ``alloc(shape, dtype)`` where given."""
     padded = cfg.padded_vocab_size(tp)
     for name, rule, layer in (names if names is not None else megatron_names(cfg)):
-        yield name, rule.transform.merge(cfg, [get_hf(n) for n in hf_names_for(rule, layer)], padded)
+        hf = [get_hf(n) for n in hf_names_for(rule, layer)]
+        yield name, rule.transform.merge(cfg, hf, padded, alloc)
 
 
 def megatron_to_hf(cfg: ModelConfig, get_megatron: Callable[[str], torch.Tensor]

@@ -207,6 +207,16 @@ class MemberStream(io.RawIOBase):
 
         return write_all(self.fd, data)
 
+    def copy_from(self, src_fd: int, offset: int, count: int) -> None:
+        """Append ``count`` bytes at ``offset`` of the file ``src_fd``, copied by the kernel
+        (``sendfile``: page cache to page cache, no pass through a user mapping)."""
+        while count > 0:
+            sent = os.sendfile(self.fd, src_fd, offset, min(count, 1 << 30))
+            if sent <= 0:
+                raise CheckpointError(f"sendfile copied {sent} bytes ({count} left): source "
+                                      "file shorter than expected")
+            offset, count = offset + sent, count - sent
+
     def tell(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_CUR) - self.base
 
