@@ -10,7 +10,7 @@ import json
 import mmap
 import os
 import weakref
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -254,6 +254,56 @@ _ST_DTYPES = {t: n for n, t in _ST_TORCH.items() if t in (torch.bfloat16, torch.
                                                            torch.float32)}
 
 
+class FileSlices(NamedTuple):
+    """A tensor that is not in memory: its C-order bytes are ``runs`` of ``(fd, offset, nbytes)``
+    in open files, in order (e.g. rows of a stored checkpoint record). Writers copy them file to
+    file in the kernel."""
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    runs: Tuple[Tuple[int, int, int], ...]
+
+    def nbytes(self) -> int:
+        return sum(run[2] for run in self.runs)
+
+
+class FileRows(NamedTuple):
+    """A stored C-order tensor of ``shape``/``dtype`` whose bytes start at ``offset`` of ``fd``.
+    A transform that only selects and reorders rows (dim 0) can run on :meth:`row_index` instead
+    of the data; :meth:`select` turns each result back into the matching :class:`FileSlices`."""
+    fd: int
+    offset: int
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+    def row_index(self) -> torch.Tensor:
+        """Row numbers shaped ``[rows, 1, ...]`` (the data's rank, ones after dim 0)."""
+        return torch.arange(self.shape[0]).view((self.shape[0],) + (1,) * (len(self.shape) - 1))
+
+    def select(self, rows: torch.Tensor) -> FileSlices:
+        """The bytes of the rows ``rows`` (a result of a row transform of :meth:`row_index`), as
+        runs of consecutive rows."""
+        row_bytes = int(torch.Size(self.shape[1:]).numel()) * self.dtype.itemsize
+        order = rows.reshape(-1).tolist()
+        runs: List[Tuple[int, int, int]] = []
+        for r in order:
+            start = self.offset + r * row_bytes
+            if runs and runs[-1][1] + runs[-1][2] == start:
+                runs[-1] = (self.fd, runs[-1][1], runs[-1][2] + row_bytes)
+            else:
+                runs.append((self.fd, start, row_bytes))
+        return FileSlices((len(order),) + tuple(self.shape[1:]), self.dtype, tuple(runs))
+
+
+def _copy_runs(out_fd: int, slices: FileSlices) -> None:
+    """Append a :class:`FileSlices`' bytes to ``out_fd`` (sendfile: page cache to page cache)."""
+    for fd, offset, count in slices.runs:
+        while count > 0:
+            sent = os.sendfile(out_fd, fd, offset, min(count, 1 << 30))
+            if sent <= 0:
+                raise CheckpointError(f"source file ends {count} bytes early (truncated?)")
+            offset, count = offset + sent, count - sent
+
+
 def plan_shards(specs: List[Tuple[str, tuple, torch.dtype]], max_shard_bytes: int
                 ) -> List[List[Tuple[str, tuple, torch.dtype]]]:
     """Greedy split of ``(name, shape, dtype)`` in order into shards of <= max_shard_bytes (a larger
@@ -272,7 +322,8 @@ def plan_shards(specs: List[Tuple[str, tuple, torch.dtype]], max_shard_bytes: in
 
 
 def write_safetensors_streaming(specs: List[Tuple[str, tuple, torch.dtype]],
-                                tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str, *,
+                                tensors: Iterable[Tuple[str, Union[torch.Tensor, FileSlices]]],
+                                out_dir: str, *,
                                 max_shard_bytes: int = 5 * 10**9,
                                 on_tensor=None) -> Dict[str, str]:
     """Write sharded safetensors + index holding one tensor in memory at a time.
@@ -280,7 +331,8 @@ def write_safetensors_streaming(specs: List[Tuple[str, tuple, torch.dtype]],
     Every name, shape and dtype is known up front (``specs``, in the order ``tensors`` yields
     them), so each shard's header (JSON: name -> dtype, shape, byte offsets; padded to 8 bytes as
     the safetensors library pads it) is written first and the tensors' bytes are appended as they
-    arrive. A tensor that disagrees with its spec is an error.
+    arrive. A tensor that disagrees with its spec is an error. A :class:`FileSlices` instead of a
+    tensor is copied from its files by the kernel, never through memory.
     """
     import json as _json
 
@@ -310,13 +362,20 @@ def write_safetensors_streaming(specs: List[Tuple[str, tuple, torch.dtype]],
                 if got_name != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
                     raise CheckpointError(f"produced {got_name} {list(tensor.shape)} {tensor.dtype}, "
                                           f"expected {name} {list(shape)} {dtype}")
-                data = tensor.contiguous().view(torch.uint8).numpy() if tensor.numel() else b""
+                nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
                 f.flush()
-                write_all(f.fileno(), data)
+                if isinstance(tensor, FileSlices):
+                    if tensor.nbytes() != nbytes:
+                        raise CheckpointError(f"{name}: {tensor.nbytes()} stored bytes for "
+                                              f"{list(shape)} {dtype}")
+                    _copy_runs(f.fileno(), tensor)
+                else:
+                    data = tensor.contiguous().view(torch.uint8).numpy() if tensor.numel() else b""
+                    write_all(f.fileno(), data)
                 weight_map[name] = final
-                total += tensor.numel() * tensor.element_size()
+                total += nbytes
                 if on_tensor is not None:
-                    on_tensor(tensor.numel() * tensor.element_size())
+                    on_tensor(nbytes)
     extra = next(it, None)
     if extra is not None:
         raise CheckpointError(f"unexpected extra tensor {extra[0]}")

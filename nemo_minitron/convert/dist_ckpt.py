@@ -679,11 +679,11 @@ class TorchDistReader(_LayerCachedReader, OpenFiles):
                 raise CheckpointError(f"{path}: data file named in .metadata is missing")
         super().__init__(weights_dir, tensors)
 
-    def _read_chunk(self, stored: str, chunk, dtype) -> torch.Tensor:
-        """The stored tensor of one chunk (its ``torch.save`` bytes loaded in place)."""
+    def _chunk_bytes(self, stored: str, chunk) -> Tuple[str, int, int, int]:
+        """(path, fd, absolute offset, length) of one chunk's ``torch.save`` bytes."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
-        from nemo_minitron.convert.nemo_file import FileView, open_member
+        from nemo_minitron.convert.nemo_file import open_member
 
         info = self.metadata.storage_data.get(MetadataIndex(stored, torch.Size(chunk.offsets)))
         if info is None:
@@ -693,8 +693,50 @@ class TorchDistReader(_LayerCachedReader, OpenFiles):
         fd, base, size = open_member(path, self.in_place, self._fds)
         if info.offset + info.length > size:
             raise CheckpointError(f"{path}: {stored} lies beyond the end of the file (truncated?)")
+        return path, fd, base + info.offset, info.length
+
+    def file_rows(self, name: str):
+        """Where the stored tensor of a layer-indexed name lies, as ``hf_io.FileRows``, when it is
+        exactly one stored chunk kept as a plain C-order tensor (what hf-to-nemo and a TP=1
+        NeMo save write); None otherwise (several chunks, e.g. TP shards, or an unusual record),
+        and the caller reads it with :meth:`get`. Only the chunk's small pickle is read."""
+        from nemo_minitron.checkpoint.hf_io import FileRows
+        from nemo_minitron.convert.nemo_file import FileView
+
+        key, layer = mapping.stacked_key(name)
+        if key not in self.keys:
+            return None
+        stored, shape, dtype = self.keys[key]
+        region = list(shape[1:]) if layer is not None else list(shape)
+        offsets = [layer] + [0] * len(region) if layer is not None else [0] * len(region)
+        want = [1] + region if layer is not None else region
+        chunks = [c for c in self.metadata.state_dict_metadata[stored].chunks
+                  if list(c.offsets) == offsets and list(c.sizes) == want]
+        if len(chunks) != 1:
+            return None
+        _, fd, start, length = self._chunk_bytes(stored, chunks[0])
         try:
-            t = torch.load(FileView(fd, base + info.offset, info.length), map_location="cpu",
+            record = torch._C.PyTorchFileReader(FileView(fd, start, length))
+            found = _RecordUnpickler(io.BytesIO(bytes(record.get_record("data.pkl")))).load()
+            storage_dtype, storage_key, numel = found["storage"]
+            data = record.get_record_offset(f"data/{storage_key}")
+        except Exception:  # noqa: BLE001 - any other record layout: read it the ordinary way
+            return None
+        count = int(np.prod(want))
+        strides = [int(np.prod(want[i + 1:])) for i in range(len(want))]
+        if storage_dtype != dtype or found["offset"] != 0 or list(found["size"]) != want \
+                or list(found["stride"]) != strides or numel < count \
+                or data + count * dtype.itemsize > length:
+            return None
+        return FileRows(fd, start + data, tuple(region), dtype)
+
+    def _read_chunk(self, stored: str, chunk, dtype) -> torch.Tensor:
+        """The stored tensor of one chunk (its ``torch.save`` bytes loaded in place)."""
+        from nemo_minitron.convert.nemo_file import FileView
+
+        path, fd, start, length = self._chunk_bytes(stored, chunk)
+        try:
+            t = torch.load(FileView(fd, start, length), map_location="cpu",
                            weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path}: reading {stored} failed "
@@ -734,6 +776,33 @@ class TorchDistReader(_LayerCachedReader, OpenFiles):
                     src, dst = src.narrow(dim, a - o, b - a), dst.narrow(dim, a - l, b - a)
                 dst.copy_(src)
         return {k: (t[0] if layer is not None else t) for k, t in out.items()}
+
+
+_STORAGE_DTYPES = {"BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
+                   "FloatStorage": torch.float32, "DoubleStorage": torch.float64}
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    """The pickle of a ``torch.save``'d tensor, without its data: ``{"storage": (dtype, key,
+    numel), "offset", "size", "stride"}``. Anything but a plain tensor of a known dtype raises."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *_: {
+                "storage": storage, "offset": offset, "size": tuple(size), "stride": tuple(stride)}
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            import collections
+
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name} in a tensor record")
+
+    def persistent_load(self, pid):
+        kind, storage_dtype, key, _, numel = pid
+        if kind != "storage":
+            raise pickle.UnpicklingError(f"persistent id {kind!r}")
+        return storage_dtype, key, numel
 
 
 def _first_line(e: BaseException) -> str:
