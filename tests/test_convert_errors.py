@@ -139,3 +139,23 @@ def test_nemo_flag_scripts(tmp_path):
     assert ns["main"](["--input_name_or_path", str(tmp_path / "hf"), "--output_path",
                        str(tmp_path / "m.nemo"), "--precision", "bf16", "--format", "legacy"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_program_exit_codes_and_output(tmp_path):
+    """The program (``python -m nemo_minitron.cli``, the console script): a conversion leaves
+    without the interpreter's teardown once its output is flushed (exit 0, the message printed,
+    the output complete); an error still exits 2 with its one-line message."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "hf"
+    ok = subprocess.run([sys.executable, "-m", "nemo_minitron.cli", "convert", "nemo-to-hf",
+                         os.path.join(GOLDEN, "zarr_tp1.nemo"), str(out)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("wrote ") and ok.stdout.endswith("\n")
+    assert (out / "model.safetensors.index.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "nemo_minitron.cli", "convert", "nemo-to-hf",
+                          os.path.join(GOLDEN, "zarr_tp1.nemo"), str(out)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "exists" in bad.stderr and bad.stderr.startswith("error: ")
