@@ -9,7 +9,10 @@ disk: source, copy, .nemo and the converted-back directory, each removed when no
 same run and ``--repeat`` times (the machine is shared: compare ratios within one run):
   1. the baseline: copying the same shard bytes to a new directory (``shutil.copyfile``);
   2. ``nemo-minitron convert hf-to-nemo`` (torch_dist, bf16);
-  3. ``nemo-minitron convert nemo-to-hf``;
+  3. ``nemo-minitron convert nemo-to-hf``, preceded (for this checkout only) by a copy of the .nemo
+     itself: the same bytes as the shards, copied while source, .nemo and copy fill the page
+     cache as they do during nemo-to-hf (27 GB on a 24 GB machine at full size: the shard copy
+     before the steps never runs under that pressure);
 each as a fresh process, reporting wall time, its ratio to the copy and the CPU seconds of the
 process tree (user + system; less sensitive to other load than wall time). Memory, sampled every
 20 ms from /proc/PID/status over the process and its children (e.g. the forked writer), summed
@@ -189,6 +192,9 @@ def main():
                   "os.path.join(%r, f)) for f in sorted(os.listdir(%r)) "
                   "if f.endswith('.safetensors')]" % (copy, src, copy, src))
 
+        nemo_copied = os.path.join(args.workdir, "copy.nemo")
+        nemo_copy = "import shutil; shutil.copyfile(%r, %r)" % (nemo, nemo_copied)
+
         def cli(step):
             prof = ["-m", "cProfile", "-o", os.path.join(args.profile, step + ".prof")] \
                 if args.profile else []
@@ -212,6 +218,9 @@ def main():
                     os.remove(nemo)
                 row["hf-to-nemo" + tag] = timed(cli("hf-to-nemo") + [src, nemo, "--format",
                                                                      args.format], env, tree)
+                if not tag:  # a copy of the same bytes while source and .nemo fill the cache
+                    row["copy the .nemo"] = timed([sys.executable, "-c", nemo_copy])
+                    os.remove(nemo_copied)
                 row["nemo-to-hf" + tag] = timed(cli("nemo-to-hf") + [nemo, back], env, tree)
             # the VM's copy speed drifts (page cache, neighbours): measured again after the steps
             row["copy again"] = timed([sys.executable, "-c", script])
@@ -225,6 +234,9 @@ def main():
                       f"{m['wall'] / copy_s:>7.2f} {m['cpu']:>6.1f} "
                       f"{m['anon'] / 1e9:>8.2f} {m['file'] / 1e9:>8.2f} {m['rss'] / 1e9:>7.2f} "
                       f"{m['hwm'] / 1e9:>7.2f} {m['tmpfs'] / 1e9:>8.2f}", flush=True)
+            n2h = row["nemo-to-hf"]["wall"] / row["copy the .nemo"]["wall"]
+            print(f"{'':<11}nemo-to-hf / copy the .nemo (same page-cache load): {n2h:.2f}",
+                  flush=True)
         exact = same_tensors(src, back)
         print(f"round trip bit-identical: {exact}")
         print(json.dumps({"preset": args.preset, "layers": args.layers, "bytes": size,

@@ -10,8 +10,10 @@ Streaming write: one ``dist_checkpointing.save`` per chunk of tensors (the embed
 consecutive layers, the output layer), each into a scratch directory; each chunk's one ``.distcp``
 data file is written by Megatron's writer straight into a member of the .nemo tar (hf-to-nemo: the
 writer's ``open`` of that file is redirected, so the bytes are written once) or moved into
-``model_weights/``, and the chunks' DCP ``.metadata`` are merged into one. Peak memory is one chunk,
-not the model. A chunk holding layers [a, b) saves each stacked key as a ``[b - a, ...]`` tensor
+``model_weights/``, and the chunks' DCP ``.metadata`` are merged into one. The saves are Megatron's
+async requests: the writing part of chunk k runs in a forked process (as Megatron's own async
+caller runs it) while the caller produces chunk k+1; its finalize functions run here once it is
+done. Peak memory is two chunks, not the model. A chunk holding layers [a, b) saves each stacked key as a ``[b - a, ...]`` tensor
 (Megatron's torch_dist strategy insists that a rank's shards form a complete regular grid, so in a
 1-rank world a chunk cannot declare the full ``[num_layers, ...]`` shape); the merge shifts those
 chunks' offsets by ``a`` and sets the global size to ``num_layers``. DCP stores every shard as its
@@ -221,9 +223,10 @@ def save_torch_dist(cfg: ModelConfig, chunks: Iterable[Sequence[Tuple[str, torch
                     on_saved: Optional[Callable[[Sequence[Tuple[str, torch.Tensor]]], None]] = None
                     ) -> None:
     """Write ``model_weights/`` (``out_dir``, created here) from chunks of (layer-indexed
-    checkpoint name, full tensor); every chunk is saved by ``dist_checkpointing.save`` and freed
-    before the next one is produced. The chunks are produced (and the HF files read) in the
-    process that writes (see :func:`run_with_process_group`).
+    checkpoint name, full tensor); every chunk is saved by ``dist_checkpointing.save`` (its data
+    written by a forked process while the next chunk is produced: two chunks alive at most). The
+    chunks are produced (and the HF files read) in the process that saves (see
+    :func:`run_with_process_group`).
 
     Where each chunk's data file (``__<chunk>_0.distcp``) goes:
       * ``member(name)``: a context manager yielding a writable stream, e.g. a member of the .nemo

@@ -11,6 +11,13 @@ file by rank file (legacy: one tensor at a time too, see ``legacy.write_legacy``
 is written member by member under a temporary name next to the output and renamed into place at
 the end; Megatron's writer writes each chunk's data file straight into its tar member
 (``dist_ckpt.save_torch_dist``).
+
+torch_dist, where the time goes: a forked process writes chunk k while chunk k+1 is produced
+(two chunks alive at most); inside it, ``torch.save``'s CRC-32 of one record overlaps the copy of
+the previous one (a writer thread); tensors the mapping passes through unchanged (embeddings,
+linear_proj, fc2, norms: 4.2 of 4B-Width's 9 GB) are copied from the HF shard into the tar by
+``sendfile``, never through a user mapping; merged ones (qkv, fc1) are built in shared buffers
+reused from chunk to chunk (:class:`_BufferPool`).
 """
 from __future__ import annotations
 
