@@ -212,7 +212,8 @@ def main():
             if args.baseline_tree:
                 trees.insert(0, (" (baseline)", os.path.abspath(args.baseline_tree)))
             for tag, tree in trees:  # the output never pre-exists: no old .nemo to unlink
-                env = dict(os.environ, PYTHONPATH=tree)
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                    [tree] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
                 shutil.rmtree(back, ignore_errors=True)
                 if os.path.exists(nemo):
                     os.remove(nemo)
