@@ -491,3 +491,22 @@ def test_unredirected_data_file_is_still_packed(tmp_path, monkeypatch):
     with tf.open(out) as t:
         for name in sorted(f for f in os.listdir(plain) if f.endswith(".distcp")):
             assert t.extractfile(f"./model_weights/{name}").read() == (plain / name).read_bytes()
+
+
+def test_bytes_only_child_hides_the_gpu_and_skips_compiling():
+    """The converter's child that only moves checkpoint bytes never touches a GPU (CUDA hidden
+    before anything initializes it: gloo over the CPU shim, as on a CPU-only machine) and does
+    not import torch's compiler for Megatron's fused kernels; an ordinary child does both as the
+    machine allows."""
+    from nemo_minitron.convert.dist_ckpt import run_with_process_group
+
+    def probe():
+        def f(x):
+            return x
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available(), \
+            torch.compile(f) is f
+
+    assert run_with_process_group(probe, bytes_only=True) == ("", False, True)
+    env, _, unchanged = run_with_process_group(probe)
+    assert env == os.environ.get("CUDA_VISIBLE_DEVICES") and not unchanged

@@ -51,7 +51,7 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
 
 
-def run_with_process_group(fn, *args, compiles: bool = True):
+def run_with_process_group(fn, *args, bytes_only: bool = False):
     """``fn(*args)`` where torch.distributed and Megatron's parallel state are initialized.
 
     Inside a job that has a process group: called directly. Otherwise in a forked child that
@@ -59,10 +59,14 @@ def run_with_process_group(fn, *args, compiles: bool = True):
     torch.distributed cannot safely fork afterwards (measured: forked gloo workers then hang), so
     the caller's process never initializes it. The child's exception is re-raised here.
 
-    ``compiles=False`` (a child that only moves checkpoint bytes): ``torch.compile`` returns the
-    function unchanged in the child, so importing megatron-core does not import torch's compiler
-    stack for the fused kernels it decorates and that such a child never calls (measured: 2.2 s ->
-    0.8 s for importing megatron-core 0.16 with its CPU shim).
+    ``bytes_only=True``, a child that only moves checkpoint bytes between files and CPU memory:
+      * it never touches a GPU: CUDA is hidden (``CUDA_VISIBLE_DEVICES=""``, before anything in it
+        initializes CUDA) and the group is gloo over the CPU shim, exactly as on a machine without
+        one. With CUDA visible it would create a CUDA context and an NCCL group for nothing
+        (measured on an H200 host: the tiny checkpoint's hf-to-nemo took 13.6 s);
+      * ``torch.compile`` returns the function unchanged, so importing megatron-core does not
+        import torch's compiler stack for the fused kernels it decorates and that such a child
+        never calls (measured: 2.2 s -> 0.8 s for importing megatron-core 0.16 with its CPU shim).
     """
     import multiprocessing
     import torch.distributed as dist
@@ -71,7 +75,7 @@ def run_with_process_group(fn, *args, compiles: bool = True):
         return fn(*args)
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(fn, args, send, compiles))
+    child = ctx.Process(target=_child, args=(fn, args, send, bytes_only))
     child.start()
     send.close()
     try:
@@ -89,12 +93,13 @@ def _no_compile(model=None, **_):
     return model if model is not None else (lambda fn: fn)
 
 
-def _child(fn, args, send, compiles=True):
+def _child(fn, args, send, bytes_only=False):
     from nemo_minitron.dist import destroy_megatron, free_port, init_megatron
 
     try:
-        if not compiles:
+        if bytes_only:
             torch.compile = _no_compile
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read when CUDA initializes: not yet here
         torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork()
         for var in [v for v in os.environ if v.startswith(("SLURM_", "TORCHELASTIC_"))]:
             del os.environ[var]  # a world of one, whatever launched the parent
@@ -245,7 +250,7 @@ def save_torch_dist(cfg: ModelConfig, chunks: Iterable[Sequence[Tuple[str, torch
     tensors' memory may be reused from then on)."""
     os.makedirs(out_dir)
     run_with_process_group(_save_chunks, cfg, chunks, out_dir, on_file, member, scratch or out_dir,
-                           file_region, on_saved, compiles=False)
+                           file_region, on_saved, bytes_only=True)
 
 
 # (address, nbytes, (fd, file offset) or None) of a chunk tensor's storage
