@@ -160,6 +160,20 @@ def write_all(fd: int, data) -> int:
     return done
 
 
+def send_all(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+    """Append ``count`` bytes at ``offset`` of the file ``in_fd`` to ``out_fd`` at its position,
+    copied by the kernel (``sendfile``: page cache to page cache, no pass through a user mapping).
+    Returns the bytes copied: fewer than ``count`` only where the source ends first (the caller
+    names that error)."""
+    done = 0
+    while done < count:
+        sent = os.sendfile(out_fd, in_fd, offset + done, min(count - done, 1 << 30))
+        if sent <= 0:
+            break
+        done += sent
+    return done
+
+
 def drop_mapped_pages(tensor) -> None:
     """Let the kernel drop the resident pages of a tensor that lives in a private file mapping it
     only reads (``torch.load(mmap=True)``): ``madvise(MADV_DONTNEED)`` on the whole pages inside

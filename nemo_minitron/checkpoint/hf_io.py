@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, 
 
 import torch
 
-from nemo_minitron.checkpoint.fsutil import write_all
+from nemo_minitron.checkpoint.fsutil import send_all, write_all
 from nemo_minitron.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -297,11 +297,9 @@ class FileRows(NamedTuple):
 def _copy_runs(out_fd: int, slices: FileSlices) -> None:
     """Append a :class:`FileSlices`' bytes to ``out_fd`` (sendfile: page cache to page cache)."""
     for fd, offset, count in slices.runs:
-        while count > 0:
-            sent = os.sendfile(out_fd, fd, offset, min(count, 1 << 30))
-            if sent <= 0:
-                raise CheckpointError(f"source file ends {count} bytes early (truncated?)")
-            offset, count = offset + sent, count - sent
+        copied = send_all(out_fd, fd, offset, count)
+        if copied != count:
+            raise CheckpointError(f"source file ends {count - copied} bytes early (truncated?)")
 
 
 def plan_shards(specs: List[Tuple[str, tuple, torch.dtype]], max_shard_bytes: int

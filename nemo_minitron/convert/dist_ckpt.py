@@ -26,14 +26,17 @@ whose class (``StorageMeta``) torch 2.3 lacks (``AttributeError: Can't get attri
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import io
 import json
 import os
 import pickle
+import queue
 import shutil
 import tempfile
+import threading
 from typing import (Callable, ContextManager, Dict, Iterable, Iterator, List, Optional,
                     Sequence, Tuple)
 
@@ -221,7 +224,7 @@ def _merge_metadata(parts: List[Tuple[object, Dict[str, str]]]):
 
 
 def save_torch_dist(cfg: ModelConfig, chunks: Iterable[Sequence[Tuple[str, torch.Tensor]]],
-                    out_dir: str, *, on_file: Optional[Callable[[str, str], None]] = None,
+                    out_dir: str, *,
                     member: Optional[Callable[[str], ContextManager[io.RawIOBase]]] = None,
                     scratch: Optional[str] = None,
                     file_region: Optional[Callable[[torch.Tensor], Optional[Tuple[int, int]]]] = None,
@@ -238,7 +241,6 @@ def save_torch_dist(cfg: ModelConfig, chunks: Iterable[Sequence[Tuple[str, torch
         tar (:meth:`NemoTarWriter.member`). Megatron's writer process writes the file's bytes
         straight into it (its ``open`` of the data file is redirected there while the chunk is
         saved): the same bytes it would write to the file, written once.
-      * else ``on_file(path, name)`` takes each finished file and must consume it;
       * else it is moved into ``out_dir``.
     Each chunk is saved into a scratch directory under ``scratch`` (default ``out_dir``; a tmpfs
     such as /dev/shm keeps these files off the disk, and Megatron fsyncs every file it writes).
@@ -249,7 +251,7 @@ def save_torch_dist(cfg: ModelConfig, chunks: Iterable[Sequence[Tuple[str, torch
     from the file by the kernel. ``on_saved(chunk)`` is called once a chunk is on disk (its
     tensors' memory may be reused from then on)."""
     os.makedirs(out_dir)
-    run_with_process_group(_save_chunks, cfg, chunks, out_dir, on_file, member, scratch or out_dir,
+    run_with_process_group(_save_chunks, cfg, chunks, out_dir, member, scratch or out_dir,
                            file_region, on_saved, bytes_only=True)
 
 
@@ -290,8 +292,6 @@ class _RedirectedDataFile(io.RawIOBase):
     def _deferred(self, view: memoryview):
         """What the writer thread gets for ``view``: itself (or, for file bytes, ``(view, fd,
         offset)``) where it lies inside one of the chunk's tensors, else a copy."""
-        import bisect
-
         if self.regions and view.nbytes:
             start = np.frombuffer(view, dtype=np.uint8).ctypes.data
             i = bisect.bisect_right(self._starts, start) - 1
@@ -327,9 +327,6 @@ class _RedirectedDataFile(io.RawIOBase):
                 self._queue.task_done()
 
     def write(self, data) -> int:
-        import queue
-        import threading
-
         if self._error is not None:
             self._drain()
         view = memoryview(data).cast("B")
@@ -455,16 +452,21 @@ class _ChunkWrite:
         self.stack, self.stream, self.proc = contextlib.ExitStack(), None, None
         ctx = multiprocessing.get_context("fork")
         self.recv, send = ctx.Pipe(duplex=False)
-        with contextlib.ExitStack() as redirect:
-            if member is not None:
-                self.stream = self.stack.enter_context(member(self.name))
-                regions = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(),
-                            file_region(t) if file_region else None) for _, t in chunk]
-                # the forked writer inherits the redirected open; the parent's is undone at once
-                redirect.enter_context(_data_file_into(self.stream, scratch, regions))
-            self.proc = ctx.Process(target=_write_detached, args=(*_async_call(request), send))
-            self.proc.start()
-        send.close()
+        try:
+            with contextlib.ExitStack() as redirect:
+                if member is not None:
+                    self.stream = self.stack.enter_context(member(self.name))
+                    regions = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(),
+                                file_region(t) if file_region else None) for _, t in chunk]
+                    # the forked writer inherits the redirected open; the parent's is undone
+                    redirect.enter_context(_data_file_into(self.stream, scratch, regions))
+                self.proc = ctx.Process(target=_write_detached, args=(*_async_call(request), send))
+                self.proc.start()
+        except BaseException:
+            self.abort()  # nobody else holds this job yet: close its member and pipe here
+            raise
+        finally:
+            send.close()
 
     def finish(self):
         try:
@@ -499,7 +501,7 @@ class _ChunkWrite:
         self.stack.close()
 
 
-def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, on_file, member, scratch_root: str,
+def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, member, scratch_root: str,
                  file_region=None, on_saved=None) -> None:
     """One async ``dist_checkpointing.save`` per chunk, written by a :class:`_ChunkWrite` while the
     next chunk is produced (at most two chunks alive; one data file written at a time, in order,
@@ -508,9 +510,6 @@ def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, on_file, member, scratc
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     _start_writer_manager()
-    if on_file is None:
-        def on_file(path, name):
-            os.rename(path, os.path.join(out_dir, name))
     parts, written, scratches = [], set(), []
     pending: Optional[_ChunkWrite] = None
 
@@ -519,7 +518,7 @@ def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, on_file, member, scratc
         if on_saved is not None:
             on_saved(job.chunk)
         if member is None:
-            on_file(os.path.join(job.scratch, data_file), job.name)
+            os.rename(os.path.join(job.scratch, data_file), os.path.join(out_dir, job.name))
         parts.append((md, {data_file: job.name}))
         if job.k == 0:
             shutil.move(os.path.join(job.scratch, "common.pt"), os.path.join(out_dir, "common.pt"))

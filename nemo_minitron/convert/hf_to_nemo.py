@@ -31,7 +31,6 @@ import torch
 
 from nemo_minitron.checkpoint.fsutil import memory_scratch_dir
 from nemo_minitron.checkpoint.hf_io import read_shapes
-from nemo_minitron.config.arch import ModelConfig
 from nemo_minitron.config.hf import check_hf_shapes, read_hf_config
 from nemo_minitron.config.megatron import torch_dtype
 from nemo_minitron.config.nemo import DEFAULT_TOKENIZER, dump_yaml, to_nemo_dict

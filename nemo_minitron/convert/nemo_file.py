@@ -21,6 +21,7 @@ import tempfile
 import time
 from typing import Dict, Iterator, Optional, Tuple
 
+from nemo_minitron.checkpoint.fsutil import send_all, write_all
 from nemo_minitron.errors import CheckpointError, MinitronError
 
 CONFIG_NAME = "model_config.yaml"
@@ -203,19 +204,15 @@ class MemberStream(io.RawIOBase):
         return True
 
     def write(self, data) -> int:
-        from nemo_minitron.checkpoint.fsutil import write_all
-
         return write_all(self.fd, data)
 
     def copy_from(self, src_fd: int, offset: int, count: int) -> None:
         """Append ``count`` bytes at ``offset`` of the file ``src_fd``, copied by the kernel
-        (``sendfile``: page cache to page cache, no pass through a user mapping)."""
-        while count > 0:
-            sent = os.sendfile(self.fd, src_fd, offset, min(count, 1 << 30))
-            if sent <= 0:
-                raise CheckpointError(f"sendfile copied {sent} bytes ({count} left): source "
-                                      "file shorter than expected")
-            offset, count = offset + sent, count - sent
+        (``fsutil.send_all``)."""
+        copied = send_all(self.fd, src_fd, offset, count)
+        if copied != count:
+            raise CheckpointError(f"sendfile copied {copied} of {count} bytes: source file "
+                                  "shorter than expected")
 
     def tell(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_CUR) - self.base
@@ -258,12 +255,8 @@ class NemoTarWriter:
         with open(path, "rb") as src:
             st = os.fstat(src.fileno())
             self._header(arcname, tarfile.REGTYPE, st.st_size, st.st_mode & 0o7777, st.st_mtime)
-            done = 0
-            while done < st.st_size:
-                sent = os.sendfile(self.fd, src.fileno(), done, min(st.st_size - done, 1 << 30))
-                if sent <= 0:
-                    raise CheckpointError(f"{path}: changed size while being packed")
-                done += sent
+            if send_all(self.fd, src.fileno(), 0, st.st_size) != st.st_size:
+                raise CheckpointError(f"{path}: changed size while being packed")
         os.write(self.fd, bytes(-st.st_size % tarfile.BLOCKSIZE))
 
     @contextlib.contextmanager
