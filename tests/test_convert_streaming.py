@@ -129,14 +129,67 @@ def test_torch_dist_read_in_place_from_tar(tmp_path):
     extracted.mkdir()
     with tarfile.open(nemo) as tar:
         tar.extractall(extracted, filter="data")
+    torch_md = FileSystemReader(str(extracted / "model_weights")).read_metadata()
     ref = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
-           for k, v in md.state_dict_metadata.items()
+           for k, v in torch_md.state_dict_metadata.items()
            if isinstance(v, TensorStorageMetadata) and k in (key, "model.embedding.word_embeddings.weight")}
     # torch >= 2.4 asks for no_dist; torch 2.3 infers it (no process group here)
     no_dist = {"no_dist": True} if "no_dist" in inspect.signature(load).parameters else {}
     load(ref, storage_reader=FileSystemReader(str(extracted / "model_weights")), **no_dist)
     assert torch.equal(got, ref[key])
     assert torch.equal(emb, ref["model.embedding.word_embeddings.weight"])
+
+
+def _metadata_fields(md):
+    """Everything the reader uses of a DCP Metadata, as plain values."""
+    keys = {k: (tuple(v.size), v.properties.dtype,
+                [(tuple(c.offsets), tuple(c.sizes)) for c in v.chunks]) if hasattr(v, "chunks")
+            else "bytes" for k, v in md.state_dict_metadata.items()}
+    storage = {(i.fqn, tuple(getattr(i, "offset", None) or ())):
+               (s.relative_path, s.offset, s.length) for i, s in md.storage_data.items()}
+    return keys, storage
+
+
+@pytest.mark.parametrize("source", ["golden", "current"])
+def test_light_metadata_reader_reads_what_torch_reads(tmp_path, tiny_hf_dir, source):
+    """``read_dcp_metadata`` (no torch.distributed.checkpoint import) returns the fields torch's
+    own ``FileSystemReader`` reads, from a .metadata of the NeMo 24.05 stack (golden: torch 2.3,
+    megatron-core 0.7) and from one this stack writes."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from nemo_minitron.convert import dist_ckpt
+    from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
+
+    nemo = os.path.join(GOLDEN, "torch_dist_tp1.nemo") if source == "golden" \
+        else hf_to_nemo(tiny_hf_dir, str(tmp_path / "m.nemo"), progress=False)
+    with tarfile.open(nemo) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    weights = str(tmp_path / "x" / "model_weights")
+    light = dist_ckpt.read_dcp_metadata(weights)
+    assert type(light).__module__ == dist_ckpt.__name__  # not torch's classes
+    keys, storage = _metadata_fields(light)
+    assert (keys, storage) == _metadata_fields(FileSystemReader(weights).read_metadata())
+    assert any(v != "bytes" for v in keys.values()) and "bytes" in keys.values()
+
+
+def test_light_metadata_reader_runs_no_other_code(tmp_path, monkeypatch):
+    """A .metadata naming anything but DCP's metadata classes is not unpickled by the light
+    reader (nothing it names is called); it goes to torch's reader."""
+    import pickle
+
+    from nemo_minitron.convert import dist_ckpt
+
+    calls = []
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps({"x": Evil()}))
+    monkeypatch.setattr("builtins.print", lambda *a: calls.append(a))
+    with open(tmp_path / ".metadata", "rb") as f, pytest.raises(dist_ckpt._UnknownGlobal):
+        dist_ckpt._MetadataUnpickler(f).load()
+    assert calls == []
 
 
 def test_truncated_tar_member_is_an_error(tmp_path):
