@@ -37,7 +37,8 @@ free memory is handed back within seconds, and touching a handed-back page again
 a host fault: measured 2-4x slower first touches, the main reason the same copy takes 3 to 10 s
 from run to run. ``--hold-free-memory`` (root) stops the reporting for the run (restored
 afterwards) and touches the free memory once first, so every step writes into pages the guest
-already holds, as on a bare-metal node: the numbers then repeat within a few percent.
+already holds, as on a bare-metal node (measured: the 9 GB copy then took 2.8-3.7 s in every
+run, hf-to-nemo 7.2-7.8 s over six runs).
 
 Measured results and how to read them: README.md, conversion section. ``--baseline-tree DIR``
 (e.g. a ``git worktree`` of an older commit) times that checkout's converters in the same run,

@@ -192,6 +192,41 @@ def test_light_metadata_reader_runs_no_other_code(tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_metadata_naming_other_classes_is_read_by_torch(tmp_path):
+    """A .metadata whose pickle names a class outside the allow-list (here an OrderedDict in
+    planner_data) is still read, by torch's own FileSystemReader."""
+    import collections
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from nemo_minitron.convert import dist_ckpt
+
+    with tarfile.open(os.path.join(GOLDEN, "torch_dist_tp1.nemo")) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    weights = str(tmp_path / "x" / "model_weights")
+    md = FileSystemReader(weights).read_metadata()
+    md.planner_data = collections.OrderedDict(md.planner_data or {})
+    with open(os.path.join(weights, ".metadata"), "wb") as f:
+        pickle.dump(md, f)
+    got = dist_ckpt.read_dcp_metadata(weights)
+    assert type(got) is type(md)  # torch's Metadata: the fallback read it
+    assert _metadata_fields(got) == _metadata_fields(md)
+
+
+def test_truncated_metadata_is_one_clear_error(tmp_path):
+    """A cut-off .metadata: CheckpointError naming the file, no output directory left."""
+    from nemo_minitron.convert.nemo_to_hf import nemo_to_hf
+
+    with tarfile.open(os.path.join(GOLDEN, "torch_dist_tp1.nemo")) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    path = tmp_path / "x" / "model_weights" / ".metadata"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=r"\.metadata: unreadable"):
+        nemo_to_hf(str(tmp_path / "x"), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_truncated_tar_member_is_an_error(tmp_path):
     nemo = os.path.join(GOLDEN, "torch_dist_tp1.nemo")
     with tarfile.open(nemo) as tar:

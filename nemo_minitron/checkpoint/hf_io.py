@@ -249,6 +249,7 @@ class SafetensorsDir(OpenFiles):
         self._regions = {}
         super().close()
 
+
 # torch dtype -> safetensors name, for the dtypes the converters write
 _ST_DTYPES = {t: n for n, t in _ST_TORCH.items() if t in (torch.bfloat16, torch.float16,
                                                            torch.float32)}

@@ -13,13 +13,15 @@ writer's ``open`` of that file is redirected, so the bytes are written once) or 
 ``model_weights/``, and the chunks' DCP ``.metadata`` are merged into one. The saves are Megatron's
 async requests: the writing part of chunk k runs in a forked process (as Megatron's own async
 caller runs it) while the caller produces chunk k+1; its finalize functions run here once it is
-done. Peak memory is two chunks, not the model. A chunk holding layers [a, b) saves each stacked key as a ``[b - a, ...]`` tensor
-(Megatron's torch_dist strategy insists that a rank's shards form a complete regular grid, so in a
-1-rank world a chunk cannot declare the full ``[num_layers, ...]`` shape); the merge shifts those
-chunks' offsets by ``a`` and sets the global size to ``num_layers``. DCP stores every shard as its
-own item, addressed only through this metadata, so the shift is the whole change. Every data file holds the bytes Megatron's writer produced (a test compares them with the
-files it writes when left alone); only the metadata is re-assembled, and the tests load the result
-with Megatron's own ``dist_checkpointing.load`` (current stack and megatron-core 0.7.0 / torch 2.3).
+done. Peak memory is two chunks, not the model. A chunk holding layers [a, b) saves each stacked
+key as a ``[b - a, ...]`` tensor (Megatron's torch_dist strategy insists that a rank's shards form
+a complete regular grid, so in a 1-rank world a chunk cannot declare the full
+``[num_layers, ...]`` shape); the merge shifts those chunks' offsets by ``a`` and sets the global
+size to ``num_layers``. DCP stores every shard as its own item, addressed only through this
+metadata, so the shift is the whole change. Every data file holds the bytes Megatron's writer
+produced (a test compares them with the files it writes when left alone); only the metadata is
+re-assembled, and the tests load the result with Megatron's own ``dist_checkpointing.load``
+(current stack and megatron-core 0.7.0 / torch 2.3).
 
 torch 2.3 compatibility: the merged ``Metadata`` is pickled without its ``storage_meta`` attribute,
 whose class (``StorageMeta``) torch 2.3 lacks (``AttributeError: Can't get attribute 'StorageMeta'``).
@@ -649,7 +651,7 @@ class _LayerCachedReader:
 
 
 class TorchDistReader(_LayerCachedReader, OpenFiles):
-    """torch_dist weights: DCP's ``.metadata`` (read with torch's ``FileSystemReader``) locates
+    """torch_dist weights: DCP's ``.metadata`` (:func:`read_dcp_metadata`) locates
     every stored chunk (file, byte range; any chunking: per layer, per TP shard, gate/up halves);
     each chunk is one ``torch.save``'d tensor, loaded by ``torch.load`` straight from its byte range
     (of an extracted file or, ``in_place``, of the .nemo tar itself: no extraction pass), one
