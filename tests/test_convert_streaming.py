@@ -157,6 +157,7 @@ def test_light_metadata_reader_reads_what_torch_reads(tmp_path, tiny_hf_dir, sou
     megatron-core 0.7) and from one this stack writes."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    from nemo_minitron.checkpoint import untrusted
     from nemo_minitron.convert import dist_ckpt
     from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
 
@@ -166,52 +167,13 @@ def test_light_metadata_reader_reads_what_torch_reads(tmp_path, tiny_hf_dir, sou
         tar.extractall(tmp_path / "x", filter="data")
     weights = str(tmp_path / "x" / "model_weights")
     light = dist_ckpt.read_dcp_metadata(weights)
-    assert type(light).__module__ == dist_ckpt.__name__  # not torch's classes
+    assert type(light).__module__ == untrusted.__name__  # not torch's classes
     keys, storage = _metadata_fields(light)
-    assert (keys, storage) == _metadata_fields(FileSystemReader(weights).read_metadata())
+    reference = FileSystemReader(weights).read_metadata()
+    assert (keys, storage) == _metadata_fields(reference)
+    own = untrusted.read_dcp_metadata(weights, torch_classes=True)  # the converter's merge input
+    assert type(own) is type(reference) and _metadata_fields(own) == (keys, storage)
     assert any(v != "bytes" for v in keys.values()) and "bytes" in keys.values()
-
-
-def test_light_metadata_reader_runs_no_other_code(tmp_path, monkeypatch):
-    """A .metadata naming anything but DCP's metadata classes is not unpickled by the light
-    reader (nothing it names is called); it goes to torch's reader."""
-    import pickle
-
-    from nemo_minitron.convert import dist_ckpt
-
-    calls = []
-
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    (tmp_path / ".metadata").write_bytes(pickle.dumps({"x": Evil()}))
-    monkeypatch.setattr("builtins.print", lambda *a: calls.append(a))
-    with open(tmp_path / ".metadata", "rb") as f, pytest.raises(dist_ckpt._UnknownGlobal):
-        dist_ckpt._MetadataUnpickler(f).load()
-    assert calls == []
-
-
-def test_metadata_naming_other_classes_is_read_by_torch(tmp_path):
-    """A .metadata whose pickle names a class outside the allow-list (here an OrderedDict in
-    planner_data) is still read, by torch's own FileSystemReader."""
-    import collections
-    import pickle
-
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from nemo_minitron.convert import dist_ckpt
-
-    with tarfile.open(os.path.join(GOLDEN, "torch_dist_tp1.nemo")) as tar:
-        tar.extractall(tmp_path / "x", filter="data")
-    weights = str(tmp_path / "x" / "model_weights")
-    md = FileSystemReader(weights).read_metadata()
-    md.planner_data = collections.OrderedDict(md.planner_data or {})
-    with open(os.path.join(weights, ".metadata"), "wb") as f:
-        pickle.dump(md, f)
-    got = dist_ckpt.read_dcp_metadata(weights)
-    assert type(got) is type(md)  # torch's Metadata: the fallback read it
-    assert _metadata_fields(got) == _metadata_fields(md)
 
 
 def test_truncated_metadata_is_one_clear_error(tmp_path):

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from nemo_minitron.checkpoint.hf_io import OpenFiles
+from nemo_minitron.checkpoint.untrusted import check_common, load_weights_only, read_dcp_metadata
 from nemo_minitron.config.arch import ModelConfig
 from nemo_minitron.convert import mapping
 from nemo_minitron.errors import CheckpointError
@@ -486,8 +487,7 @@ class _ChunkWrite:
         finally:
             self.stack.close()  # the tar member's header, with its size
             self.recv.close()
-        with open(os.path.join(self.scratch, ".metadata"), "rb") as f:
-            md = pickle.load(f)
+        md = read_dcp_metadata(self.scratch, torch_classes=True)
         _shift(md, self.base, self.cfg.num_layers)
         files = sorted({info.relative_path for info in md.storage_data.values()})
         if len(files) != 1:
@@ -650,6 +650,44 @@ class _LayerCachedReader:
         raise NotImplementedError
 
 
+def check_torch_dist(weights_dir: str, in_place=None, fds: Optional[Dict[str, int]] = None):
+    """Every pickle of a torch_dist checkpoint that Megatron's ``dist_checkpointing.load`` would
+    unpickle without limits, read through ``nemo_minitron.checkpoint.untrusted`` first: the
+    ``.metadata`` (allow-list), ``common.pt`` and each byte object (``_extra_state``, per-rank
+    objects) with ``weights_only=True``. Returns the metadata; a hostile or corrupt file raises a
+    one-line CheckpointError. Tensor chunks are read ``weights_only`` by whoever reads them.
+    ``in_place``/``fds``: data files left in a .nemo tar (``opened_nemo``), cached descriptors
+    (closed here when not given)."""
+    from nemo_minitron.convert.nemo_file import FileView, open_member
+
+    metadata = read_dcp_metadata(weights_dir)
+    check_common(weights_dir)
+    own_fds = fds is None
+    fds = {} if own_fds else fds
+    try:
+        for index, info in metadata.storage_data.items():
+            if hasattr(metadata.state_dict_metadata.get(index.fqn), "chunks"):
+                continue  # a tensor chunk
+            path = os.path.join(weights_dir, info.relative_path)
+            fd, base, size = open_member(path, in_place, fds)
+            if info.offset + info.length > size:
+                raise CheckpointError(f"{path}: {index.fqn} lies beyond the end of the file "
+                                      "(truncated?)")
+            label = f"{path}: object {index.fqn}"
+            try:
+                load_weights_only(FileView(fd, base + info.offset, info.length), label)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt bytes
+                raise CheckpointError(f"{label}: unreadable ({type(e).__name__}: "
+                                      f"{_first_line(e)})") from None
+    finally:
+        if own_fds:
+            for fd in fds.values():
+                os.close(fd)
+    return metadata
+
+
 class TorchDistReader(_LayerCachedReader, OpenFiles):
     """torch_dist weights: DCP's ``.metadata`` (:func:`read_dcp_metadata`) locates
     every stored chunk (file, byte range; any chunking: per layer, per TP shard, gate/up halves);
@@ -667,11 +705,7 @@ class TorchDistReader(_LayerCachedReader, OpenFiles):
         self.weights_dir, self.in_place, self._fds = weights_dir, in_place, {}
         if not os.path.isfile(os.path.join(weights_dir, ".metadata")):
             raise CheckpointError(f"{weights_dir}: torch_dist checkpoint without .metadata")
-        try:
-            self.metadata = read_dcp_metadata(weights_dir)
-        except Exception as e:  # noqa: BLE001 - pickle/torch raise many types for bad files
-            raise CheckpointError(f"{weights_dir}/.metadata: unreadable "
-                                  f"({type(e).__name__}: {_first_line(e)})") from None
+        self.metadata = check_torch_dist(weights_dir, in_place, self._fds)
         tensors = {k: (tuple(v.size), v.properties.dtype)
                    for k, v in self.metadata.state_dict_metadata.items() if hasattr(v, "chunks")}
         self._storage = {(index.fqn, tuple(getattr(index, "offset", None) or ())): info
@@ -741,8 +775,9 @@ class TorchDistReader(_LayerCachedReader, OpenFiles):
 
         path, fd, start, length = self._chunk_bytes(stored, chunk)
         try:
-            t = torch.load(FileView(fd, start, length), map_location="cpu",
-                           weights_only=True)
+            t = load_weights_only(FileView(fd, start, length), f"{path}: {stored}")
+        except CheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path}: reading {stored} failed "
                                   f"({type(e).__name__}: {_first_line(e)})") from None
@@ -781,74 +816,6 @@ class TorchDistReader(_LayerCachedReader, OpenFiles):
                     src, dst = src.narrow(dim, a - o, b - a), dst.narrow(dim, a - l, b - a)
                 dst.copy_(src)
         return {k: (t[0] if layer is not None else t) for k, t in out.items()}
-
-
-class _MetadataRecord:
-    """An object of a DCP ``.metadata`` as :func:`read_dcp_metadata` reads it: its pickled fields
-    as attributes (the dataclasses' own pickled state), whatever torch version wrote them."""
-
-    def __setstate__(self, state) -> None:
-        if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ fields)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        self.__dict__.update(state)
-
-
-class _TensorProperties(_MetadataRecord):
-    def __setstate__(self, state) -> None:
-        if isinstance(state, tuple) and len(state) == 5:  # TensorProperties.__getstate__
-            self.dtype, self.layout, self.requires_grad, _, self.pin_memory = state
-        else:
-            super().__setstate__(state)
-
-
-# what a .metadata may name: DCP's metadata classes, torch.Size, dtypes and layouts
-_METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", "TensorProperties"): _TensorProperties,
-    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): lambda value: value,
-    ("torch.serialization", "_get_layout"): None,  # torch's own (imported with torch)
-    ("torch", "Size"): torch.Size,
-    **{("torch.distributed.checkpoint.metadata", name): type(name, (_MetadataRecord,), {})
-       for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
-                    "ChunkStorageMetadata", "MetadataIndex", "StorageMeta")},
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"):
-        type("_StorageInfo", (_MetadataRecord,), {}),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """A DCP ``.metadata`` without importing ``torch.distributed.checkpoint``, whose DTensor
-    modules take 0.55 s to import (measured: nemo-to-hf of 4B-Width copies its first byte at
-    1.14 s instead of 1.70 s). Only the classes a ``.metadata`` holds are accepted, so nothing
-    else it could name is called while reading it; a file naming anything else raises
-    ``_UnknownGlobal`` and is read by torch's own reader, as before."""
-
-    def find_class(self, module, name):
-        if (module, name) in _METADATA_CLASSES:
-            found = _METADATA_CLASSES[module, name]
-            return found if found is not None else super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise _UnknownGlobal(f"{module}.{name}")
-
-
-class _UnknownGlobal(pickle.UnpicklingError):
-    pass
-
-
-def read_dcp_metadata(weights_dir: str):
-    """A distributed checkpoint's ``.metadata``: ``state_dict_metadata`` (key -> ``size``,
-    ``properties.dtype``, ``chunks`` of ``offsets``/``sizes``; byte objects have no ``chunks``)
-    and ``storage_data`` (index with ``fqn``, ``offset`` -> ``relative_path``, ``offset``,
-    ``length``). Read with :class:`_MetadataUnpickler`, else with torch's ``FileSystemReader``
-    (a .metadata naming other classes)."""
-    with open(os.path.join(weights_dir, ".metadata"), "rb") as f:
-        try:
-            return _MetadataUnpickler(f).load()
-        except _UnknownGlobal:
-            pass
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return FileSystemReader(weights_dir).read_metadata()
 
 
 _STORAGE_DTYPES = {"BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
@@ -894,6 +861,7 @@ class ZarrReader(_LayerCachedReader):
     def __init__(self, weights_dir: str):
         self.weights_dir = weights_dir
         self.arrays = {}
+        check_common(weights_dir)  # refused like torch_dist's (the .pt objects are never read)
         for entry in sorted(os.listdir(weights_dir)):
             zarray = os.path.join(weights_dir, entry, ".zarray")
             if not os.path.isfile(zarray):

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Set, Tuple
 import torch
 
 from nemo_minitron.checkpoint.fsutil import drop_mapped_pages
+from nemo_minitron.checkpoint.untrusted import load_weights_only
 from nemo_minitron.config.arch import ModelConfig
 from nemo_minitron.convert import mapping
 from nemo_minitron.convert.nemo_file import rank_file
@@ -121,14 +122,16 @@ def _load(path: str) -> Tuple[dict, bool]:
         raise CheckpointError(f"{path}: weights file is missing")
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+            return load_weights_only(path, path, mmap=True), True
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
             # old pickle format: in memory
-            return torch.load(path, map_location="cpu", weights_only=True), False
-    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt or unsafe files
-        raise CheckpointError(f"{path}: not a loadable weights file with weights_only=True "
+            return load_weights_only(path, path), False
+    except CheckpointError:  # its pickle names something else: refused, nothing run
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(f"{path}: not a torch weights file "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                               ) from None
 

@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 
 from nemo_minitron.config.arch import ModelConfig
-from nemo_minitron.errors import ConfigError
+from nemo_minitron.errors import CheckpointError, ConfigError
 from nemo_minitron.model.forward import stage_forward
 
 SCORES_VERSION = 1
@@ -221,10 +221,15 @@ def load_scores(path: str, cfg: ModelConfig) -> dict:
     """Read a scores file and check that it was computed for a teacher of ``cfg``'s shape."""
     if not os.path.isfile(path):
         raise ConfigError(f"scores={path}: no such file")
+    from nemo_minitron.checkpoint.untrusted import load_weights_only
+
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = load_weights_only(path, f"scores={path}")
+    except CheckpointError as e:  # names something else: refused, nothing run
+        raise ConfigError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - pickle/zip errors of several types
-        raise ConfigError(f"scores={path}: not a scores file ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"scores={path}: not a scores file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(content, dict) or content.get("version") != SCORES_VERSION:
         raise ConfigError(f"scores={path}: not a version-{SCORES_VERSION} scores file")
     if ModelConfig.from_dict(content["source"]).replace(dtype=cfg.dtype) != cfg:

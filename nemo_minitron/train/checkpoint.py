@@ -197,6 +197,9 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
 
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    from nemo_minitron.convert.dist_ckpt import check_torch_dist
+
+    check_torch_dist(path)  # the pickles Megatron's load would read without limits, read safely
     _init_empty_adam_state(optimizer)
     template = _sharded_state(model, optimizer, {}, True)
     loaded = dist_checkpointing.load(template, path)
