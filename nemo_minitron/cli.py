@@ -451,6 +451,10 @@ def main(argv: Optional[List[str]] = None, fast_exit: Optional[list] = None) -> 
     if hasattr(args, "recipe_args"):
         args.recipe_args = rest + args.recipe_args
     try:
+        from nemo_minitron import lifecycle
+
+        # a process a job started (its .nemo export, a demo stage) dies with that job
+        lifecycle.die_with_launcher()
         code = args.func(args)
         if fast_exit is not None and getattr(args, "fast_exit", False):
             fast_exit.append(True)

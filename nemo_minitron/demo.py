@@ -99,16 +99,17 @@ class Stage:
 def run_fresh(ctx: Context, stage: str, module: str, args: List[str]) -> None:
     """``python -m module args`` in a fresh one-rank process; output to the TTY or the stage log."""
     from nemo_minitron.convert.io import single_process_env
+    from nemo_minitron.lifecycle import child_env
 
     cmd = [sys.executable, "-m", module] + [str(a) for a in args]
     log = os.path.join(ctx.workdir, "logs", f"{stage}.log")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     if ctx.tty:
-        code = subprocess.run(cmd, env=single_process_env()).returncode
+        code = subprocess.run(cmd, env=child_env(single_process_env())).returncode
         detail = "see its output above"
     else:
         with open(log, "w") as f:
-            code = subprocess.run(cmd, env=single_process_env(), stdout=f,
+            code = subprocess.run(cmd, env=child_env(single_process_env()), stdout=f,
                                   stderr=subprocess.STDOUT).returncode
         with open(log, errors="replace") as f:
             tail = [line.rstrip() for line in f if line.strip()][-5:]
@@ -402,6 +403,9 @@ def task_main(argv: List[str]) -> int:
     quiet_fallback_warnings()
     _, name, kwargs, out = argv
     try:
+        from nemo_minitron import lifecycle
+
+        lifecycle.die_with_launcher()  # this stage dies with the demo
         result = TASKS[name](**json.loads(kwargs))
     except MinitronError as e:
         print(f"error: {e}", file=sys.stderr)

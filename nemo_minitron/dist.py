@@ -88,10 +88,13 @@ def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = Non
     (no launcher to ask, and no Lightning import: 0.6 s)."""
     import torch.distributed as dist
 
+    from nemo_minitron import lifecycle
+
     if not torch.cuda.is_available():
         from nemo_minitron.compat import cpu
 
         cpu.activate()
+    lifecycle.tie_megatron_job()  # whatever this job starts dies with it, kill -9 included
     from megatron.core import parallel_state, tensor_parallel
 
     if not dist.is_initialized():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 
+from nemo_minitron.checkpoint import scratch
 from nemo_minitron.errors import MinitronError
 
 
@@ -30,9 +30,10 @@ def atomic_output_dir(path: str, overwrite: bool = False):
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise MinitronError(f"{path} exists; pass --overwrite to replace it")
-    parent = os.path.dirname(path)
+    parent, stem = os.path.dirname(path), f".{os.path.basename(path)}"
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    # named after this process: a killed run's leftover is removed by the next run writing here
+    tmp = scratch.make_dir(".tmp-", parent, stem=stem)
     try:
         yield tmp
     except BaseException:
@@ -40,7 +41,7 @@ def atomic_output_dir(path: str, overwrite: bool = False):
         raise
     _default_permissions(tmp)
     if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        old = scratch.make_dir(".old-", parent, stem=stem)
         os.rename(path, os.path.join(old, "x"))
         os.rename(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -61,7 +62,7 @@ def memory_scratch_dir(need_bytes: int, fallback: str) -> str:
     return fallback
 
 
-def _libc():
+def libc():
     """glibc through ctypes (errno kept), loaded once; None where there is none."""
     global _LIBC
     if _LIBC is None:
@@ -98,7 +99,7 @@ class _Splicer:
             import ctypes
             import fcntl
 
-            vmsplice = _libc().vmsplice
+            vmsplice = libc().vmsplice
             vmsplice.restype = ctypes.c_ssize_t
             vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
             if not hasattr(os, "splice"):
@@ -186,9 +187,9 @@ def drop_mapped_pages(tensor) -> None:
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     lo, hi = -(-start // page) * page, end // page * page
-    libc = _libc()
-    if hi <= lo or libc is None or not hasattr(mmap, "MADV_DONTNEED"):
+    lib = libc()
+    if hi <= lo or lib is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     import ctypes
 
-    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+    lib.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)

@@ -227,20 +227,11 @@ def _fix_param_type_checks():
 
 
 def _fix_checkpoint_queue():
-    """A fork manager for dist_checkpointing's write results (spawn re-imports __main__)."""
-    import multiprocessing
+    """A fork manager for dist_checkpointing's write results (spawn re-imports __main__), which
+    dies with this process (nemo_minitron/lifecycle.py)."""
+    from nemo_minitron import lifecycle
 
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-
-    if not hasattr(fa, "_get_write_results_queue"):
-        return
-
-    def _get_write_results_queue():
-        if fa._results_queue is None:
-            fa._results_queue = multiprocessing.get_context("fork").Manager().Queue()
-        return fa._results_queue
-
-    fa._get_write_results_queue = _get_write_results_queue
+    lifecycle.tie_megatron_writer_queue("fork")
 
 
 _NEEDS_TE_OR_CUDA = ("apply_rope_fusion", "bias_activation_fusion", "masked_softmax_fusion",

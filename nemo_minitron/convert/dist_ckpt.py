@@ -37,7 +37,6 @@ import os
 import pickle
 import queue
 import shutil
-import tempfile
 import threading
 from typing import (Callable, ContextManager, Dict, Iterable, Iterator, List, Optional,
                     Sequence, Tuple)
@@ -77,8 +76,11 @@ def run_with_process_group(fn, *args, bytes_only: bool = False):
     import multiprocessing
     import torch.distributed as dist
 
+    from nemo_minitron import lifecycle
+
     if dist.is_initialized():
         return fn(*args)
+    lifecycle.tie_children()  # the child (and the writers it forks) die with this process
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child, args=(fn, args, send, bytes_only))
@@ -511,6 +513,10 @@ def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, member, scratch_root: s
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+    from nemo_minitron import lifecycle
+    from nemo_minitron.checkpoint import scratch
+
+    lifecycle.tie_children()  # the chunk writers die with this process (also inside a job)
     _start_writer_manager()
     parts, written, scratches = [], set(), []
     pending: Optional[_ChunkWrite] = None
@@ -533,7 +539,7 @@ def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, member, scratch_root: s
             if dup:
                 raise CheckpointError(f"tensor(s) written twice: {', '.join(sorted(dup))}")
             written.update(names)
-            scratches.append(tempfile.mkdtemp(prefix=f".chunk-{k:05d}-", dir=scratch_root))
+            scratches.append(scratch.make_dir(".chunk-", scratch_root, stem=f".{k:05d}"))
             # thread_count=1: one .distcp file per chunk
             strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
             sharded, base = _sharded_chunk(cfg, chunk)

@@ -24,11 +24,11 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
-import tempfile
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from nemo_minitron.checkpoint import scratch
 from nemo_minitron.checkpoint.fsutil import memory_scratch_dir
 from nemo_minitron.checkpoint.hf_io import read_shapes
 from nemo_minitron.config.hf import check_hf_shapes, read_hf_config
@@ -149,8 +149,11 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
     bar = Progress(f"hf-to-nemo {os.path.basename(out_path)}", len(shapes), total, progress)
 
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.staging-",
-                               dir=os.path.dirname(out_path))
+    # named after this process, like the archive's temporary file: what a killed conversion
+    # leaves is removed by the next one writing here (checkpoint/scratch.py)
+    staging = scratch.make_dir(".staging-", os.path.dirname(out_path),
+                               stem=f".{os.path.basename(out_path)}")
+    scratch_dir = None
     try:
         with NemoTarWriter(out_path, overwrite=overwrite) as tar:
             nemo_cfg = to_nemo_dict(out_cfg, tp=tp, pp=pp,
@@ -185,13 +188,13 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
                 # each chunk's data file is written by Megatron straight into the tar; the
                 # scratch dir holds its .metadata, common.pt and an empty placeholder (in memory:
                 # Megatron fsyncs every file it writes)
-                scratch = tempfile.mkdtemp(prefix=".nemo-minitron-scratch-",
-                                           dir=memory_scratch_dir(64 << 20, staging))
+                scratch_dir = scratch.make_dir(".nemo-minitron-scratch-",
+                                               memory_scratch_dir(64 << 20, staging))
                 # tensors mapped from the HF shards unchanged are copied file to file by the
                 # kernel; merged ones come from the pool, recycled once their chunk is saved
                 save_torch_dist(out_cfg, _chunks(mapped(), layer_bytes, chunk_bytes), weights,
                                 member=lambda name: tar.member(f"./{WEIGHTS_DIR}/{name}"),
-                                scratch=scratch, file_region=reader.file_region,
+                                scratch=scratch_dir, file_region=reader.file_region,
                                 on_saved=lambda chunk: pool.recycle(t for _, t in chunk))
                 tar.add_tree(weights, f"./{WEIGHTS_DIR}")  # common.pt, .metadata, metadata.json
             else:
@@ -212,4 +215,6 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
             bar.close()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if scratch_dir is not None:  # in /dev/shm unless inside staging
+            shutil.rmtree(scratch_dir, ignore_errors=True)
     return out_path

@@ -13,9 +13,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from typing import Iterator, Optional
 
+from nemo_minitron import lifecycle
+from nemo_minitron.checkpoint import scratch
 from nemo_minitron.errors import CheckpointError
 
 # Variables of the job's launcher; the converter process is a world of one.
@@ -37,7 +38,7 @@ def as_hf_dir(path: str, workdir: Optional[str] = None) -> Iterator[str]:
         return
     from nemo_minitron.convert.nemo_to_hf import nemo_to_hf
 
-    tmp = tempfile.mkdtemp(prefix=".nemo-as-hf-", dir=workdir)
+    tmp = scratch.make_dir(".nemo-as-hf-", workdir)
     try:
         out, _ = nemo_to_hf(path, os.path.join(tmp, "hf"), progress=False)
         yield out
@@ -53,8 +54,9 @@ def single_process_env() -> dict:
 
 
 def hf_dir_to_nemo(hf_dir: str, out: str, *, dtype: str = "bf16", overwrite: bool = False) -> str:
-    """Convert ``hf_dir`` to the .nemo ``out`` in a fresh process; return ``out``."""
-    env = single_process_env()
+    """Convert ``hf_dir`` to the .nemo ``out`` in a fresh process; return ``out``. That process
+    dies with this one (nemo_minitron/lifecycle.py): a killed job's export never appears later."""
+    env = lifecycle.child_env(single_process_env())
     cmd = [sys.executable, "-m", "nemo_minitron.cli", "convert", "hf-to-nemo", hf_dir, out,
            "--dtype", dtype] + (["--overwrite"] if overwrite else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

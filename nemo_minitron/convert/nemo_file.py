@@ -17,10 +17,10 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 import time
 from typing import Dict, Iterator, Optional, Tuple
 
+from nemo_minitron.checkpoint import scratch
 from nemo_minitron.checkpoint.fsutil import send_all, write_all
 from nemo_minitron.errors import CheckpointError, MinitronError
 
@@ -91,7 +91,7 @@ def opened_nemo(path: str, in_place: Optional[InPlace] = None) -> Iterator[str]:
         return
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such .nemo file or directory")
-    tmp = tempfile.mkdtemp(prefix="nemo-extract-")
+    tmp = scratch.make_dir("nemo-extract-")  # a killed run's extraction goes with the next one
     try:
         safe_extract(path, tmp, in_place)
         yield _content_root(tmp)
@@ -235,8 +235,10 @@ class NemoTarWriter:
         self.out_path = os.path.abspath(out_path)
         if os.path.exists(self.out_path) and not overwrite:
             raise MinitronError(f"{self.out_path} exists; pass --overwrite to replace it")
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.out_path)}.tmp-",
-                                        dir=os.path.dirname(self.out_path))
+        # named after this process: a killed run's partial archive is removed by the next run
+        # writing in this directory (checkpoint/scratch.py)
+        fd, self.tmp = scratch.make_file(".tmp-", os.path.dirname(self.out_path),
+                                         stem=f".{os.path.basename(self.out_path)}")
         self.fd = fd
 
     @staticmethod

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from array import array
 from typing import Sequence
 
 import numpy as np
 
+from nemo_minitron.checkpoint import scratch
 from nemo_minitron.errors import ConfigError, MinitronError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -80,7 +80,8 @@ class IndexedWriter:
         parent = os.path.dirname(self.prefix)
         os.makedirs(parent, exist_ok=True)
         base = os.path.basename(self.prefix)
-        fd, self._tmp_bin = tempfile.mkstemp(prefix=f".{base}.bin.tmp-", dir=parent)
+        # named after this process: a killed run's partial file goes with the next run here
+        fd, self._tmp_bin = scratch.make_file(".tmp-", parent, stem=f".{base}.bin")
         self._bin = os.fdopen(fd, "wb")
         self.lengths = array("i")  # int32 per sequence
         self.doc_index = array("q", [0])  # int64, sequences before each document boundary
@@ -121,7 +122,7 @@ class IndexedWriter:
     def close(self) -> None:
         self._bin.close()
         parent, base = os.path.dirname(self.prefix), os.path.basename(self.prefix)
-        fd, tmp_idx = tempfile.mkstemp(prefix=f".{base}.idx.tmp-", dir=parent)
+        fd, tmp_idx = scratch.make_file(".tmp-", parent, stem=f".{base}.idx")
         os.close(fd)
         try:
             self._write_index(tmp_idx)

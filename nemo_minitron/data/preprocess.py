@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import shutil
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -54,9 +54,14 @@ def tokenizer_dir(path: Optional[str]):
         return
     from nemo_minitron.tokenizer import write_tokenizer_files
 
-    with tempfile.TemporaryDirectory(prefix="llama31-tokenizer-") as tmp:
+    from nemo_minitron.checkpoint import scratch
+
+    tmp = scratch.make_dir("llama31-tokenizer-")  # a killed run's copy goes with the next run
+    try:
         write_tokenizer_files(tmp)
         yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _worker_tokenizer = None
@@ -133,6 +138,9 @@ def preprocess(input_path: str, prefix: str, json_keys: Sequence[str] = ("text",
         if workers > 1:
             import multiprocessing
 
+            from nemo_minitron import lifecycle
+
+            lifecycle.tie_children()  # the workers die with this process, however it ends
             pool = stack.enter_context(multiprocessing.get_context("fork").Pool(
                 workers, initializer=_init_worker, initargs=(tok_dir,)))
             encoded = pool.imap(_encode, _batches(input_path, json_keys))

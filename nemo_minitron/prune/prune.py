@@ -165,11 +165,13 @@ def write_student(out: str, target: ModelConfig, tensors, teacher_dir: Optional[
                   ) -> str:
     """The student writer: an HF directory, or a ``.nemo`` file (the HF student converted)."""
     if out.endswith(".nemo"):
-        import tempfile
-
+        from nemo_minitron.checkpoint import scratch
         from nemo_minitron.convert.io import hf_dir_to_nemo
 
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
+        # named after this process: a later run removes it if this one is killed (scratch.sweep)
+        tmp = scratch.make_dir(".hf-", os.path.dirname(os.path.abspath(out)),
+                               stem="." + os.path.basename(out))
+        try:
             hf_dir = write_hf_student(os.path.join(tmp, "hf"), target, tensors, teacher_dir,
                                       **kwargs)
             path = hf_dir_to_nemo(hf_dir, out, dtype=_nemo_dtype(target.dtype),
@@ -177,6 +179,8 @@ def write_student(out: str, target: ModelConfig, tensors, teacher_dir: Optional[
             for name in kwargs.get("extra") or {}:  # pruning.json, importance.pt beside the .nemo
                 shutil.copy(os.path.join(hf_dir, name), f"{path}.{name}")
             return path
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return write_hf_student(out, target, tensors, teacher_dir, **kwargs)
 
 

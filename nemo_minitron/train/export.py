@@ -106,17 +106,21 @@ def write_output(full: Dict[str, torch.Tensor], cfg: ModelConfig, out: str,
     from a temporary HF directory next to it."""
     if not out.endswith(".nemo"):
         return write_hf_checkpoint(full, cfg, out, base_dir=base_dir, overwrite=overwrite)
-    import tempfile
-
+    from nemo_minitron.checkpoint import scratch
     from nemo_minitron.convert.io import hf_dir_to_nemo
 
     if os.path.exists(out) and not overwrite:
         raise MinitronError(f"{out} exists; pass --overwrite to replace it")
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
+    # named after this process: a later run removes it if this one is killed (scratch.sweep)
+    tmp = scratch.make_dir(".hf-", os.path.dirname(os.path.abspath(out)),
+                           stem="." + os.path.basename(out))
+    try:
         hf_dir = write_hf_checkpoint(full, cfg, os.path.join(tmp, "hf"), base_dir=base_dir)
         return hf_dir_to_nemo(hf_dir, out, dtype={"bfloat16": "bf16", "float16": "fp16",
                                                   "float32": "fp32"}[cfg.dtype],
                               overwrite=overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_output_path(out: str) -> None:
