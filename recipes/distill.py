@@ -24,13 +24,14 @@ Instead of DATA, Megatron indexed datasets (``nemo-minitron preprocess``):
 Skeleton: load config -> setup (parallel state, teacher, student, data, optimizer) -> the one
 training loop (nemo_minitron.train.loop.Trainer with distillation hooks) -> save the student as an
 HF checkpoint -> cleanup. Resumes from the newest checkpoint in ``trainer.ckpt_dir`` (default
-``OUT.ckpt``); checkpoints hold the student and its optimizer only, the teacher is never written.
+``OUT.ckpt``) when that run was started from the same teacher, student, data and settings
+(``run.json``; nemo_minitron/train/resume.py), else refuses (``trainer.resume=false`` starts over);
+checkpoints hold the student and its optimizer only, the teacher is never written.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from typing import List, Optional
 
@@ -42,12 +43,15 @@ def load_recipe_config(config_path: Optional[str], overrides: List[str], values=
     return load_config(DistillConfig, config_path, overrides, values=values)
 
 
-def validate(cfg) -> None:
-    """Everything that can be checked before any process group or model exists."""
+def validate(cfg, overwrite: bool = False) -> None:
+    """Everything that can be checked before any process group or model exists: the config, the
+    outputs (given, not existing unless ``overwrite``, writable, never an input or inside one) and
+    the data (UTF-8, JSONL with the fields its format needs)."""
     from nemo_minitron.errors import ConfigError
     from nemo_minitron.train.distill import check_kd
     from nemo_minitron.train.export import check_output_path
     from nemo_minitron.train.indexed_data import check_data_source
+    from nemo_minitron.train.optim import check_optim
 
     check_output_path(cfg.out)
     if not cfg.teacher.restore_from_path:
@@ -55,12 +59,58 @@ def validate(cfg) -> None:
     if not cfg.model.restore_from_path:
         raise ConfigError("no student given (--student / model.restore_from_path)")
     check_data_source(cfg.data)
-    if os.path.abspath(cfg.out) in (os.path.abspath(cfg.teacher.restore_from_path),
-                                    os.path.abspath(cfg.model.restore_from_path)):
-        raise ConfigError(f"--out {cfg.out} is an input checkpoint; the inputs are never written")
     if cfg.trainer.max_steps < 0:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
     check_kd(cfg.kd)
+    check_optim(cfg.optim)
+    check_paths(cfg, overwrite)
+
+
+def outputs(cfg) -> dict:
+    from nemo_minitron.train.loop import default_ckpt_dir
+
+    return {"--out": cfg.out, "trainer.ckpt_dir": cfg.trainer.ckpt_dir or default_ckpt_dir(cfg.out)}
+
+
+def inputs(cfg) -> dict:
+    from nemo_minitron.train.resume import data_inputs
+
+    return {"--teacher": cfg.teacher.restore_from_path, "--student": cfg.model.restore_from_path,
+            **data_inputs(cfg.data)}
+
+
+def check_paths(cfg, overwrite: bool = False) -> None:
+    from nemo_minitron.checkpoint.paths import check_disjoint, check_output
+    from nemo_minitron.data.calibration import BUILTIN
+    from nemo_minitron.data.jsonl import check_data_file
+    from nemo_minitron.train.data import data_format
+
+    out = outputs(cfg)
+    check_disjoint(out, inputs(cfg))
+    check_output(cfg.out, "--out", overwrite=overwrite,
+                 kind="file" if cfg.out.endswith(".nemo") else "dir")
+    check_output(out["trainer.ckpt_dir"], "trainer.ckpt_dir", overwrite=True, kind="dir")
+    if cfg.data.data_prefix is None:
+        for label, ds in (("--data", cfg.data.train_ds),
+                          ("data.validation_ds.file_path", cfg.data.validation_ds)):
+            if ds.file_path and ds.file_path != BUILTIN:  # pydoc: Python's own docs
+                fmt = data_format(ds.file_path, cfg.data.format)
+                check_data_file(ds.file_path, label,
+                                ("input", "output") if fmt == "sft" else ("text",))
+
+
+def identity(cfg) -> dict:
+    """What this run starts from (nemo_minitron/train/resume.py): teacher, student, data and the
+    settings that change the run; call it with the paths as the user gave them."""
+    from nemo_minitron.train.resume import run_identity
+
+    return run_identity("distill", cfg, inputs(cfg))
+
+
+def check_resume(cfg, ident: dict) -> None:
+    from nemo_minitron.train.resume import check_resume as check
+
+    check(outputs(cfg)["trainer.ckpt_dir"], ident, cfg.trainer.resume)
 
 
 def setup_data(cfg, model_cfg):
@@ -71,7 +121,7 @@ def setup_data(cfg, model_cfg):
     return build_datasets(cfg.data, cfg.model.restore_from_path, model_cfg, seed=cfg.trainer.seed)
 
 
-def setup(cfg):
+def setup(cfg, ident: Optional[dict] = None):
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.config.parallel import validate_parallel
     from nemo_minitron.config.recipe import to_dict
@@ -120,21 +170,25 @@ def setup(cfg):
     trainer = Trainer(ddp, optimizer, scheduler, train_data, loop, val_data=val_data, logger=logger,
                       forward_step=kd.forward_step, loss_fn=kd.loss_fn,
                       metric_names=kd_metric_names(cfg.kd), pipeline_io=kd,
-                      extra_state={"config": to_dict(cfg)})
+                      extra_state={"config": to_dict(cfg)}, identity=ident)
     return trainer, student, student_cfg, logger
 
 
-def run(cfg, overwrite: bool = False, before_fit=None):
+def run(cfg, overwrite: bool = False, before_fit=None, ident: Optional[dict] = None):
     """Distill and write the student; returns the trainer state (every rank).
 
     ``before_fit(trainer)``: called once everything is set up, before the first step (the demo
-    measures the held-out KL of the undistilled student there with ``trainer.validate()``)."""
+    measures the held-out KL of the undistilled student there with ``trainer.validate()``).
+    ``ident``: the run's identity, already checked by :func:`main` (else checked here)."""
     from nemo_minitron.dist import destroy_megatron
     from nemo_minitron.losses.hidden import without_projection
     from nemo_minitron.train.export import save_final_output
 
-    validate(cfg)
-    trainer, student, student_cfg, logger = setup(cfg)
+    if ident is None:
+        validate(cfg, overwrite)
+        ident = identity(cfg)
+        check_resume(cfg, ident)
+    trainer, student, student_cfg, logger = setup(cfg, ident)
     try:
         if before_fit is not None:
             before_fit(trainer)
@@ -172,11 +226,13 @@ def main(argv: Optional[List[str]] = None, before_fit=None) -> int:
              "data": {"train_ds": {"file_path": args.data}}, "out": args.out}
     try:
         cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
-        validate(cfg)  # before a .nemo teacher or student is converted
+        validate(cfg, args.overwrite)  # before a .nemo teacher or student is converted
+        ident = identity(cfg)  # the paths as given, not a .nemo's temporary HF view
+        check_resume(cfg, ident)
         with contextlib.ExitStack() as stack:  # .nemo teacher/student: read through HF views
             hf_view_of(stack, cfg.teacher, "restore_from_path")
             hf_view_of(stack, cfg.model, "restore_from_path")
-            run(cfg, overwrite=args.overwrite, before_fit=before_fit)
+            run(cfg, overwrite=args.overwrite, before_fit=before_fit, ident=ident)
     except MinitronError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,9 @@
 
 Skeleton: load config -> setup (parallel state, model, data, optimizer) -> train loop -> save the
 final HF checkpoint -> cleanup. Everything reusable lives in ``nemo_minitron.train``; this file
-only wires it. Resumes from the newest checkpoint in ``trainer.ckpt_dir`` (default ``OUT.ckpt``).
+only wires it. Resumes from the newest checkpoint in ``trainer.ckpt_dir`` (default ``OUT.ckpt``)
+when the run there was started from the same inputs (``run.json``; nemo_minitron/train/resume.py),
+else refuses: ``trainer.resume=false`` starts over.
 """
 from __future__ import annotations
 
@@ -38,11 +40,14 @@ def load_recipe_config(config_path: Optional[str], overrides: List[str], values=
     return load_config(FinetuneConfig, config_path, overrides, values=values)
 
 
-def validate(cfg) -> None:
-    """Everything that can be checked before any process group or model exists."""
+def validate(cfg, overwrite: bool = False) -> None:
+    """Everything that can be checked before any process group or model exists: the config, the
+    outputs (given, not existing unless ``overwrite``, writable, never an input or inside one) and
+    the data (UTF-8 JSONL with the fields its format needs)."""
     from nemo_minitron.errors import ConfigError
     from nemo_minitron.train.export import check_output_path
     from nemo_minitron.train.indexed_data import check_data_source
+    from nemo_minitron.train.optim import check_optim
 
     check_output_path(cfg.out)
     if not cfg.model.restore_from_path:
@@ -52,10 +57,66 @@ def validate(cfg) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
     if cfg.peft not in ("none", "lora"):
         raise ConfigError(f"peft={cfg.peft!r} must be one of none, lora")
+    check_optim(cfg.optim)
     if cfg.peft == "lora":
         from nemo_minitron.peft.lora import check_spec
 
         check_spec(cfg.lora)  # e.g. a target that does not exist: before any model is built
+    check_paths(cfg, overwrite)
+
+
+def outputs(cfg) -> dict:
+    """Flag -> path of everything the run writes (the merged model only when it is written)."""
+    from nemo_minitron.train.loop import default_ckpt_dir
+
+    lora = cfg.peft == "lora"
+    return {"--out": cfg.out if not lora or cfg.lora.merge else None,
+            "lora.adapter_dir": adapter_dir(cfg) if lora else None,
+            "trainer.ckpt_dir": cfg.trainer.ckpt_dir or default_ckpt_dir(cfg.out)}
+
+
+def inputs(cfg) -> dict:
+    """Flag -> path of everything the run reads."""
+    from nemo_minitron.train.resume import data_inputs
+
+    return {"--model": cfg.model.restore_from_path, **data_inputs(cfg.data)}
+
+
+def check_paths(cfg, overwrite: bool = False) -> None:
+    from nemo_minitron.checkpoint.paths import check_disjoint, check_output
+    from nemo_minitron.data.calibration import BUILTIN
+    from nemo_minitron.data.jsonl import check_data_file
+    from nemo_minitron.train.data import data_format
+
+    out = outputs(cfg)
+    check_disjoint(out, inputs(cfg))
+    if out["--out"]:
+        check_output(cfg.out, "--out", overwrite=overwrite,
+                     kind="file" if cfg.out.endswith(".nemo") else "dir")
+    if out["lora.adapter_dir"]:
+        check_output(out["lora.adapter_dir"], "lora.adapter_dir", overwrite=overwrite, kind="dir")
+    check_output(out["trainer.ckpt_dir"], "trainer.ckpt_dir", overwrite=True, kind="dir")
+    if cfg.data.data_prefix is None:
+        for label, ds in (("--data", cfg.data.train_ds),
+                          ("data.validation_ds.file_path", cfg.data.validation_ds)):
+            fmt = data_format(ds.file_path, cfg.data.format) if ds.file_path else None
+            if ds.file_path and (fmt == "sft" or ds.file_path != BUILTIN):  # text: or pydoc
+                check_data_file(ds.file_path, label,
+                                ("input", "output") if fmt == "sft" else ("text",))
+
+
+def identity(cfg) -> dict:
+    """What this run starts from (nemo_minitron/train/resume.py): recorded with its checkpoints,
+    compared on resume. Call it with the paths as the user gave them (before any .nemo view)."""
+    from nemo_minitron.train.resume import run_identity
+
+    return run_identity("finetune", cfg, inputs(cfg))
+
+
+def check_resume(cfg, ident: dict) -> None:
+    from nemo_minitron.train.resume import check_resume as check
+
+    check(outputs(cfg)["trainer.ckpt_dir"], ident, cfg.trainer.resume)
 
 
 def adapter_dir(cfg) -> str:
@@ -73,7 +134,7 @@ def setup_data(cfg, model_cfg):
     return build_datasets(cfg.data, cfg.model.restore_from_path, model_cfg, seed=cfg.trainer.seed)
 
 
-def setup(cfg):
+def setup(cfg, ident: Optional[dict] = None):
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.config.parallel import validate_parallel
     from nemo_minitron.dist import init_megatron, launched_world_size
@@ -109,7 +170,7 @@ def setup(cfg):
                 f"{_trainable(model)} trainable parameters on this rank, "
                 f"checkpoints in {loop.ckpt_dir}")
     trainer = Trainer(ddp, optimizer, scheduler, train_data, loop, val_data=val_data, logger=logger,
-                      extra_state={"config": to_dict(cfg)})
+                      extra_state={"config": to_dict(cfg)}, identity=ident)
     return trainer, model, model_cfg, logger
 
 
@@ -118,14 +179,19 @@ def _trainable(model) -> str:
     return f"{n:,} of {sum(p.numel() for p in model.parameters()):,}"
 
 
-def run(cfg, overwrite: bool = False, base_name: Optional[str] = None):
+def run(cfg, overwrite: bool = False, base_name: Optional[str] = None,
+        ident: Optional[dict] = None):
     """Train and write the final outputs; returns the trainer state (every rank). ``base_name``:
-    the base model as the user named it (recorded in a LoRA adapter's config)."""
+    the base model as the user named it (recorded in a LoRA adapter's config). ``ident``: the
+    run's identity, already checked by :func:`main` (else validated and checked here)."""
     from nemo_minitron.dist import destroy_megatron
     from nemo_minitron.train.export import save_final_output
 
-    validate(cfg)
-    trainer, model, model_cfg, logger = setup(cfg)
+    if ident is None:
+        validate(cfg, overwrite)
+        ident = identity(cfg)
+        check_resume(cfg, ident)
+    trainer, model, model_cfg, logger = setup(cfg, ident)
     try:
         state = trainer.fit()
         if cfg.peft == "lora":
@@ -169,13 +235,15 @@ def main(argv: Optional[List[str]] = None) -> int:
              "out": args.out, "peft": args.peft}
     try:
         cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
-        validate(cfg)  # before a .nemo base is converted
+        validate(cfg, args.overwrite)  # before a .nemo base is converted
+        ident = identity(cfg)  # the paths as given, not a .nemo's temporary HF view
+        check_resume(cfg, ident)
         base_name = cfg.model.restore_from_path  # as recorded in a LoRA adapter's config
         if base_name and os.path.exists(base_name):
             base_name = os.path.abspath(base_name)
         with contextlib.ExitStack() as stack:  # a .nemo base model: read through an HF view
             hf_view_of(stack, cfg.model, "restore_from_path")
-            run(cfg, overwrite=args.overwrite, base_name=base_name)
+            run(cfg, overwrite=args.overwrite, base_name=base_name, ident=ident)
     except MinitronError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -82,9 +82,15 @@ def setup(cfg: PruneConfig) -> dict:
         raise ConfigError(f"depth_metric={cfg.depth_metric!r} is not one of "
                           f"{', '.join(DEPTH_METRICS)}")
     check_output(cfg.out, cfg.overwrite)
+    check_paths(cfg)
     teacher_dir = cfg.model
     if is_nemo(cfg.model):  # every rank converts its own temporary HF copy (see the docstring)
+        from nemo_minitron.config.resolve import resolve_config
+
+        # layout and target from model_config.yaml alone, before the weights are converted
+        _check_target(cfg, resolve_config(cfg.model)[0])
         state_dirs = contextlib.ExitStack()
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
         teacher_dir = state_dirs.enter_context(
             as_hf_dir(cfg.model, workdir=os.path.dirname(os.path.abspath(cfg.out))))
         log(f"teacher {cfg.model} (.nemo) converted to {teacher_dir}")
@@ -98,17 +104,38 @@ def setup(cfg: PruneConfig) -> dict:
     return state
 
 
-def _setup_teacher(cfg: PruneConfig, teacher_dir: str) -> dict:
+def check_paths(cfg: PruneConfig) -> None:
+    """The student can be written (never over or inside an input) and the calibration text is
+    UTF-8 (JSONL with "text"), before any weight is read."""
+    from nemo_minitron.checkpoint.paths import check_disjoint, check_output
+    from nemo_minitron.data.calibration import BUILTIN
+    from nemo_minitron.data.jsonl import check_data_file
+
+    check_disjoint({"out": cfg.out}, {"model": cfg.model, "data": cfg.data, "scores": cfg.scores,
+                                      "tokenizer": cfg.tokenizer})
+    check_output(cfg.out, "out", overwrite=cfg.overwrite, overwrite_hint="overwrite=true",
+                 kind="file" if cfg.out.endswith(".nemo") else "dir")
+    if not cfg.scores and cfg.data != BUILTIN:
+        check_data_file(cfg.data, "data", ("text",))
+
+
+def _check_target(cfg: PruneConfig, teacher):
+    """(layout, target) of ``teacher``'s config: the parallel layout and the pruning target."""
     from nemo_minitron.config.parallel import validate_parallel
+    from nemo_minitron.prune.targets import resolve_target
+
+    world = cluster_environment().world_size()  # python, torchrun or srun
+    layout = validate_parallel(teacher, cfg.tp, cfg.pp, world)
+    return layout, resolve_target(teacher, cfg.target, _target_overrides(cfg), tp=cfg.tp)
+
+
+def _setup_teacher(cfg: PruneConfig, teacher_dir: str) -> dict:
     from nemo_minitron.data.calibration import calibration_samples
     from nemo_minitron.prune.importance import load_scores
     from nemo_minitron.prune.prune import read_teacher
-    from nemo_minitron.prune.targets import resolve_target
 
     teacher, reader, tokenizer_dir = read_teacher(teacher_dir)
-    world = cluster_environment().world_size()  # python, torchrun or srun
-    layout = validate_parallel(teacher, cfg.tp, cfg.pp, world)
-    target = resolve_target(teacher, cfg.target, _target_overrides(cfg), tp=cfg.tp)
+    layout, target = _check_target(cfg, teacher)
     log(f"teacher {cfg.model}: {teacher.num_params():,} parameters; target: layers "
         f"{target.config.num_layers}, hidden {target.config.hidden_size}, ffn "
         f"{target.config.ffn_hidden_size}, heads {target.config.num_attention_heads} "

@@ -103,7 +103,8 @@ def test_distillation_lowers_held_out_kl(tiny_hf_dir, student_dir, tmp_path):
 
     rows = list(open(os.path.join(out + ".ckpt", "logs", "metrics.csv")))
     assert rows[0].strip() == "step,split,loss,lr,grad_norm,tokens_per_s,step_time_s,kl,lm"
-    assert sorted(os.listdir(out + ".ckpt")) == ["latest", "logs", "step_000004", "step_000008"]
+    assert sorted(os.listdir(out + ".ckpt")) == ["latest", "logs", "run.json", "step_000004",
+                                                 "step_000008"]
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["hidden_size"] == 48  # the student's architecture
 
@@ -182,8 +183,8 @@ def test_recipe_with_two_pipeline_stages_resumes_and_follows_pp1(tiny_hf_dir, st
     shutil.rmtree(tmp_path / "pp2")  # the first run's output; the checkpoints stay in pp2.ckpt
     second = run_ranks(lambda r: _run_recipe_steps(r, pp2 + ["trainer.max_steps=4"]),
                        world_size=2)
-    assert sorted(os.listdir(tmp_path / "pp2.ckpt")) == ["latest", "logs", "step_000002",
-                                                         "step_000004"]
+    assert sorted(os.listdir(tmp_path / "pp2.ckpt")) == ["latest", "logs", "run.json",
+                                                         "step_000002", "step_000004"]
     for (h1, _), (h2, val) in zip(first, second):  # both stages report the same numbers
         assert [h[0] for h in h1] == [1, 2] and [h[0] for h in h2] == [3, 4]  # resumed at 2
         # measured: the same to the 6 logged digits (fp32; the bound allows for reduction order)

@@ -57,6 +57,8 @@ def test_bad_generate_input_is_one_line_exit_2(capsys, tiny_hf_dir, extra, messa
 def test_bad_files_are_one_line_exit_2(capsys, tmp_path, tiny_hf_dir):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    good = tmp_path / "doc.txt"
+    good.write_text("A document.\n")
     cases = [(["generate", "--model", str(tmp_path), "--prompt", "x"], "no config.json"),
              (["generate", "--model", tiny_hf_dir, "--prompts", str(bad), "--out", "o.jsonl"],
               "p.jsonl:2: missing or non-string field(s) 'prompt'"),
@@ -64,7 +66,9 @@ def test_bad_files_are_one_line_exit_2(capsys, tmp_path, tiny_hf_dir):
              (["eval-ppl", "--model", tiny_hf_dir, "--data", str(tmp_path / "none.txt"), "window=64",
                "stride=32"],
               "file not found"),
-             (["eval-ppl", "--model", tiny_hf_dir, "--data", str(bad), "window=512"],
+             (["eval-ppl", "--model", tiny_hf_dir, "--data", str(bad), "window=64", "stride=32"],
+              "p.jsonl:1: missing or non-string field(s) 'text'"),  # before any model is read
+             (["eval-ppl", "--model", tiny_hf_dir, "--data", str(good), "window=512"],
               "window=512 exceeds the model's max_position_embeddings=256")]
     for argv, message in cases:
         code = main(argv)

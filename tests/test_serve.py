@@ -78,6 +78,7 @@ BAD = [  # (body, expected status, a phrase of the error message)
     ({"prompt": [1, 5], "max_tokens": 10000}, 422, "exceeds the model's max_position_embeddings"),
     ({"prompt": [1, 100000]}, 422, "outside [0, 500)"),
     ({"prompt": [1, 5], "logprobs": "yes"}, 422, "logprobs='yes'"),
+    ({"prompt": [1, 5], "seed": 1 << 64}, 400, "must be an integer in [0, 2**64)"),
     ({"prompt": [1, 5], "stop": {"a": 1}}, 422, "must be a string or a list of strings"),
     ({"prompt": "text"}, 422, "no tokenizer"),
 ]

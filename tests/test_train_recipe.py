@@ -115,7 +115,8 @@ def test_finetune_learns_and_transformers_reads_the_result(tiny_hf_dir, train_js
     assert run_ranks(lambda r: _run_recipe(r, argv))[0] == 0
     rows = list(open(os.path.join(out + ".ckpt", "logs", "metrics.csv")))
     assert rows[0].strip() == "step,split,loss,lr,grad_norm,tokens_per_s,step_time_s"
-    assert sorted(os.listdir(out + ".ckpt")) == ["latest", "logs", "step_000006", "step_000012"]
+    assert sorted(os.listdir(out + ".ckpt")) == ["latest", "logs", "run.json", "step_000006",
+                                                 "step_000012"]
 
     # the answer-only loss as transformers computes it, before and after
     tok = transformers.AutoTokenizer.from_pretrained(out)

@@ -135,6 +135,10 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     out_path = os.path.abspath(out_path)
+    from nemo_minitron.checkpoint.paths import check_disjoint, check_output
+
+    check_disjoint({"OUT.nemo": out_path}, {"HF_DIR": hf_dir})  # never over or inside the input
+    check_output(out_path, "OUT.nemo", overwrite=overwrite, kind="file")
     if os.path.exists(out_path) and not overwrite:
         raise MinitronError(f"{out_path} exists; pass --overwrite to replace it")
     cfg = read_hf_config(hf_dir)

@@ -140,6 +140,10 @@ def nemo_to_hf(nemo_path: str, out_dir: str, *, dtype: Optional[str] = None,
                overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
                progress: Optional[bool] = None) -> Tuple[str, str]:
     """Convert; return (output directory, source weight layout). ``dtype``: default the stored one."""
+    from nemo_minitron.checkpoint.paths import check_disjoint, check_output
+
+    check_disjoint({"OUT_DIR": out_dir}, {"IN.nemo": nemo_path})  # never over or inside the input
+    check_output(out_dir, "OUT_DIR", overwrite=overwrite, kind="dir")
     if os.path.exists(out_dir) and not overwrite:
         raise CheckpointError(f"{os.path.abspath(out_dir)} exists; pass --overwrite to replace it")
     in_place = {}  # torch_dist data files are read from the tar where they lie, not extracted

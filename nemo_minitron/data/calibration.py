@@ -26,7 +26,7 @@ from typing import Iterator, List
 
 import torch
 
-from nemo_minitron.data.jsonl import iter_jsonl
+from nemo_minitron.data.jsonl import iter_jsonl, iter_lines
 from nemo_minitron.errors import ConfigError, MinitronError
 
 BUILTIN = "pydoc"
@@ -47,16 +47,15 @@ def iter_documents(data: str) -> Iterator[str]:
         for _, record in iter_jsonl(data, ("text",)):
             yield record["text"]
         return
-    with open(data, encoding="utf-8") as f:
-        block: List[str] = []
-        for line in f:
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield "".join(block)
-                block = []
-        if block:
+    block: List[str] = []
+    for _, line in iter_lines(data):  # a line that is not UTF-8: one error naming it
+        if line.strip():
+            block.append(line)
+        elif block:
             yield "".join(block)
+            block = []
+    if block:
+        yield "".join(block)
 
 
 def load_tokenizer(tokenizer_dir: str):

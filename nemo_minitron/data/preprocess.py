@@ -112,6 +112,12 @@ def preprocess(input_path: str, prefix: str, json_keys: Sequence[str] = ("text",
     if tokenizer:
         _given_tokenizer_dir(tokenizer)
     prefixes = {k: output_prefix(prefix, k) for k in json_keys}
+    from nemo_minitron.checkpoint.paths import check_disjoint, check_output
+
+    for path in [f(p) for p in prefixes.values() for f in (bin_path, idx_path)]:
+        # never over an input; writable; a file, not a directory
+        check_disjoint({"--output-prefix": path}, {"--input": input_path, "--tokenizer": tokenizer})
+        check_output(path, "--output-prefix", overwrite=overwrite, kind="file")
     if not overwrite:
         for p in prefixes.values():
             for path in (bin_path(p), idx_path(p)):

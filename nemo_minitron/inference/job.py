@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from nemo_minitron.data.jsonl import iter_jsonl
+from nemo_minitron.data.jsonl import iter_jsonl, iter_lines
 from nemo_minitron.errors import ConfigError, MinitronError
 from nemo_minitron.tokenizer import load_tokenizer
 
@@ -103,8 +103,7 @@ def read_documents(path: str) -> List[str]:
     if not os.path.isfile(path):
         raise ConfigError(f"data={path}: file not found")
     if not path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = "".join(line for _, line in iter_lines(path))
         if not text.strip():
             raise ConfigError(f"data={path}: empty")
         return [text]
@@ -165,21 +164,44 @@ def _with_hf_model(run):
     return wrapper
 
 
-@_with_hf_model
-def run_generate(job: GenerateJobConfig, stdout=None) -> Optional[list]:
-    """Generate for ``job``; returns the completions (on every rank)."""
-    import sys
+def check_output_file(path: str, label: str, inputs: dict) -> None:
+    """A job's JSON(L) output: a file (replaced if it exists) in a writable place, never one of
+    the job's ``inputs`` (label -> path) nor inside one."""
+    from nemo_minitron.checkpoint.paths import check_disjoint, check_output
 
-    from nemo_minitron.dist import is_rank0
-    from nemo_minitron.inference.generate import generate, validate_request
+    check_disjoint({label: path}, inputs)
+    check_output(path, label, overwrite=True, kind="file")
 
-    stdout = stdout or sys.stdout
+
+def _check_generate(job: GenerateJobConfig) -> None:
+    """Everything about a generate job that needs neither the model nor its conversion."""
     if bool(job.prompt) == bool(job.prompts):
         raise ConfigError("give exactly one of prompt=TEXT or prompts=FILE.jsonl")
     if job.prompts and not job.out:
         raise ConfigError("prompts=FILE.jsonl needs out=FILE.jsonl")
     if isinstance(job.batch_size, bool) or job.batch_size < 1:
         raise ConfigError(f"batch_size={job.batch_size} must be >= 1")
+    sampling_params(job)
+    if job.out:
+        check_output_file(job.out, "out", {"prompts": job.prompts, "model": job.model})
+    if job.prompts:
+        read_prompts(job.prompts)
+
+
+def run_generate(job: GenerateJobConfig, stdout=None) -> Optional[list]:
+    """Generate for ``job``; returns the completions (on every rank)."""
+    _check_generate(job)  # before a .nemo model is converted
+    return _run_generate(job, stdout)
+
+
+@_with_hf_model
+def _run_generate(job: GenerateJobConfig, stdout=None) -> Optional[list]:
+    import sys
+
+    from nemo_minitron.dist import is_rank0
+    from nemo_minitron.inference.generate import generate, validate_request
+
+    stdout = stdout or sys.stdout
     params = sampling_params(job)
     cfg = _model_config(job.model, job.tp, job.pp)
     _dtype(job.dtype)
@@ -218,9 +240,14 @@ def _write_jsonl(path: str, texts, completions) -> None:
     os.replace(tmp, path)
 
 
-@_with_hf_model
 def run_perplexity(job: PerplexityJobConfig, stdout=None):
     """Sliding-window perplexity of ``job.data``; rank 0 prints one JSON line."""
+    read_documents(job.data)  # readable UTF-8, before a .nemo model is converted
+    return _run_perplexity(job, stdout)
+
+
+@_with_hf_model
+def _run_perplexity(job: PerplexityJobConfig, stdout=None):
     import sys
 
     from nemo_minitron.dist import is_rank0
@@ -252,22 +279,31 @@ def run_perplexity(job: PerplexityJobConfig, stdout=None):
         cleanup()
 
 
-@_with_hf_model
 def run_eval_harness(job: EvalHarnessJobConfig, stdout=None):
     """lm-evaluation-harness tasks on the Megatron model (all ranks run every request; rank 0
     prints lm-eval's table and writes ``out``)."""
+    from nemo_minitron.inference.lm_eval_adapter import harness_lm_class
+
+    harness_lm_class()  # first: a clear error when lm-eval is missing
+    if not job.tasks:
+        raise ConfigError("tasks=[...] (or --tasks a,b) is required")
+    if job.out:  # before a .nemo model is converted
+        check_output_file(job.out, "out", {"model": job.model})
+    return _run_eval_harness(job, stdout)
+
+
+@_with_hf_model
+def _run_eval_harness(job: EvalHarnessJobConfig, stdout=None):
     import sys
 
     from nemo_minitron.dist import is_rank0
     from nemo_minitron.inference.lm_eval_adapter import harness_lm_class
 
     stdout = stdout or sys.stdout
-    lm_class = harness_lm_class()  # first: a clear error when lm-eval is missing
+    lm_class = harness_lm_class()
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table
 
-    if not job.tasks:
-        raise ConfigError("tasks=[...] (or --tasks a,b) is required")
     cfg = _model_config(job.model, job.tp, job.pp)
     if job.max_gen_toks >= cfg.max_position_embeddings:
         raise ConfigError(f"max_gen_toks={job.max_gen_toks} must be below the model's "

@@ -17,6 +17,11 @@ import torch
 from nemo_minitron.errors import ConfigError
 
 
+def is_seed(value) -> bool:
+    """What torch.Generator.manual_seed takes without error: an integer in [0, 2**64)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     greedy: bool = False  # argmax; the other sampling knobs are then ignored
@@ -45,8 +50,8 @@ class SamplingParams:
             raise ConfigError(f"top_k={self.top_k!r} must be an integer >= 0 (0: off)")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ConfigError(f"top_p={self.top_p!r} must be in (0, 1]")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed={self.seed!r} must be a non-negative integer")
+        if not is_seed(self.seed):
+            raise ConfigError(f"seed={self.seed!r} must be an integer in [0, 2**64)")
 
     @property
     def is_greedy(self) -> bool:

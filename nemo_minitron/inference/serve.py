@@ -36,7 +36,7 @@ from typing import List, Optional
 
 from nemo_minitron.errors import ConfigError, MinitronError
 from nemo_minitron.inference.generate import GenerationError, generate, validate_request
-from nemo_minitron.inference.sampling import SamplingParams
+from nemo_minitron.inference.sampling import SamplingParams, is_seed
 from nemo_minitron.inference.job import _with_hf_model
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -91,6 +91,8 @@ def parse_request(body: bytes, cfg, tokenizer, default_seed: int = 1234):
     else:
         raise RequestError(400, "\"prompt\" is required: a non-empty string or list of token ids")
     given = {k: v for k, v in req.items() if v is not None}
+    if "seed" in given and not is_seed(given["seed"]):  # torch would fail on it mid-generation
+        raise RequestError(400, f"seed={given['seed']!r} must be an integer in [0, 2**64)")
     if not isinstance(given.get("stop", ""), (str, list)):
         raise RequestError(422, f"stop={given['stop']!r} must be a string or a list of strings")
     logprobs = given.get("logprobs", False)
@@ -127,12 +129,8 @@ class CompletionServer:
     def __init__(self, runner, tokenizer=None, host: str = "127.0.0.1", port: int = 0,
                  listen: bool = True, default_seed: int = 1234, request_timeout_s: float = 600.0,
                  log=None):
-        import torch.distributed as dist
-
-        self.runner, self.tokenizer = runner, tokenizer
+        self.runner, self.tokenizer = runner, tokenizer  # runner: may be set after the bind
         self.default_seed, self.request_timeout_s = default_seed, request_timeout_s
-        self.multi_rank = dist.is_available() and dist.is_initialized() \
-            and dist.get_world_size() > 1
         self.log = log
         self._queue: "queue.Queue[_Work]" = queue.Queue()
         self._stopping = threading.Event()
@@ -140,6 +138,13 @@ class CompletionServer:
         if listen:
             self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
             self._httpd.daemon_threads = True  # a stuck client never blocks the exit
+
+    @property
+    def multi_rank(self) -> bool:
+        """Whether requests go to other ranks (asked late: rank 0 binds before the group exists)."""
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     @property
     def address(self):
@@ -274,26 +279,57 @@ def _handler_class(server: CompletionServer):
     return Handler
 
 
-@_with_hf_model
-def run_serve(job: ServeJobConfig) -> None:
-    """The serve job: checks, setup on every rank, serve until SIGINT/SIGTERM, cleanup."""
-    import signal
+def _bind(job: ServeJobConfig) -> CompletionServer:
+    """Rank 0's server, listening on ``job.host:job.port`` (model and tokenizer come later)."""
+    import errno
 
+    try:
+        return CompletionServer(None, None, job.host, job.port, listen=True,
+                                default_seed=job.seed, request_timeout_s=job.request_timeout_s,
+                                log=(lambda m: print(m, file=sys.stderr, flush=True)))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {job.port} on {job.host} is in use: stop what holds it, or "
+                              "pass --port with another port (0: any free one)") from None
+        raise ConfigError(f"cannot listen on {job.host}:{job.port}: {e.strerror or e}") from None
+
+
+def run_serve(job: ServeJobConfig) -> None:
+    """The serve job: checks, rank 0 binds its port, setup on every rank (a .nemo model is
+    converted first), serve until SIGINT/SIGTERM, cleanup."""
     from nemo_minitron.dist import is_rank0
-    from nemo_minitron.inference.job import _dtype, _model_config, cleanup, setup
-    from nemo_minitron.tokenizer import load_tokenizer
 
     if isinstance(job.port, bool) or not 0 <= job.port < 65536:
         raise ConfigError(f"port={job.port} must be in [0, 65535]")
+    if not is_seed(job.seed):
+        raise ConfigError(f"seed={job.seed!r} must be an integer in [0, 2**64)")
+    # rank 0 binds before any model is read: a port in use fails in a second, as one line
+    server = _bind(job) if is_rank0() else None
+    try:
+        _serve(job, server)
+    finally:
+        if server is not None:
+            server._httpd.server_close()  # already closed after serving; a no-op then
+
+
+@_with_hf_model
+def _serve(job: ServeJobConfig, server: Optional[CompletionServer]) -> None:
+    import signal
+
+    from nemo_minitron.inference.job import _dtype, _model_config, cleanup, setup
+    from nemo_minitron.tokenizer import load_tokenizer
+
     _model_config(job.model, job.tp, job.pp)
     _dtype(job.dtype)
     tokenizer = load_tokenizer(job.model)
     runner = setup(job.model, job.tp, job.pp, job.dtype, job.seed)
     try:
-        rank0 = is_rank0()
-        server = CompletionServer(runner, tokenizer, job.host, job.port, listen=rank0,
-                                  default_seed=job.seed, request_timeout_s=job.request_timeout_s,
-                                  log=(lambda m: print(m, file=sys.stderr, flush=True)))
+        rank0 = server is not None
+        if rank0:
+            server.runner, server.tokenizer = runner, tokenizer
+        else:
+            server = CompletionServer(runner, tokenizer, listen=False, default_seed=job.seed,
+                                      request_timeout_s=job.request_timeout_s)
         if rank0:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: server.stop())

@@ -120,7 +120,11 @@ def merge_lora(base: str, adapter_dir: str, out: str, overwrite: bool = False) -
     from nemo_minitron.model.load import HFReader
     from nemo_minitron.train.export import check_output_path, write_output
 
+    from nemo_minitron.checkpoint.paths import check_disjoint, check_output
+
     check_output_path(out)
+    check_disjoint({"--out": out}, {"--base": base, "--adapter": adapter_dir})
+    check_output(out, "--out", overwrite=overwrite, kind="file" if out.endswith(".nemo") else "dir")
     meta, tensors = read_adapter(adapter_dir)
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
@@ -177,7 +181,10 @@ def export_peft(adapter_dir: str, out_dir: str, base_model: Optional[str] = None
     """Write only the HF-PEFT files of ``adapter_dir`` to ``out_dir`` (``base_model``: the
     ``base_model_name_or_path`` to record, default the one the adapter was trained on)."""
     from nemo_minitron.checkpoint.fsutil import atomic_output_dir
+    from nemo_minitron.checkpoint.paths import check_disjoint, check_output
 
+    check_disjoint({"--out": out_dir}, {"--adapter": adapter_dir})
+    check_output(out_dir, "--out", overwrite=overwrite, kind="dir")
     meta, tensors = read_adapter(adapter_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         _write_peft(tensors, meta, tmp, base_model)

@@ -7,6 +7,7 @@ Layout under ``ckpt_dir``::
     step_000010/          a complete checkpoint (dist_checkpointing directory)
     step_000020/
     latest                text: the directory name of the newest complete checkpoint
+    run.json              what the run was started from (nemo_minitron/train/resume.py)
 
 A save writes ``.step_000020.tmp`` first; only when every rank has finished does rank 0 rename it to
 ``step_000020`` and then replace ``latest`` (write + ``os.replace``). An interrupted save leaves at
@@ -120,8 +121,12 @@ def _sharded_state(model, optimizer, trainer_state: dict, is_loading: bool):
 
 
 def save_checkpoint(ckpt_dir: str, step: int, model, optimizer, trainer_state: dict,
-                    keep_last: int = 2) -> str:
-    """Collective: every rank calls it. ``model``: the unwrapped GPTModel (this rank's part)."""
+                    keep_last: int = 2, identity: Optional[dict] = None) -> str:
+    """Collective: every rank calls it. ``model``: the unwrapped GPTModel (this rank's part).
+    ``identity``: what the run was started from (nemo_minitron.train.resume), written to
+    ``run.json`` before ``latest`` points at the new step. Step directories newer than ``step``
+    belong to an earlier run this one replaces (``trainer.resume=false``): they are removed once
+    the new step is in place, before ``run.json`` names the new run."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(ckpt_dir, step_dir_name(step))
@@ -140,6 +145,14 @@ def save_checkpoint(ckpt_dir: str, step: int, model, optimizer, trainer_state: d
         if os.path.exists(final):  # re-saving a step (e.g. after resume): replace it last
             shutil.rmtree(final)
         os.rename(tmp, final)
+        for d in os.listdir(ckpt_dir):  # an earlier run's later steps (this one did not resume)
+            m = _STEP_DIR.match(d)
+            if m and int(m.group(1)) > step:
+                shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+        if identity is not None:
+            from nemo_minitron.train.resume import write_identity
+
+            write_identity(ckpt_dir, identity)
         pointer_tmp = os.path.join(ckpt_dir, "." + LATEST + ".tmp")
         with open(pointer_tmp, "w") as f:
             f.write(step_dir_name(step) + "\n")

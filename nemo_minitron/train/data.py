@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from nemo_minitron.data.jsonl import iter_jsonl
+from nemo_minitron.data.jsonl import iter_jsonl, iter_lines
 from nemo_minitron.errors import ConfigError, MinitronError
 
 
@@ -281,14 +281,13 @@ def data_format(path: str, fmt: str) -> str:
     if fmt != "auto":
         raise ConfigError(f"data.format={fmt!r}: choose auto, sft or text")
     if path.endswith(".jsonl") and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        first = json.loads(line)
-                    except json.JSONDecodeError:
-                        return "text"  # text_data names the bad line
-                    return "sft" if isinstance(first, dict) and "output" in first else "text"
+        for _, line in iter_lines(path):
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError:
+                    return "text"  # text_data names the bad line
+                return "sft" if isinstance(first, dict) and "output" in first else "text"
     return "text"
 
 

@@ -126,7 +126,7 @@ class Trainer:
                  val_data=None, forward_step: Callable = default_forward_step,
                  loss_fn: Callable = masked_lm_loss, logger=None, callbacks: Sequence = (),
                  extra_state: Optional[dict] = None, metric_names: Sequence[str] = (),
-                 pipeline_io=None):
+                 pipeline_io=None, identity: Optional[dict] = None):
         from megatron.core import parallel_state as ps
 
         self.model, self.optimizer, self.scheduler = ddp_model, optimizer, scheduler
@@ -134,6 +134,7 @@ class Trainer:
         self.forward_step, self.loss_fn = forward_step, loss_fn
         self.logger, self.callbacks = logger, list(callbacks)
         self.extra_state = extra_state or {}  # e.g. the recipe config, saved for the record
+        self.identity = identity  # what the run was started from: run.json (train/resume.py)
         self.state = TrainState()
         self.metric_names = tuple(metric_names)
         self.last_val_metrics: dict = {}
@@ -233,7 +234,8 @@ class Trainer:
         state = dict(step=self.state.step, scheduler=self.scheduler.state_dict(),
                      global_batch_size=self.loop.global_batch_size, **self.extra_state)
         return ckpt.save_checkpoint(self.loop.ckpt_dir, self.state.step, self.model.module,
-                                    self.optimizer, state, keep_last=self.loop.keep_last_n_ckpts)
+                                    self.optimizer, state, keep_last=self.loop.keep_last_n_ckpts,
+                                    identity=self.identity)
 
     def maybe_resume(self) -> Optional[str]:
         if not (self.loop.resume and self.loop.ckpt_dir):

@@ -115,6 +115,30 @@ class TorchOptimizer:
         self.optimizer.load_state_dict(state["torch_optimizer"])
 
 
+def check_optim(optim_cfg) -> None:
+    """The ``optim`` section's values, before any model is built (torch and Megatron would reject
+    some only when the optimizer is made, with a traceback)."""
+    o = optim_cfg
+    if o.name != "adam":
+        raise ConfigError(f"optim.name={o.name!r}: only 'adam' is supported")
+    if not o.lr > 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    if not o.weight_decay >= 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                    and 0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1)")
+    if not o.eps > 0:
+        raise ConfigError(f"optim.eps={o.eps} must be positive")
+    if not o.clip_grad >= 0:
+        raise ConfigError(f"optim.clip_grad={o.clip_grad} must be >= 0 (0: off)")
+    for key in ("warmup_steps", "decay_steps"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"optim.{key}={getattr(o, key)} must be >= 0")
+
+
 def build_optimizer(ddp_model, optim_cfg, precision: str):
     """Megatron's optimizer where it imports (see module docstring), else :class:`TorchOptimizer`."""
     if optim_cfg.name != "adam":
