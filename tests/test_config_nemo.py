@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from nemo_minitron.config import PRESETS, get_preset
-from nemo_minitron.config.nemo import (DoubleRopeScalingError, dump_yaml,
+from nemo_minitron.config.nemo import (NEMO_RESTORE_DEFAULTS, DoubleRopeScalingError, dump_yaml,
                                        from_nemo_dict, read_nemo_config, to_nemo_dict)
 from nemo_minitron.errors import CheckpointError, ConfigError
 
@@ -35,7 +35,10 @@ def test_round_trip_through_yaml_text(name):
 def test_written_keys():
     d = to_nemo_dict(get_preset("minitron_4b_width"), tp=4)
     assert NEMO2405_KEYS <= set(d)
-    assert set(d) - NEMO2405_KEYS == LATER_NEMO_ROPE_KEYS | {"vocab_size", "transformer_block_type"}
+    assert set(d) - NEMO2405_KEYS == LATER_NEMO_ROPE_KEYS | set(NEMO_RESTORE_DEFAULTS) | {
+        "vocab_size", "transformer_block_type"}
+    assert d["hidden_dropout"] == d["attention_dropout"] == d["ffn_dropout"] == 0.0
+    assert d["megatron_amp_O2"] is False and "optim" in d
     assert d["kv_channels"] == 128 and d["hidden_size"] == 3072
     assert d["scale_positional_embedding"] is True
     assert "seq_len_interpolation_factor" not in d  # would scale RoPE twice in later NeMo
@@ -135,3 +138,36 @@ def test_file_errors(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(CheckpointError, match="mapping"):
         read_nemo_config(str(bad))
+
+
+# Keys of NeMo 24.05's own Llama model config whose value legitimately differs in ours, and why.
+# Everything else NeMo's file has, ours has with the same value (test below).
+ARCHITECTURE_AND_LAYOUT = {  # set from the model itself, or from the converter's arguments
+    "encoder_seq_length", "max_position_embeddings", "num_layers", "hidden_size", "ffn_hidden_size",
+    "num_attention_heads", "num_query_groups", "kv_channels", "init_method_std", "rotary_base",
+    "layernorm_epsilon", "make_vocab_size_divisible_by", "tokenizer", "precision",
+    "micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
+    "pipeline_model_parallel_size"}
+DELIBERATE = {
+    "apply_query_key_layer_scaling": "HF Llama has no layer-number scaling (Megatron's only "
+                                     "changes fp16 rounding)",
+    "use_cpu_initialization": "NeMo's converter sets true (weights initialized on the CPU at every "
+                              "restore: slow at 8B); the container has GPUs",
+    "seq_len_interpolation_factor": "never written: with llama3 scaling it scales RoPE twice",
+    "data": "training data paths are the training job's, not the checkpoint's",
+}
+
+
+def test_every_key_of_nemos_llama_config_with_llamas_value():
+    """Key by key against NeMo 24.05's megatron_llama_config.yaml model section as its Llama
+    converter writes it (tests/data): every key present in ours with the same value, except the
+    architecture/layout keys (ours: the model's) and the deliberate differences above."""
+    theirs = yaml.safe_load(open(NEMO2405))
+    ours = to_nemo_dict(get_preset("llama31_8b"))
+    missing = sorted(set(theirs) - set(ours) - set(DELIBERATE))
+    assert not missing, f"NeMo reads keys we do not write: {missing}"
+    differ = {k: (ours[k], theirs[k]) for k in theirs
+              if k not in ARCHITECTURE_AND_LAYOUT and k not in DELIBERATE and ours[k] != theirs[k]}
+    assert not differ, differ
+    assert ours["hidden_dropout"] == ours["attention_dropout"] == ours["ffn_dropout"] == 0.0
+    assert ours["kv_channels"] == 128 and ours["megatron_amp_O2"] is False

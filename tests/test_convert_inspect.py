@@ -22,6 +22,9 @@ def extracted(tiny_hf_dir, tmp_path_factory):
     return nemo, str(out)
 
 
+DROP = object()  # a key removed from model_config.yaml
+
+
 def _run(capsys, path):
     code = main(["inspect", str(path)])
     out, err = capsys.readouterr()
@@ -41,6 +44,8 @@ def _edited_nemo(extracted, tmp_path, change, drop_tokenizer=False):
     path = copy / "model_config.yaml"
     cfg = yaml.safe_load(path.read_text())
     cfg.update(change)
+    for key in [k for k, v in change.items() if v is DROP]:
+        del cfg[key]
     path.write_text(yaml.safe_dump(cfg))
     if drop_tokenizer:
         shutil.rmtree(copy / "tokenizer")
@@ -56,6 +61,9 @@ def _edited_nemo(extracted, tmp_path, change, drop_tokenizer=False):
      "is a gated hub id"),
     ({"vocab_size": 200000}, False, "fewer than the 200000-token vocabulary"),
     ({"precision": 16}, False, "precision 16"),
+    ({"optim": DROP}, False, "no optim section: NeMo 24.05's restore fails"),
+    ({"hidden_dropout": DROP, "attention_dropout": 0.1}, False,
+     "hidden_dropout=0.1, attention_dropout=0.1 (absent: NeMo default): Llama has no dropout"),
 ])
 def test_nemo_problems(capsys, extracted, tmp_path, change, drop_tokenizer, message):
     code, out = _run(capsys, _edited_nemo(extracted, tmp_path, change, drop_tokenizer))

@@ -35,8 +35,7 @@ _FACTORIES = frozenset({
     "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor", "linspace", "eye",
     "empty_strided",
 })
-_PREFIXES = ("megatron.",)
-_state = {"active": False}
+_state = {"active": False, "prefixes": ("megatron.",)}
 SKIPPED = {}  # fixes whose target module does not import here -> the ImportError
 
 
@@ -102,6 +101,9 @@ class _CpuCuda(types.ModuleType):
         self.max_memory_allocated = lambda *a, **k: 0
         self.reset_peak_memory_stats = lambda *a, **k: None
         self.random = types.SimpleNamespace(get_rng_state=lambda *a, **k: torch.get_rng_state())
+        for name in ("FloatTensor", "LongTensor", "IntTensor", "BoolTensor", "ByteTensor",
+                     "HalfTensor", "BFloat16Tensor", "DoubleTensor"):  # legacy typed constructors
+            setattr(self, name, getattr(torch, name))
 
     def __getattr__(self, name):  # anything else: the real module (e.g. is_available -> False)
         return getattr(torch.cuda, name)
@@ -127,7 +129,7 @@ _TORCH = _TorchForMegatron()
 def _retarget(module) -> None:
     name = getattr(module, "__name__", "") or ""
     namespace = getattr(module, "__dict__", None)
-    if (name + ".").startswith(_PREFIXES) and namespace is not None \
+    if (name + ".").startswith(_state["prefixes"]) and namespace is not None \
             and namespace.get("torch") is torch:
         namespace["torch"] = _TORCH
 
@@ -136,7 +138,7 @@ class _RetargetOnImport(importlib.abc.MetaPathFinder):
     """Retarget megatron modules imported after :func:`activate`, right after they execute."""
 
     def find_spec(self, fullname, path, target=None):
-        if not (fullname + ".").startswith(_PREFIXES):
+        if not (fullname + ".").startswith(_state["prefixes"]):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -257,6 +259,17 @@ def _fix_config_defaults():
     TransformerConfig.__post_init__ = __post_init__
 
 
+def extend_to(package: str) -> None:
+    """Give ``package``'s modules (e.g. ``nemo``: NeMo's own CUDA calls, for the tests that run
+    the real NeMo 2.0.0rc0 on a CPU) the same CPU view as Megatron's; takes effect at
+    :func:`activate` (again, if already active)."""
+    prefix = package.rstrip(".") + "."
+    if prefix not in _state["prefixes"]:
+        _state["prefixes"] += (prefix,)
+    if _state["active"]:
+        activate()
+
+
 def is_active() -> bool:
     return _state["active"]
 
@@ -270,7 +283,7 @@ def activate() -> bool:
         torch.Tensor.cuda = lambda self, *args, **kwargs: self  # raises on a CPU build otherwise
         _state["active"] = True
     for name, module in list(sys.modules.items()):
-        if (name + ".").startswith(_PREFIXES):
+        if (name + ".").startswith(_state["prefixes"]):
             _retarget(module)
     for fix in (_fix_rng_helpers, _fix_grad_clipping, _fix_param_type_checks, _fix_checkpoint_queue,
                 _fix_config_defaults):

@@ -13,6 +13,7 @@ and are ignored.
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -62,6 +63,75 @@ NEMO_UNSUPPORTED_IF_SET: Dict[str, object] = {
     "headscale": False,
 }
 
+# The rest of what NeMo 2.0.0rc0 (24.05) reads from a restored model config, with the values right
+# for Llama-3.1: the ``model:`` section of NeMo's own examples/.../megatron_llama_config.yaml (what
+# its HF->NeMo Llama converter writes beside the architecture). A key NeMo does not find falls back
+# to a default that is wrong for Llama (``hidden_dropout``, ``attention_dropout``: 0.1) or fails the
+# restore (``optim``: MegatronBaseModel.__init__ reads it). Deliberate differences from that file
+# (tests/test_config_nemo.py compares key by key, tests/test_nemo_real.py restores in NeMo):
+# ``apply_query_key_layer_scaling`` false (HF Llama has no layer-number scaling; Megatron's only
+# changes fp16 rounding), ``use_cpu_initialization`` false (NeMo's converter sets true: weights
+# initialized on the CPU at every restore). ``megatron_amp_O2`` is false as in that file (true, as
+# we wrote before, broke NeMo's megatron_gpt_eval.py at precision 32: "Either config.fp16 or
+# config.bf16 should be True").
+NEMO_RESTORE_DEFAULTS: Dict[str, object] = {
+    "virtual_pipeline_model_parallel_size": None,
+    "use_scaled_init_method": True,
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "ffn_dropout": 0.0,
+    "apply_query_key_layer_scaling": False,
+    "do_layer_norm_weight_decay": False,
+    "pre_process": True,
+    "post_process": True,
+    "persist_layer_norm": True,
+    "headscale": False,
+    "openai_gelu": False,
+    "normalize_attention_scores": True,
+    "attention_type": "multihead",
+    "overlap_p2p_comm": False,
+    "batch_p2p_comm": True,
+    "native_amp_init_scale": 4294967296,
+    "native_amp_growth_interval": 1000,
+    "hysteresis": 2,
+    "fp32_residual_connection": False,
+    "fp16_lm_cross_entropy": False,
+    "grad_allreduce_chunk_size_mb": 125,
+    "grad_div_ar_fusion": True,
+    "gradient_accumulation_fusion": False,
+    "bias_activation_fusion": False,
+    "bias_dropout_add_fusion": False,
+    "masked_softmax_fusion": True,
+    "get_attention_mask_from_fusion": True,
+    "apply_rope_fusion": False,
+    "seed": 1234,
+    "resume_from_checkpoint": None,
+    "use_cpu_initialization": False,
+    "onnx_safe": False,
+    "apex_transformer_log_level": 30,
+    "gradient_as_bucket_view": True,
+    "sync_batch_comm": False,
+    "activations_checkpoint_granularity": None,
+    "activations_checkpoint_method": None,
+    "activations_checkpoint_num_layers": None,
+    "num_micro_batches_with_partial_activation_checkpoints": None,
+    "activations_checkpoint_layers_per_pipeline": None,
+    "sequence_parallel": False,
+    "fp8": False,
+    "fp8_e4m3": False,
+    "fp8_hybrid": True,
+    "fp8_margin": 0,
+    "fp8_interval": 1,
+    "fp8_amax_history_len": 1024,
+    "fp8_amax_compute_algo": "max",
+    "reduce_amax": True,
+    "use_emha": False,
+    # NeMo's pretraining defaults; its fine-tuning scripts replace the whole section
+    "optim": {"name": "fused_adam", "lr": 2e-4, "weight_decay": 0.01, "betas": [0.9, 0.98],
+              "sched": {"name": "CosineAnnealing", "warmup_steps": 500, "constant_steps": 50000,
+                        "min_lr": 2e-5}},
+}
+
 PRECISION_TO_DTYPE = {"bf16": "bfloat16", "bf16-mixed": "bfloat16", "16": "float16",
                       "16-mixed": "float16", "32": "float32", "32-true": "float32"}
 DTYPE_TO_PRECISION = {"bfloat16": "bf16", "float16": 16, "float32": 32}
@@ -101,10 +171,11 @@ def to_nemo_dict(cfg: ModelConfig, *, tp: int = 1, pp: int = 1, precision: Optio
         "pipeline_model_parallel_size": pp,
         "micro_batch_size": micro_batch_size,
         "global_batch_size": global_batch_size if global_batch_size is not None else micro_batch_size,
-        "megatron_amp_O2": cfg.dtype != "float32",
+        "megatron_amp_O2": False,
         "transformer_engine": transformer_engine,
         "dist_ckpt_format": dist_ckpt_format,
     })
+    out.update(copy.deepcopy(NEMO_RESTORE_DEFAULTS))
     return out
 
 

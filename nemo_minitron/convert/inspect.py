@@ -164,7 +164,23 @@ def inspect_nemo(path: str) -> Report:
                                    "(--tokenizer-type) or point it at a local directory")
         if raw.get("precision") in (16, "16", "16-mixed"):
             report.problems.append("precision 16 (fp16) in model_config.yaml: this family is bf16")
+        _restore_key_problems(raw, report)
         return report
+
+
+def _restore_key_problems(raw: dict, report: Report) -> None:
+    """Keys NeMo 24.05 reads at restore: without ``optim`` the restore fails (Key 'optim' is not in
+    struct); without the dropouts NeMo trains with its defaults (0.1), which Llama does not have."""
+    if "optim" not in raw:
+        report.problems.append("model_config.yaml has no optim section: NeMo 24.05's restore fails "
+                               "(Key 'optim' is not in struct); add NeMo's optim defaults")
+    dropouts = [k for k in ("hidden_dropout", "attention_dropout", "ffn_dropout")
+                if raw.get(k, 0.1) != 0.0]
+    if dropouts:
+        report.problems.append(
+            f"{', '.join(f'{k}={raw.get(k, 0.1)}' for k in dropouts)}"
+            f"{' (absent: NeMo default)' if any(k not in raw for k in dropouts) else ''}: "
+            "Llama has no dropout; fine-tuning with NeMo would apply it (set them to 0.0)")
 
 
 def inspect_path(path: str) -> Report:

@@ -17,6 +17,15 @@
   ``linear_in`` is a RowParallelLinear(input_is_parallel=True): megatron-core divides that global
   width by TP.
 
+* ``packed_tokenizer``: NeMo's ``MegatronBaseModel._build_tokenizer`` is wrapped so that a model
+  restored from a .nemo holding our packed HF tokenizer (``tokenizer/``, written by
+  ``convert hf-to-nemo``) builds its tokenizer from those files instead of ``tokenizer.type``'s hub
+  id: NeMo 2.0.0rc0 loads HF tokenizers only by name (no artifact path), so an offline cluster could
+  not restore the model without an override. The restore folder is NeMo's own
+  (``AppState().nemo_file_folder`` while ``_is_model_being_restored()``, where it extracted the
+  archive); the config keeps its hub id, so a model NeMo saves again is unchanged. Every NeMo
+  version with that method gets it (none reads the packed files).
+
 Targets are named by dotted path and looked up when :func:`apply` runs; NeMo is imported only
 then, and only when installed. Every wrapper is installed once (a second ``apply`` changes nothing)
 and can be removed with :func:`remove`.
@@ -29,6 +38,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 from nemo_minitron.config.arch import ModelConfig, RopeScaling
@@ -41,6 +51,9 @@ ROTARY_TARGET = ("megatron.core.models.common.embeddings.rotary_pos_embedding:"
 NEMO_GPT_TARGET = ("nemo.collections.nlp.models.language_modeling.megatron_gpt_model:"
                    "MegatronGPTModel.model_provider_func")
 NEMO_LORA_TARGET = "nemo.collections.nlp.parts.peft_config:LoraPEFTConfig._create_lora_config"
+NEMO_TOKENIZER_TARGET = ("nemo.collections.nlp.models.language_modeling.megatron_base_model:"
+                         "MegatronBaseModel._build_tokenizer")
+PACKED_TOKENIZER = "packed_tokenizer"
 DENSE_ADAPTER_CONFIG = "LoraDenseAttentionAdapterConfig"  # looked up in the LoRA target's module
 
 SCALED_FLAG = "_nemo_minitron_llama3"  # marks a RotaryEmbedding whose inv_freq we scaled
@@ -149,6 +162,39 @@ def _wrap_create_lora_config(original: Callable, dense_cfg_cls) -> Callable:
     return _create_lora_config
 
 
+def packed_tokenizer_dir(model) -> Optional[str]:
+    """The HF tokenizer packed in the .nemo ``model`` is being restored from, else None."""
+    from nemo.utils import AppState
+
+    from nemo_minitron.convert.nemo_file import TOKENIZER_DIR
+
+    if not model._is_model_being_restored():
+        return None
+    folder = AppState().nemo_file_folder
+    packed = os.path.join(folder, TOKENIZER_DIR) if folder else None
+    return packed if packed and os.path.isfile(os.path.join(packed, "tokenizer.json")) else None
+
+
+def _wrap_build_tokenizer(original: Callable) -> Callable:
+    def _build_tokenizer(self):
+        section = self._cfg.tokenizer
+        packed = packed_tokenizer_dir(self) if section.get("library") == "huggingface" else None
+        if packed is None:
+            return original(self)
+        from omegaconf import open_dict
+
+        name = section.get("type")
+        with open_dict(section):
+            section.type = packed
+        try:
+            return original(self)
+        finally:
+            with open_dict(section):
+                section.type = name  # the config keeps what the .nemo says
+
+    return _build_tokenizer
+
+
 # ------------------------------------------------------------------------------- installation
 
 def _resolve(target: str) -> Tuple[object, str, object]:
@@ -187,7 +233,8 @@ def _module_present(target: str) -> bool:
 
 def apply(nemo_version: Optional[str] = None, model_cfg=None, *,
           rotary_target: str = ROTARY_TARGET, nemo_gpt_target: str = NEMO_GPT_TARGET,
-          nemo_lora_target: str = NEMO_LORA_TARGET) -> Dict[str, List[str]]:
+          nemo_lora_target: str = NEMO_LORA_TARGET,
+          nemo_tokenizer_target: str = NEMO_TOKENIZER_TARGET) -> Dict[str, List[str]]:
     """Install the patches NeMo ``nemo_version`` (default: the installed one) needs.
 
     ``model_cfg``: a NeMo model config (mapping/DictConfig), ModelConfig or RopeScaling whose llama3
@@ -216,6 +263,13 @@ def apply(nemo_version: Optional[str] = None, model_cfg=None, *,
             wrap = functools.partial(_wrap_create_lora_config, dense_cfg_cls=dense_cls)
             applied[versions.LORA_DENSE] = [nemo_lora_target] if _install(nemo_lora_target, wrap) \
                 else []
+    if _module_present(nemo_tokenizer_target):
+        try:
+            _resolve(nemo_tokenizer_target)
+        except NemoPatchError:  # a NeMo without MegatronBaseModel._build_tokenizer: nothing to do
+            return applied
+        applied[PACKED_TOKENIZER] = [nemo_tokenizer_target] if _install(
+            nemo_tokenizer_target, _wrap_build_tokenizer) else []
     return applied
 
 
