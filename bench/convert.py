@@ -35,10 +35,9 @@ The ``returned GB`` column: memory the VM handed back to its hypervisor during t
 free page reporting, ``/sys/module/page_reporting``; absent on bare metal). On the project's VMs
 free memory is handed back within seconds, and touching a handed-back page again costs the guest
 a host fault: measured 2-4x slower first touches, the main reason the same copy takes 3 to 10 s
-from run to run. ``--hold-free-memory`` (root) stops the reporting for the run (restored
-afterwards) and touches the free memory once first, so every step writes into pages the guest
-already holds, as on a bare-metal node (measured: the 9 GB copy then took 2.8-3.7 s in every
-run, hf-to-nemo 7.2-7.8 s over six runs).
+from run to run. Compare ratios within one run. (An earlier version of this bench could switch the
+reporting off as root, a kernel setting a benchmark should not write; what that measured is in
+bench/results/convert_4b_cpu_2026-11-27_session5.txt.)
 
 Measured results and how to read them: README.md, conversion section. ``--baseline-tree DIR``
 (e.g. a ``git worktree`` of an older commit) times that checkout's converters in the same run,
@@ -47,9 +46,7 @@ before ours.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import mmap
 import os
 import shutil
 import subprocess
@@ -129,33 +126,6 @@ def returned_bytes():
         return None
 
 
-@contextlib.contextmanager
-def free_memory_held():
-    """Free page reporting off (its order above the largest block: nothing is ever reported)
-    for the block, and the free memory touched once so that it is the guest's again."""
-    path = os.path.join(PAGE_REPORTING, "page_reporting_order")
-    with open(path) as f:
-        order = f.read().strip()
-    with open(path, "w") as f:
-        f.write("11")
-    try:
-        with open("/proc/meminfo") as f:
-            free = int(f.read().split("MemFree:")[1].split()[0]) * 1024
-        size = max(0, free - (1536 << 20)) & ~4095  # leave the kernel its reserves
-        if size:
-            block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            page = b"\1" * (1 << 20)
-            for offset in range(0, size - len(page) + 1, len(page)):
-                block[offset:offset + len(page)] = page
-            block.close()
-        print(f"free page reporting off for the run; {size / 2**30:.1f} GiB of free memory "
-              "touched", flush=True)
-        yield
-    finally:
-        with open(path, "w") as f:
-            f.write(order)
-
-
 def timed(cmd, env=None, cwd=None):
     """{"wall": seconds, "anon"/"file"/"rss"/"hwm": peak bytes, "returned": bytes handed back
     to the hypervisor meanwhile (None where the kernel does not report)} of a fresh process
@@ -229,14 +199,7 @@ def main():
     parser.add_argument("--baseline-tree", default=None,
                         help="also time the converters of another checkout of this repository "
                              "(e.g. `git worktree add /tmp/old <commit>`), in the same run")
-    parser.add_argument("--hold-free-memory", action="store_true",
-                        help="root: stop the VM's free page reporting during the run (restored "
-                             "afterwards) and touch the free memory once first")
     args = parser.parse_args()
-    if args.hold_free_memory and not os.access(
-            os.path.join(PAGE_REPORTING, "page_reporting_order"), os.W_OK):
-        parser.error(f"--hold-free-memory: {PAGE_REPORTING}/page_reporting_order is not "
-                     "writable here (no free page reporting, or not root)")
     if os.path.exists(args.workdir):
         shutil.rmtree(args.workdir)
     os.makedirs(args.workdir)
@@ -263,47 +226,46 @@ def main():
             return [sys.executable] + prof + ["-m", "nemo_minitron.cli", "convert", step]
 
         runs = []
-        with free_memory_held() if args.hold_free_memory else contextlib.nullcontext():
-            for r in range(args.repeat):
-                shutil.rmtree(copy, ignore_errors=True)
+        for r in range(args.repeat):
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.rmtree(back, ignore_errors=True)
+            row = {"copy shard bytes": timed([sys.executable, "-c", script])}
+            shutil.rmtree(copy)  # keep the disk footprint at source + .nemo + back
+            # ours last: the round-trip check below reads its output. Each tree's converters
+            # run from that tree (`python -m` puts the working directory first on sys.path)
+            trees = [("", ROOT)]
+            if args.baseline_tree:
+                trees.insert(0, (" (baseline)", os.path.abspath(args.baseline_tree)))
+            for tag, tree in trees:  # the output never pre-exists: no old .nemo to unlink
+                path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree] + path))
                 shutil.rmtree(back, ignore_errors=True)
-                row = {"copy shard bytes": timed([sys.executable, "-c", script])}
-                shutil.rmtree(copy)  # keep the disk footprint at source + .nemo + back
-                # ours last: the round-trip check below reads its output. Each tree's converters
-                # run from that tree (`python -m` puts the working directory first on sys.path)
-                trees = [("", ROOT)]
-                if args.baseline_tree:
-                    trees.insert(0, (" (baseline)", os.path.abspath(args.baseline_tree)))
-                for tag, tree in trees:  # the output never pre-exists: no old .nemo to unlink
-                    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-                    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree] + path))
-                    shutil.rmtree(back, ignore_errors=True)
-                    if os.path.exists(nemo):
-                        os.remove(nemo)
-                    row["hf-to-nemo" + tag] = timed(cli("hf-to-nemo") + [src, nemo, "--format",
-                                                                         args.format], env, tree)
-                    if not tag:  # a copy of the same bytes while source and .nemo fill the cache
-                        row["copy the .nemo"] = timed([sys.executable, "-c", nemo_copy])
-                        os.remove(nemo_copied)
-                    row["nemo-to-hf" + tag] = timed(cli("nemo-to-hf") + [nemo, back], env, tree)
-                # the VM's copy speed drifts (page cache, neighbours): measured again after them
-                row["copy again"] = timed([sys.executable, "-c", script])
-                shutil.rmtree(copy)
-                runs.append(row)
-                print(f"run {r + 1}/{args.repeat}: {'step':<28} {'wall s':>7} {'x copy':>7} "
-                      f"{'cpu s':>6} {'anon GB':>8} {'file GB':>8} {'rss GB':>7} {'hwm GB':>7} "
-                      f"{'tmpfs GB':>8} {'returned GB':>11}")
-                copy_s = (row["copy shard bytes"]["wall"] + row["copy again"]["wall"]) / 2
-                for name, m in row.items():
-                    back_gb = "-" if m["returned"] is None else f"{m['returned'] / 1e9:.2f}"
-                    print(f"{'':<11}{name:<28} {m['wall']:>7.1f} "
-                          f"{m['wall'] / copy_s:>7.2f} {m['cpu']:>6.1f} "
-                          f"{m['anon'] / 1e9:>8.2f} {m['file'] / 1e9:>8.2f} {m['rss'] / 1e9:>7.2f} "
-                          f"{m['hwm'] / 1e9:>7.2f} {m['tmpfs'] / 1e9:>8.2f} "
-                          f"{back_gb:>11}", flush=True)
-                n2h = row["nemo-to-hf"]["wall"] / row["copy the .nemo"]["wall"]
-                print(f"{'':<11}nemo-to-hf / copy the .nemo (same page-cache load): {n2h:.2f}",
-                      flush=True)
+                if os.path.exists(nemo):
+                    os.remove(nemo)
+                row["hf-to-nemo" + tag] = timed(cli("hf-to-nemo") + [src, nemo, "--format",
+                                                                     args.format], env, tree)
+                if not tag:  # a copy of the same bytes while source and .nemo fill the cache
+                    row["copy the .nemo"] = timed([sys.executable, "-c", nemo_copy])
+                    os.remove(nemo_copied)
+                row["nemo-to-hf" + tag] = timed(cli("nemo-to-hf") + [nemo, back], env, tree)
+            # the VM's copy speed drifts (page cache, neighbours): measured again after them
+            row["copy again"] = timed([sys.executable, "-c", script])
+            shutil.rmtree(copy)
+            runs.append(row)
+            print(f"run {r + 1}/{args.repeat}: {'step':<28} {'wall s':>7} {'x copy':>7} "
+                  f"{'cpu s':>6} {'anon GB':>8} {'file GB':>8} {'rss GB':>7} {'hwm GB':>7} "
+                  f"{'tmpfs GB':>8} {'returned GB':>11}")
+            copy_s = (row["copy shard bytes"]["wall"] + row["copy again"]["wall"]) / 2
+            for name, m in row.items():
+                back_gb = "-" if m["returned"] is None else f"{m['returned'] / 1e9:.2f}"
+                print(f"{'':<11}{name:<28} {m['wall']:>7.1f} "
+                      f"{m['wall'] / copy_s:>7.2f} {m['cpu']:>6.1f} "
+                      f"{m['anon'] / 1e9:>8.2f} {m['file'] / 1e9:>8.2f} {m['rss'] / 1e9:>7.2f} "
+                      f"{m['hwm'] / 1e9:>7.2f} {m['tmpfs'] / 1e9:>8.2f} "
+                      f"{back_gb:>11}", flush=True)
+            n2h = row["nemo-to-hf"]["wall"] / row["copy the .nemo"]["wall"]
+            print(f"{'':<11}nemo-to-hf / copy the .nemo (same page-cache load): {n2h:.2f}",
+                  flush=True)
         exact = same_tensors(src, back)
         print(f"round trip bit-identical: {exact}")
         print(json.dumps({"preset": args.preset, "layers": args.layers, "bytes": size,
