@@ -3,25 +3,30 @@
     nemo-minitron presets
     nemo-minitron info minitron_4b_width [--tp 4 --pp 2] [--format text|json|hf|nemo]
     nemo-minitron info /path/to/hf_dir_or_config.json_or_model_config.yaml_or.nemo
-    nemo-minitron prune --config conf/prune/tiny.yaml --model TEACHER --out STUDENT [key=value ...]
+    nemo-minitron prune --config conf/prune/tiny.yaml --model TEACHER --out STUDENT [--overwrite]
+                        [key=value ...]
     nemo-minitron finetune --model BASE --data TRAIN.jsonl --out OUT [--config YAML] [key=value ...]
     nemo-minitron finetune --peft lora --model BASE --data TRAIN.jsonl --out OUT.nemo [lora.rank=8 ...]
     nemo-minitron lora merge --base BASE --adapter OUT.lora --out MERGED(.nemo or HF dir)
     nemo-minitron lora export-peft --adapter OUT.lora --out PEFT_DIR [--base-model ID_OR_PATH]
     nemo-minitron distill --teacher T --student S --data DATA --out OUT [--config YAML] [key=value ...]
-    nemo-minitron generate --model HF_DIR --prompt TEXT [--greedy] [--max-new-tokens N] [key=value ...]
-    nemo-minitron generate --model HF_DIR --prompts IN.jsonl --out OUT.jsonl [--config YAML] [key=value ...]
-    nemo-minitron eval-ppl --model HF_DIR --data FILE.txt|FILE.jsonl [window=2048 stride=512 ...]
+    nemo-minitron generate --model HF_DIR_OR_NEMO --prompt TEXT [--greedy] [--max-new-tokens N]
+                           [key=value ...]
+    nemo-minitron generate --model HF_DIR_OR_NEMO --prompts IN.jsonl --out OUT.jsonl
+                           [--config YAML] [key=value ...]
+    nemo-minitron eval-ppl --model HF_DIR_OR_NEMO --data FILE.txt|FILE.jsonl
+                           [window=2048 stride=512 ...]
     nemo-minitron convert hf-to-nemo HF_DIR OUT.nemo [--dtype bf16] [--format torch_dist|legacy]
                                      [--tp N --pp M] [--tokenizer-type ID_OR_PATH] [--overwrite]
     nemo-minitron convert nemo-to-hf IN.nemo OUT_DIR [--dtype bf16|fp16|fp32] [--overwrite]
     nemo-minitron inspect PATH (.nemo, extracted .nemo dir or HF dir)
     nemo-minitron verify HF_DIR IN.nemo [--prompts FILE] [--atol 1e-3]
-    nemo-minitron eval-harness --model HF_DIR --tasks mmlu,hellaswag [num_fewshot=5 tp=2 ...]
-    nemo-minitron serve --model HF_DIR [--host 127.0.0.1] [--port 8000] [tp=2 ...]
+    nemo-minitron eval-harness --model HF_DIR_OR_NEMO --tasks mmlu,hellaswag [--out R.json]
+                               [num_fewshot=5 tp=2 ...]
+    nemo-minitron serve --model HF_DIR_OR_NEMO [--host 127.0.0.1] [--port 8000] [tp=2 ...]
     nemo-minitron slurm COMMAND [--nodes N --gpus-per-node G --partition P --account A --time T
                         --container IMAGE --mounts SRC:DST,... --after JOBID --dry-run] [-- ARGS]
-    nemo-minitron pipeline --teacher HF_DIR --workdir DIR --data DATA [--prune-config YAML]
+    nemo-minitron pipeline --teacher HF_DIR_OR_NEMO --workdir DIR --data DATA [--prune-config YAML]
                            [--distill-config YAML] [slurm options] [--dry-run]
     nemo-minitron preprocess --input IN.jsonl --output-prefix PREFIX [--json-keys text]
                              [--tokenizer HF_DIR] [--append-eod] [--workers N] [--overwrite]
@@ -209,9 +214,10 @@ def add_convert_parsers(sub) -> None:
     conv = p.add_subparsers(dest="direction", metavar="DIRECTION")
     conv.required = True
     h = conv.add_parser("hf-to-nemo", help="HF checkpoint directory -> .nemo")
-    h.add_argument("hf_dir")
+    h.add_argument("hf_dir", help="HF checkpoint directory (config.json + safetensors)")
     h.add_argument("output", help="the .nemo file to write")
-    h.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    h.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="dtype of the stored weights (default bf16)")
     h.add_argument("--format", choices=("torch_dist", "legacy"), default="torch_dist",
                    help="weights layout: distributed checkpoint (default) or legacy .ckpt files")
     h.add_argument("--tp", type=int, default=1, help="tensor parallel size recorded (legacy: "
@@ -220,14 +226,14 @@ def add_convert_parsers(sub) -> None:
     h.add_argument("--tokenizer-type", default=None,
                    help="tokenizer.type for model_config.yaml: a hub id or path (default: a "
                         "non-gated hub id; the HF tokenizer files are packed either way)")
-    h.add_argument("--overwrite", action="store_true")
+    h.add_argument("--overwrite", action="store_true", help="replace an existing output")
     h.set_defaults(func=cmd_hf_to_nemo, fast_exit=True)
     n = conv.add_parser("nemo-to-hf", help=".nemo (file or extracted dir) -> HF directory")
-    n.add_argument("nemo")
-    n.add_argument("output")
+    n.add_argument("nemo", help=".nemo file or extracted .nemo directory")
+    n.add_argument("output", help="the HF checkpoint directory to write")
     n.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="output dtype (default: the stored one)")
-    n.add_argument("--overwrite", action="store_true")
+    n.add_argument("--overwrite", action="store_true", help="replace an existing output")
     n.set_defaults(func=cmd_nemo_to_hf, fast_exit=True)
 
     p = sub.add_parser("inspect", help="describe a .nemo or HF checkpoint and diagnose known "
@@ -237,7 +243,7 @@ def add_convert_parsers(sub) -> None:
 
     p = sub.add_parser("verify", help="logits of the .nemo's Megatron model vs transformers on "
                                       "the HF checkpoint (exit 1 past --atol)")
-    p.add_argument("hf_dir")
+    p.add_argument("hf_dir", help="HF checkpoint directory (the reference, run by transformers)")
     p.add_argument("nemo", help=".nemo file or extracted directory")
     p.add_argument("--prompts", help="JSONL with \"prompt\" or a text file, one prompt per line "
                                      "(default: English prose from Python's documentation)")
@@ -266,12 +272,14 @@ def add_lora_parsers(sub) -> None:
     m.add_argument("--base", required=True, help="base model: HF directory or .nemo")
     e = actions.add_parser("export-peft", help="adapter -> adapter_config.json + "
                                                "adapter_model.safetensors for peft")
-    e.add_argument("--base-model", help="base_model_name_or_path to record (default: the "
-                                        "base the adapter was trained on)")
+    e.add_argument("--base-model", help="base_model_name_or_path to record: an HF directory or "
+                   "hub id (default: the base the adapter was trained on; required when that was "
+                   "a .nemo, which transformers cannot load)")
     for q in (m, e):
         q.add_argument("--adapter", required=True, help="adapter directory (finetune --peft lora)")
-        q.add_argument("--out", required=True)
-        q.add_argument("--overwrite", action="store_true")
+        q.add_argument("--out", required=True, help="merged model: .nemo or HF directory"
+                       if q is m else "PEFT directory to write")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         q.set_defaults(func=cmd_lora)
 
 
@@ -279,7 +287,7 @@ def cmd_eval_harness(args) -> int:
     from nemo_minitron.config.recipe import load_config
     from nemo_minitron.inference.job import EvalHarnessJobConfig, run_eval_harness
 
-    values = _job_values(args, ("model",))
+    values = _job_values(args, ("model", "out"))
     if args.tasks:
         values["tasks"] = [t for t in args.tasks.split(",") if t]
     run_eval_harness(load_config(EvalHarnessJobConfig, args.config, args.overrides, values))
@@ -346,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", add_help=False,
                        help="Minitron width/depth pruning of a teacher (recipes/prune.py)")
     p.add_argument("recipe_args", nargs=argparse.REMAINDER,
-                   help="--config YAML --model TEACHER --data CALIB --out STUDENT key=value ...")
+                   help="--config YAML --model TEACHER --data CALIB --out STUDENT [--overwrite] "
+                        "[key=value ...]")
     p.set_defaults(func=cmd_recipe, recipe="prune")
 
     p = sub.add_parser("finetune", add_help=False,
@@ -374,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="JSONL file with a \"prompt\" per line")
     p.add_argument("--out", help="JSONL file for the completions of --prompts")
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
-    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens",
+                   help="tokens to generate per prompt (same as max_new_tokens=N)")
     p.add_argument("--config", help="YAML job config (conf/generate/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="tp, pp, dtype, temperature, top_k, top_p, seed, stop, logprobs, ...")
@@ -391,15 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parsers(sub)
     add_lora_parsers(sub)
     p = sub.add_parser("eval-harness", help="lm-evaluation-harness tasks (needs pip install lm-eval)")
-    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--model", help="HF checkpoint directory or .nemo")
     p.add_argument("--tasks", help="comma-separated lm-eval task names")
+    p.add_argument("--out", help="JSON file for lm-eval's full results (same as out=...)")
     p.add_argument("--config", help="YAML job config")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="num_fewshot, limit, batch_size, max_gen_toks, out, tp, pp, dtype")
+                   help="num_fewshot, limit, batch_size, max_gen_toks, tp, pp, dtype")
     p.set_defaults(func=cmd_eval_harness)
 
     p = sub.add_parser("serve", help="HTTP completions server (POST /v1/completions, GET /health)")
-    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--model", help="HF checkpoint directory or .nemo")
     p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
     p.add_argument("--config", help="YAML job config")
@@ -415,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", add_help=False, help="convert -> prune -> distill -> export "
                        "as dependent SLURM jobs (nemo_minitron/launch/pipeline.py)")
     p.add_argument("recipe_args", nargs=argparse.REMAINDER,
-                   help="--teacher HF_DIR --workdir DIR --data DATA [slurm options] [--dry-run]")
+                   help="--teacher HF_DIR_OR_NEMO --workdir DIR --data DATA [slurm options] "
+                        "[--dry-run]")
     p.set_defaults(func=cmd_launch, launcher="pipeline")
     p = sub.add_parser("preprocess", help="JSONL -> Megatron indexed dataset (.bin/.idx), as NeMo's "
                                           "preprocess_data_for_megatron.py writes it")

@@ -11,6 +11,7 @@ the CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -40,6 +41,17 @@ def cluster_environment():
     return LightningEnvironment()
 
 
+# set by torchrun (torchelastic) or by SLURM; with none of them, the process is a world of one
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
+                  "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_ID")
+
+
+def launched_alone() -> bool:
+    """Plain ``python``: no launcher variable set, so Lightning's answer is known without
+    importing it (LightningEnvironment: rank 0 of 1; importing lightning_fabric costs ~1 s)."""
+    return not any(v in os.environ for v in _LAUNCHER_VARS)
+
+
 def launched_world_size() -> int:
     """The number of ranks of this launch, also before the process group exists (a recipe checks
     its TP x PP layout first): 1 under python, WORLD_SIZE under torchrun, SLURM_NTASKS under srun."""
@@ -47,11 +59,16 @@ def launched_world_size() -> int:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    return cluster_environment().world_size()
+    return 1 if launched_alone() else cluster_environment().world_size()
 
 
 def _export_rendezvous() -> None:
     """Put rank, world size and rendezvous address in the variables torch.distributed reads."""
+    if launched_alone():  # what LightningEnvironment gives a plain process
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        return
     env = cluster_environment()
     os.environ["MASTER_ADDR"] = env.main_address
     os.environ["MASTER_PORT"] = str(env.main_port)  # single process: a free port
@@ -81,6 +98,41 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def lazy_torch_compile():
+    """While Megatron-Core is first imported, ``torch.compile`` defers its own work to the first
+    call of what it decorates. Megatron decorates its fused kernels with ``jit_fuser =
+    torch.compile`` at import time, and ``torch.compile`` imports TorchDynamo and Inductor at
+    once: 2.2 of the 5.6 s of importing megatron.core on the CPU, for kernels that inference on
+    the CPU never calls. Megatron binds ``jit_fuser`` once (megatron/core/jit.py, 0.7 and 0.16),
+    so modules imported later keep the deferred form; a call compiles exactly as before."""
+    import functools
+    import sys
+
+    if "megatron.core.jit" in sys.modules:
+        yield
+        return
+    real = torch.compile
+
+    def deferred(model=None, **kwargs):
+        if model is None:  # used as @torch.compile(...)
+            return lambda fn: deferred(fn, **kwargs)
+        compiled = []
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            if not compiled:
+                compiled.append(real(model, **kwargs))
+            return compiled[0](*args, **kw)
+        return call
+
+    torch.compile = deferred
+    try:
+        yield
+    finally:
+        torch.compile = real
+
+
 def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = None,
                   rendezvous: bool = True) -> None:
     """Initialize the process group (if needed) and Megatron's TP/PP groups and RNG tracker.
@@ -90,12 +142,13 @@ def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = Non
 
     from nemo_minitron import lifecycle
 
-    if not torch.cuda.is_available():
-        from nemo_minitron.compat import cpu
+    with lazy_torch_compile():
+        if not torch.cuda.is_available():
+            from nemo_minitron.compat import cpu
 
-        cpu.activate()
+            cpu.activate()
+        from megatron.core import parallel_state, tensor_parallel
     lifecycle.tie_megatron_job()  # whatever this job starts dies with it, kill -9 included
-    from megatron.core import parallel_state, tensor_parallel
 
     if not dist.is_initialized():
         if rendezvous:

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # `python recipes/prune.py` from a checkout
 
 from nemo_minitron.config.recipe import load_config, to_dict  # noqa: E402
 from nemo_minitron.convert.io import as_hf_dir, is_nemo  # noqa: E402
-from nemo_minitron.dist import cluster_environment, is_rank0  # noqa: E402
+from nemo_minitron.dist import is_rank0, launched_world_size  # noqa: E402
 from nemo_minitron.errors import ConfigError, MinitronError  # noqa: E402
 
 
@@ -76,12 +76,10 @@ def setup(cfg: PruneConfig) -> dict:
     but N copies at N ranks: for large teachers convert once with `nemo-minitron convert
     nemo-to-hf` and pass the directory)."""
     from nemo_minitron.prune.depth import DEPTH_METRICS
-    from nemo_minitron.prune.prune import check_output
 
     if cfg.depth_metric not in DEPTH_METRICS:
         raise ConfigError(f"depth_metric={cfg.depth_metric!r} is not one of "
                           f"{', '.join(DEPTH_METRICS)}")
-    check_output(cfg.out, cfg.overwrite)
     check_paths(cfg)
     teacher_dir = cfg.model
     if is_nemo(cfg.model):  # every rank converts its own temporary HF copy (see the docstring)
@@ -113,7 +111,7 @@ def check_paths(cfg: PruneConfig) -> None:
 
     check_disjoint({"out": cfg.out}, {"model": cfg.model, "data": cfg.data, "scores": cfg.scores,
                                       "tokenizer": cfg.tokenizer})
-    check_output(cfg.out, "out", overwrite=cfg.overwrite, overwrite_hint="overwrite=true",
+    check_output(cfg.out, "--out", overwrite=cfg.overwrite,
                  kind="file" if cfg.out.endswith(".nemo") else "dir")
     if not cfg.scores and cfg.data != BUILTIN:
         check_data_file(cfg.data, "data", ("text",))
@@ -124,7 +122,7 @@ def _check_target(cfg: PruneConfig, teacher):
     from nemo_minitron.config.parallel import validate_parallel
     from nemo_minitron.prune.targets import resolve_target
 
-    world = cluster_environment().world_size()  # python, torchrun or srun
+    world = launched_world_size()  # python, torchrun or srun
     layout = validate_parallel(teacher, cfg.tp, cfg.pp, world)
     return layout, resolve_target(teacher, cfg.target, _target_overrides(cfg), tp=cfg.tp)
 
@@ -228,12 +226,19 @@ def cleanup(state: dict) -> None:
 def parse_args(argv: Optional[List[str]] = None) -> PruneConfig:
     parser = argparse.ArgumentParser(prog="nemo-minitron prune", description="Minitron width/depth pruning (recipes/prune.py)")
     parser.add_argument("--config", help="YAML with PruneConfig fields (conf/prune/*.yaml)")
-    parser.add_argument("--model", help="teacher checkpoint (same as model=...)")
-    parser.add_argument("--data", help="calibration data (same as data=...)")
-    parser.add_argument("--out", help="student output (same as out=...)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--model", help="teacher: HF checkpoint directory or .nemo (same as "
+                                        "model=...)")
+    parser.add_argument("--data", help="calibration data: pydoc (built in), .txt or JSONL with "
+                                       "\"text\" (same as data=...)")
+    parser.add_argument("--out", help="student output: HF checkpoint directory or .nemo "
+                                      "(same as out=...)")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="replace an existing --out (same as overwrite=true)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="any PruneConfig field, e.g. target=minitron_4b_width tp=2")
     args = parser.parse_intermixed_args(argv)  # key=value may come before or after options
-    flags = {k: v for k in ("model", "data", "out") if (v := getattr(args, k)) is not None}
+    flags = {k: v for k in ("model", "data", "out", "overwrite")
+             if (v := getattr(args, k)) is not None}
     return load_config(PruneConfig, args.config, args.overrides, values=flags)
 
 

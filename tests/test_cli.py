@@ -102,3 +102,79 @@ def test_console_script_is_installed():
     assert proc.stderr.strip() == ("error: num_attention_heads=32 is not divisible by "
                                    "tensor_model_parallel_size=3; num_query_groups=8 is not "
                                    "divisible by tensor_model_parallel_size=3")
+
+
+# every parser of every command, with its arguments: (prog, option strings or dest, help)
+HELP_COMMANDS = [["presets"], ["info"], ["prune"], ["finetune"], ["distill"], ["generate"],
+                 ["eval-ppl"], ["convert", "hf-to-nemo"], ["convert", "nemo-to-hf"], ["inspect"],
+                 ["verify"], ["lora", "merge"], ["lora", "export-peft"], ["eval-harness"],
+                 ["serve"], ["slurm"], ["pipeline"], ["preprocess"], ["demo"]]
+
+
+def _help_entries(monkeypatch, capsys):
+    import argparse
+
+    seen = []
+    original = argparse._ActionsContainer.add_argument
+
+    def add_argument(self, *args, **kwargs):
+        action = original(self, *args, **kwargs)
+        prog = getattr(self, "prog", None) or getattr(self, "_prog", "?")
+        seen.append((prog, "/".join(action.option_strings) or action.dest, action.help))
+        return action
+
+    monkeypatch.setattr(argparse._ActionsContainer, "add_argument", add_argument)
+    for argv in HELP_COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--help"])
+        assert e.value.code == 0, argv
+    capsys.readouterr()
+    return seen
+
+
+def test_every_help_entry_has_text_and_names_nemo_where_it_works(monkeypatch, capsys):
+    seen = _help_entries(monkeypatch, capsys)
+    assert {p for p, _, _ in seen} >= {"nemo-minitron prune", "nemo-minitron slurm",
+                                       "nemo-minitron pipeline", "nemo-minitron finetune"}
+    missing = [(p, a) for p, a, h in seen if not h]
+    assert missing == []
+    # every option that reads a model accepts a .nemo (through a temporary HF copy) and says so
+    own = ("nemo-minitron prune", "nemo-minitron generate", "nemo-minitron eval-ppl",
+           "nemo-minitron eval-harness", "nemo-minitron serve", "nemo-minitron pipeline",
+           "nemo-minitron lora merge")
+    for prog, arg, text in seen:
+        if prog in own and arg in ("--model", "--teacher", "--base"):
+            assert ".nemo" in text, (prog, arg, text)
+
+
+def test_prune_takes_overwrite_as_every_command_does(tmp_path):
+    from nemo_minitron.cli import load_recipe
+
+    parse = load_recipe("prune").parse_args
+    base = ["--model", "t", "--out", "s"]
+    assert parse(base).overwrite is False
+    assert parse(base + ["--overwrite"]).overwrite is True
+    assert parse(base + ["overwrite=true"]).overwrite is True  # the config key still works
+
+
+def test_export_peft_refuses_to_record_a_nemo_base(monkeypatch, capsys, tmp_path):
+    from nemo_minitron.peft import adapter_io
+
+    monkeypatch.setattr(adapter_io, "read_adapter", lambda d: ({"base_model": "/m/base.nemo"}, {}))
+    out, ad = str(tmp_path / "peft"), str(tmp_path / "ad")
+    code, _, err = run(capsys, "lora", "export-peft", "--adapter", ad, "--out", out)
+    assert code == 2 and err.count("\n") == 1
+    assert "the adapter's base /m/base.nemo is a .nemo" in err and "--base-model" in err
+    code, _, err = run(capsys, "lora", "export-peft", "--adapter", ad, "--out", out,
+                       "--base-model", "/m/other.nemo")
+    assert code == 2 and "--base-model /m/other.nemo is a .nemo" in err
+    assert not os.path.exists(out)
+
+
+def test_eval_harness_takes_out_as_a_flag(monkeypatch, capsys):
+    from nemo_minitron.inference import job
+
+    seen = []
+    monkeypatch.setattr(job, "run_eval_harness", seen.append)
+    code, _, _ = run(capsys, "eval-harness", "--model", "m.nemo", "--tasks", "a,b", "--out", "r.json")
+    assert code == 0 and (seen[0].model, seen[0].tasks, seen[0].out) == ("m.nemo", ["a", "b"], "r.json")

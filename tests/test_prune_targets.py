@@ -145,7 +145,7 @@ def test_cli_errors_before_forward(capsys, tiny_hf_dir, tmp_path, extra, message
 def test_existing_output_is_refused_before_any_work(capsys, tiny_hf_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     code, out, err = _cli(capsys, "prune", "--model", tiny_hf_dir, "--out", str(tmp_path / "taken"))
-    assert code == 2 and "taken exists; pass overwrite=true" in err
+    assert code == 2 and "taken exists; pass --overwrite" in err
 
 
 @pytest.mark.parametrize("target, drop", [("minitron_4b_width", None),

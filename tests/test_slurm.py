@@ -134,6 +134,11 @@ def parse_script(text):
     return directives, env, words[1:i], words[i:]
 
 
+# each task: extend the container's PYTHONPATH with the checkout, then the command
+JOB_PREFIX = ["bash", "-c", slurm.EXTEND_PYTHONPATH, "nemo-minitron", ROOT, "python", "-m",
+              "nemo_minitron.cli"]
+
+
 def _opts(tmp_path, **kw):
     kw.setdefault("mounts", [f"{tmp_path}:{tmp_path}"])
     return slurm.SlurmOptions(job_dir=str(tmp_path), **kw)
@@ -160,13 +165,14 @@ def test_rendered_script_structure(tmp_path, nodes, tp):
     assert directives == expected
     assert env == dict(({"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if tp > 1 else {}),
                        TORCH_NCCL_AVOID_RECORD_STREAMS="1", NVTE_FUSED_ATTN="1",
-                       NVTE_FLASH_ATTN="1", PYTHONPATH=ROOT)
+                       NVTE_FLASH_ATTN="1")
+    assert "\nunset PYTHONPATH " in text  # the submitting host's never reaches the job
     # the checkout is mounted at its own path unless a mount already covers it
     mounts = f"{tmp_path}:{tmp_path}" if ROOT.startswith(str(tmp_path)) else f"{ROOT}:{ROOT},{tmp_path}:{tmp_path}"
     assert srun_opts == ["--container-image=nvcr.io/nvidia/nemo:24.05",
                          f"--container-mounts={mounts}", f"--container-workdir={tmp_path}",
                          "--no-container-mount-home"]
-    assert argv == ["python", "-m", "nemo_minitron.cli", *command]
+    assert argv == [*JOB_PREFIX, *command]
     assert ("trap " in text) == (nodes == 2) and ("scontrol requeue" in text) == (nodes == 2)
 
 
@@ -181,7 +187,6 @@ def test_single_task_commands_and_layout_errors(tmp_path):
         (dict(after="12; rm -rf /"), "--after='12; rm -rf /' must be a job id"),
         (dict(partition="a\nb"), "partition='a\\\\nb': newlines"),
         (dict(env=["1X=2"]), "must be NAME=VALUE"),
-        (dict(mounts=["/elsewhere:/elsewhere"]), f"working directory {tmp_path} is not inside"),
         (dict(gpus_per_node=3), "3 ranks is not a multiple of TP x PP = 2 x 1"),
     ]
     for kw, message in cases:
@@ -220,10 +225,10 @@ def test_hostile_values_reach_the_job_verbatim_and_never_run(tmp_path, fake_slur
     assert d["--job-name"] == d["--partition"] == d["--account"] == HOSTILE
     assert d["--chdir"] == str(job_dir)
     (sr,) = records(fake_slurm, "srun")
-    assert sr["command"] == ["python", "-m", "nemo_minitron.cli", "finetune",
-                             *[a for a in job_args if a != "--"]]
+    assert sr["command"] == [*JOB_PREFIX, "finetune", *[a for a in job_args if a != "--"]]
     assert f"--container-image={HOSTILE}" in sr["options"]
-    assert sr["cwd"] == str(job_dir) and sr["env"]["PYTHONPATH"] == ROOT
+    assert f"--container-mounts={ROOT}:{ROOT},{tmp_path}:{tmp_path},/d:/d" in sr["options"]
+    assert sr["cwd"] == str(job_dir) and sr["env"]["PYTHONPATH"] is None
     # the log of the batch shell went where --output said, named by the job
     assert os.path.isfile(os.path.join(os.path.dirname(script), f"{HOSTILE}-{job_id}.out"))
     assert not glob.glob(str(tmp_path / "**" / "PWNED"), recursive=True)
@@ -265,8 +270,8 @@ def test_pipeline_chains_stages_with_afterok(tmp_path, fake_slurm, capsys, monke
     monkeypatch.chdir(tmp_path)
     work = tmp_path / "run"
     assert cli_main(["pipeline", "--teacher", str(tmp_path), "--workdir", str(work), "--data", "x",
-                     "--mounts", f"{tmp_path}:{tmp_path}", "--dry-run"]) == 2
-    assert "not an HF checkpoint directory" in capsys.readouterr().err
+                     "--mounts", f"{tmp_path}:{tmp_path}"]) == 2
+    assert "neither a .nemo nor an HF checkpoint directory" in capsys.readouterr().err
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "config.json").write_text("{}")
     base = ["pipeline", "--teacher", str(tmp_path / "teacher"), "--workdir", str(work),
@@ -296,7 +301,7 @@ def test_pipeline_chains_stages_with_afterok(tmp_path, fake_slurm, capsys, monke
     assert [(p[0]["--nodes"], p[0]["--ntasks-per-node"]) for p in parsed] == \
         [("1", "1"), ("2", "8"), ("2", "8"), ("1", "1")]
     assert ["CUDA_DEVICE_MAX_CONNECTIONS" in p[1] for p in parsed] == [False, False, True, False]
-    cmds = [p[3][3:] for p in parsed]  # after python -m nemo_minitron.cli
+    cmds = [p[3][len(JOB_PREFIX):] for p in parsed]  # after python -m nemo_minitron.cli
     w = str(work)
     assert cmds[0] == ["convert", "hf-to-nemo", str(tmp_path / "teacher"), f"{w}/teacher.nemo"]
     assert cmds[1][cmds[1].index("--model") + 1] == f"{w}/teacher.nemo"
@@ -359,3 +364,67 @@ def test_finetune_trains_across_two_srun_ranks(tiny_hf_dir, tmp_path, fake_slurm
     base, new = dict(iter_tensors(tiny_hf_dir)), dict(iter_tensors(str(out)))
     assert sorted(new) == sorted(base)
     assert all(not torch.equal(new[k].float(), base[k].float()) for k in base if base[k].dim() == 2)
+
+
+def test_task_extends_the_containers_pythonpath(tmp_path):
+    """The task command keeps the image's PYTHONPATH entries after the checkout."""
+    opts = slurm.prepare(_opts(tmp_path), ["convert", "nemo-to-hf", "/a.nemo", "/b"])
+    argv = slurm.job_argv(opts, ["presets"])
+    argv[argv.index("python")] = sys.executable
+    code = "import os, nemo_minitron; print(os.environ['PYTHONPATH'])"
+    argv = argv[:argv.index("-m")] + ["-c", code]
+    for image, expected in (("/opt/NeMo:/opt/x", f"{ROOT}:/opt/NeMo:/opt/x"), (None, ROOT)):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        if image:
+            env["PYTHONPATH"] = image
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True,
+                             cwd=str(tmp_path)).stdout
+        assert out.strip() == expected
+
+
+def test_slurm_works_from_any_directory(tmp_path, fake_slurm, capsys, monkeypatch):
+    """Outside the checkout, with no --mounts: the job dir, the checkout's conf/ YAML and the
+    directories of absolute path arguments are resolved and mounted."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli_main(["slurm", "finetune", "--config", "conf/finetune/tiny_sft.yaml", "--model",
+                     "/lustre/models/base.nemo", "--data", "train.jsonl", "--out",
+                     "/scratch/run/sft.nemo", "--gpus-per-node", "2", "--dry-run"]) == 0
+    directives, _, srun_opts, argv = parse_script(capsys.readouterr().out)
+    assert directives["--chdir"] == str(elsewhere)
+    assert f"--container-mounts={ROOT}:{ROOT},{elsewhere}:{elsewhere},/lustre/models:/lustre/"\
+        f"models,/scratch/run:/scratch/run" in srun_opts
+    assert argv[argv.index("--config") + 1] == TINY_SFT
+    assert records(fake_slurm, "sbatch") == []
+
+
+def test_pipeline_dry_run_needs_no_local_inputs(tmp_path, fake_slurm, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["pipeline", "--teacher", "/lustre/teacher.nemo", "--workdir", "run",
+                     "--data", "/lustre/data/corpus.jsonl", "--prune-config",
+                     "conf/prune/tiny.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    scripts = out.split("# ---- ")[1:]
+    assert [s.split(" ----")[0] for s in scripts] == ["prune", "distill", "export"]  # no convert
+    _, _, srun_opts, argv = parse_script(scripts[0].split("----\n", 1)[1])
+    assert argv[argv.index("--model") + 1] == "/lustre/teacher.nemo"
+    assert argv[argv.index("--config") + 1] == os.path.join(ROOT, "conf/prune/tiny.yaml")
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "run" / "student.nemo")
+    assert "/lustre:/lustre" in srun_opts[1]
+    assert not (tmp_path / "run").exists() and records(fake_slurm, "sbatch") == []
+
+
+def test_a_non_editable_install_mounts_only_its_package(tmp_path, monkeypatch):
+    """site-packages is never mounted (the host's torch would shadow the image's): only the
+    package directory, read-only, at a fixed place that goes on PYTHONPATH."""
+    site = tmp_path / "site-packages"
+    (site / "nemo_minitron").mkdir(parents=True)
+    monkeypatch.setattr(slurm, "repo_root", lambda: str(site))
+    command = ["convert", "nemo-to-hf", "/a.nemo", "/b"]
+    opts = slurm.prepare(_opts(tmp_path), command)
+    _, _, srun_opts, argv = parse_script(slurm.render(opts, command))
+    code = f"{site}/nemo_minitron:{slurm.INSTALLED_CODE_DIR}/nemo_minitron:ro"
+    assert srun_opts[1] == f"--container-mounts={code},{tmp_path}:{tmp_path}"
+    assert argv[:5] == ["bash", "-c", slurm.EXTEND_PYTHONPATH, "nemo-minitron",
+                        slurm.INSTALLED_CODE_DIR]

@@ -9,13 +9,17 @@
 Each stage is one ``nemo-minitron`` command (nemo_minitron/launch/slurm.py renders its job) and
 starts only after the previous one succeeded (``--dependency=afterok:ID``). Files, all in WORKDIR:
 
-    teacher.nemo        convert hf-to-nemo TEACHER (one task)
+    teacher.nemo        convert hf-to-nemo TEACHER (one task; no stage when TEACHER is a .nemo)
     teacher_corrected.nemo   optional: finetune of the teacher (Minitron's teacher correction)
     student.nemo        prune (one task per GPU; --prune-config, default conf/prune defaults)
     distilled.nemo      distill the student from the teacher (one task per GPU)
     distilled_hf/       convert nemo-to-hf (one task)
 
-A stage is data (a name and its argv); add one by appending to :func:`stages`.
+A stage is data (a name and its argv); add one by appending to :func:`stages`. It runs from any
+directory: paths are made absolute, a relative config not found here is taken from the checkout's
+``conf/``, and what the jobs read and write is mounted (nemo_minitron/launch/slurm.py). The
+teacher is checked (an HF directory with config.json, or a .nemo) only when submitting: a
+``--dry-run`` needs no local inputs.
 """
 from __future__ import annotations
 
@@ -46,8 +50,11 @@ def stages(teacher: str, workdir: str, data: str, prune_config: Optional[str] = 
            correction_data: Optional[str] = None) -> List[Stage]:
     """The jobs in order; each reads what the one before wrote."""
     w = lambda name: os.path.join(workdir, name)  # noqa: E731
-    teacher_nemo = w("teacher.nemo")
-    out = [Stage("convert", ["convert", "hf-to-nemo", teacher, teacher_nemo])]
+    if teacher.endswith(".nemo"):
+        teacher_nemo, out = teacher, []
+    else:
+        teacher_nemo = w("teacher.nemo")
+        out = [Stage("convert", ["convert", "hf-to-nemo", teacher, teacher_nemo])]
     if teacher_correction_config:
         corrected = w("teacher_corrected.nemo")
         out.append(Stage("teacher_correction", [
@@ -96,34 +103,42 @@ def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="nemo-minitron pipeline", allow_abbrev=False,
                                 description="convert -> prune -> distill -> export as dependent "
                                             "SLURM jobs")
-    p.add_argument("--teacher", required=True, help="the teacher's HF checkpoint directory")
+    p.add_argument("--teacher", required=True,
+                   help="the teacher: HF checkpoint directory (converted first) or .nemo")
     p.add_argument("--workdir", required=True, help="where every stage writes its output and "
                                                     "the logs (the jobs run in --job-dir)")
     p.add_argument("--data", required=True, help="distillation data (see nemo-minitron distill)")
     p.add_argument("--calib-data", help="pruning calibration data (default: prune's own)")
-    p.add_argument("--prune-config")
-    p.add_argument("--distill-config")
-    p.add_argument("--prune-override", action="append", default=[], metavar="key=value")
-    p.add_argument("--distill-override", action="append", default=[], metavar="key=value")
+    p.add_argument("--prune-config", help="prune YAML (conf/prune/*.yaml; default: prune's "
+                                          "defaults)")
+    p.add_argument("--distill-config", help="distill YAML (conf/distill/*.yaml)")
+    p.add_argument("--prune-override", action="append", default=[], metavar="key=value",
+                   help="a key=value for the prune stage (repeatable)")
+    p.add_argument("--distill-override", action="append", default=[], metavar="key=value",
+                   help="a key=value for the distill stage (repeatable)")
     p.add_argument("--teacher-correction-config",
                    help="add a first stage: finetune the teacher with this YAML")
     p.add_argument("--correction-data", help="teacher-correction data (default: --data)")
     slurm.add_arguments(p)
     args = p.parse_args(argv)
-    workdir = os.path.abspath(args.workdir)
-    if not os.path.isfile(os.path.join(args.teacher, "config.json")):
-        raise ConfigError(f"--teacher {args.teacher}: not an HF checkpoint directory (no "
-                          "config.json)")
+    job_dir = os.path.abspath(args.job_dir or os.getcwd())
+    # absolute, as the jobs see them
+    path = lambda x: x and os.path.abspath(os.path.join(job_dir, x))  # noqa: E731
+    workdir, teacher = path(args.workdir), path(args.teacher)
+    if not args.dry_run and not (teacher.endswith(".nemo") and os.path.exists(teacher)) and \
+            not os.path.isfile(os.path.join(teacher, "config.json")):
+        raise ConfigError(f"--teacher {teacher}: neither a .nemo nor an HF checkpoint directory "
+                          "(no config.json)")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} is not a directory")
-    jobs = stages(os.path.abspath(args.teacher), workdir, args.data, args.prune_config,
-                  args.distill_config, args.prune_override, args.distill_override,
-                  args.calib_data, args.teacher_correction_config, args.correction_data)
+    config = lambda x: x and slurm.resolve_config(["--config", x], job_dir)[1]  # noqa: E731
+    data = lambda x: x if x in (None, "pydoc") else path(x)  # noqa: E731 - pydoc: built in
+    jobs = stages(teacher, workdir, data(args.data), config(args.prune_config),
+                  config(args.distill_config), args.prune_override, args.distill_override,
+                  data(args.calib_data), config(args.teacher_correction_config),
+                  data(args.correction_data))
     opts = slurm.options_from_args(args, job_name=args.job_name or "minitron",
                                    log_dir=args.log_dir or os.path.join(workdir, "slurm_logs"))
-    checked = slurm.validate(opts)
-    slurm.require_mounted(checked, workdir, "--workdir")
-    slurm.require_mounted(checked, args.teacher, "--teacher")
     if not args.dry_run:
         os.makedirs(workdir, exist_ok=True)
     out = run(opts, jobs, dry_run=args.dry_run)

@@ -5,11 +5,21 @@
         --mounts /lustre/data:/lustre/data -- --model 4b_width.nemo --data train.jsonl --out sft.nemo
 
 How the job reaches the code: the checkout holding this package is mounted into the container at
-the same path (``--container-mounts REPO:REPO``) and put first on ``PYTHONPATH``, so the container
-runs this checkout's ``python -m nemo_minitron.cli COMMAND ARGS`` with the image's own torch,
-megatron-core and Lightning (nothing is installed into the image). Every mount keeps its path
-(use ``SRC:SRC``), so the paths of the submitting shell are valid in the job; the job starts in
-the submitting directory (``--job-dir``), which must be inside one of the mounts.
+the same path (``--container-mounts REPO:REPO``; a non-editable install mounts only its package
+directory, read-only, at /opt/nemo-minitron/nemo_minitron) and put first on the container's own
+``PYTHONPATH`` (each task runs ``bash -c 'export PYTHONPATH="REPO${PYTHONPATH:+:$PYTHONPATH}";
+exec python -m nemo_minitron.cli COMMAND ARGS'`` inside the container: the image's entries, e.g.
+NeMo's, stay; the submitting host's ``PYTHONPATH`` is unset in the batch script), so the job uses
+the image's own torch, megatron-core and Lightning (nothing is installed into the image).
+
+Every mount keeps its path (``SRC:SRC``), so the paths of the submitting shell are valid in the
+job. What the job needs is mounted without asking: the checkout, the job's working directory
+(``--job-dir``, default the current one) and the directory holding each absolute path given to
+``--config``, ``--model``, ``--data``, ``--out``, ``--teacher``, ``--student``, ``--prompts``,
+``--base``, ``--adapter`` or to ``convert``. A relative ``--config`` that is not in the working
+directory but is in the checkout (``conf/...``) is passed on as the checkout's absolute path, so
+``nemo-minitron slurm`` works from any directory. Paths inside ``key=value`` overrides are not
+mounted: use ``--mounts`` for those.
 
 Ranks come from SLURM (``nemo_minitron.dist``): ``--ntasks-per-node`` equals the GPUs per node and
 there is no torchrun. Quoting: every user value reaches the job as one verbatim argument --
@@ -52,6 +62,21 @@ def repo_root() -> str:
     import nemo_minitron
 
     return os.path.dirname(os.path.dirname(os.path.abspath(nemo_minitron.__file__)))
+
+
+# where a non-editable install's package is mounted (its site-packages never is: the host's torch
+# would shadow the image's)
+INSTALLED_CODE_DIR = "/opt/nemo-minitron"
+
+
+def code_mount() -> Tuple[str, str, str]:
+    """(host path, container path, PYTHONPATH entry) of the code the job runs: a checkout (it has
+    recipes/; pip install -e) at its own path, else only the installed package directory."""
+    root = repo_root()
+    if os.path.isdir(os.path.join(root, "recipes")):
+        return root, root, root
+    return (os.path.join(root, "nemo_minitron"),
+            os.path.join(INSTALLED_CODE_DIR, "nemo_minitron"), INSTALLED_CODE_DIR)
 
 
 @dataclass
@@ -142,25 +167,69 @@ def validate(opts: SlurmOptions) -> SlurmOptions:
         name, sep, value = _no_newline("--env", item).partition("=")
         if not sep or not _ENV_NAME.match(name):
             raise ConfigError(f"--env {item!r} must be NAME=VALUE with a shell variable name")
-    repo = repo_root()
+    src, dst, _ = code_mount()
     mounts = parse_mounts(opts.mounts)
-    if not any(_inside(repo, dst) and src == dst for src, dst, _ in mounts):
-        mounts.insert(0, (repo, repo, None))
+    if not any(_inside(src, d) and _inside(dst, d) and s == d for s, d, _ in mounts):
+        mounts.insert(0, (src, dst, None if src == dst else "ro"))
     job_dir = os.path.abspath(opts.job_dir or os.getcwd())
     if not any(_inside(job_dir, dst) for _, dst, _ in mounts):
-        raise ConfigError(f"the job's working directory {job_dir} is not inside the container; "
-                          f"mount it with --mounts {job_dir}:{job_dir} (or pass --job-dir)")
+        mounts.append((_mountable(job_dir, "the job's working directory"), job_dir, None))
     return dataclasses.replace(
         opts, log_dir=os.path.abspath(os.path.join(job_dir, opts.log_dir)), job_dir=job_dir,
         mounts=[":".join(p for p in m if p) for m in mounts])
 
 
-def require_mounted(opts: SlurmOptions, path: str, what: str) -> None:
-    """``path`` must be visible in the container of the validated ``opts``."""
-    path = os.path.abspath(path)
-    if not any(_inside(path, m.split(":")[1]) for m in opts.mounts):
-        raise ConfigError(f"{what} {path} is not inside the container; mount it with "
-                          f"--mounts {path}:{path}")
+def _mountable(path: str, what: str) -> str:
+    if "," in path or ":" in path:
+        raise ConfigError(f"{what} {path} cannot be mounted automatically (',' or ':' in the "
+                          "path); mount a directory above it with --mounts SRC:SRC")
+    return path
+
+
+def mount(opts: SlurmOptions, path: str, what: str) -> SlurmOptions:
+    """The validated ``opts`` with ``path`` visible in the container: unchanged when a mount covers
+    it, else with the directory holding it mounted at its own path (an output need not exist
+    yet; the root directory is never mounted)."""
+    path = os.path.abspath(os.path.join(opts.job_dir, path))
+    if any(_inside(path, m.split(":")[1]) for m in opts.mounts):
+        return opts
+    parent = os.path.dirname(path)
+    if parent == "/":
+        return opts
+    _mountable(parent, what)
+    return dataclasses.replace(opts, mounts=[*opts.mounts, f"{parent}:{parent}"])
+
+
+# flags of the jobs whose value is a path (mounted when absolute; relative ones are in the job dir)
+PATH_FLAGS = ("--config", "--model", "--data", "--out", "--teacher", "--student", "--prompts",
+              "--base", "--adapter")
+
+
+def job_paths(command: Sequence[str]) -> List[Tuple[str, str]]:
+    """(flag, path) for each path the job ``nemo-minitron COMMAND...`` is given."""
+    out, args = [], list(command[1:])
+    if command and command[0] == "convert":  # convert DIRECTION IN OUT [options]
+        pos = [a for a in args[1:] if not a.startswith("-")][:2]
+        out += [("convert", a) for a in pos]
+    for i, a in enumerate(args):
+        flag, eq, value = a.partition("=")
+        if flag in PATH_FLAGS and eq:
+            out.append((flag, value))
+        elif a in PATH_FLAGS and i + 1 < len(args):
+            out.append((a, args[i + 1]))
+    return [(f, p) for f, p in out if os.path.isabs(p)]
+
+
+def resolve_config(command: Sequence[str], job_dir: str) -> List[str]:
+    """``command`` with a relative ``--config`` that is not under ``job_dir`` but is in the
+    checkout (``conf/...``) replaced by the checkout's absolute path."""
+    out = list(command)
+    for i, a in enumerate(out[:-1]):
+        if a == "--config" and not os.path.isabs(out[i + 1]):
+            here, repo = os.path.join(job_dir, out[i + 1]), os.path.join(repo_root(), out[i + 1])
+            if not os.path.isfile(here) and os.path.isfile(repo):
+                out[i + 1] = repo
+    return out
 
 
 def sbatch_quote(value: str) -> str:
@@ -173,14 +242,18 @@ def job_env(opts: SlurmOptions) -> List[Tuple[str, str]]:
     """The exports of shared/FACTS.md section 6 (later entries win)."""
     env = [("CUDA_DEVICE_MAX_CONNECTIONS", "1")] if opts.model_parallel > 1 else []
     env += list(BASE_ENV)
-    env.append(("PYTHONPATH", repo_root()))  # never the submitting host's PYTHONPATH
     env += [tuple(item.split("=", 1)) for item in opts.env]
     return env
 
 
+# run inside the container: the image's PYTHONPATH extended with $1 (the code), then the rest
+EXTEND_PYTHONPATH = 'export PYTHONPATH="$1${PYTHONPATH:+:$PYTHONPATH}"; shift; exec "$@"'
+
+
 def job_argv(opts: SlurmOptions, command: Sequence[str]) -> List[str]:
     """What each task runs inside the container."""
-    return [opts.python, "-m", "nemo_minitron.cli", *command]
+    return ["bash", "-c", EXTEND_PYTHONPATH, "nemo-minitron", code_mount()[2], opts.python,
+            "-m", "nemo_minitron.cli", *command]
 
 
 def srun_argv(opts: SlurmOptions) -> List[str]:
@@ -223,6 +296,7 @@ def render(opts: SlurmOptions, command: Sequence[str]) -> str:
     lines += [f"#SBATCH {d}" for d in directives(opts)]
     lines += ["", "# srun starts every rank (no torchrun): nemo_minitron.dist reads SLURM_PROCID, "
               "SLURM_LOCALID, SLURM_NTASKS, SLURM_NODELIST"]
+    lines.append("unset PYTHONPATH  # the submitting host's; each task extends the image's own")
     lines += [f"export {k}={shlex.quote(v)}" for k, v in job_env(opts)]
     lines.append("")
     run = " \\\n  ".join([_continued(srun_argv(opts)),
@@ -342,6 +416,8 @@ def prepare(opts: SlurmOptions, command: Sequence[str]) -> SlurmOptions:
     for a in command:
         _no_newline("argument", a)
     opts = validate(opts)
+    for flag, path in job_paths(command):
+        opts = mount(opts, path, flag)
     if COMMANDS[command[0]].single_task:
         return dataclasses.replace(opts, nodes=1, ntasks_per_node=1, exclusive=False,
                                    gpus_per_node=min(opts.gpus_per_node, 1))
@@ -395,6 +471,7 @@ def sbatch(script: str) -> str:
 def submit(opts: SlurmOptions, command: Sequence[str], dry_run: bool = False) -> str:
     """Render the job; print it (dry run) or write and submit it. Returns the script text or the
     job id."""
+    command = resolve_config(command, os.path.abspath(opts.job_dir or os.getcwd()))
     opts = prepare(opts, command)
     text = render(opts, command)
     if dry_run:
@@ -405,23 +482,26 @@ def submit(opts: SlurmOptions, command: Sequence[str], dry_run: bool = False) ->
 # ---- command line ----------------------------------------------------------------------------------
 def add_arguments(p, nodes_default: int = 1) -> None:
     """The sbatch options shared by ``nemo-minitron slurm`` and ``pipeline``."""
-    p.add_argument("--nodes", type=int, default=nodes_default)
+    p.add_argument("--nodes", type=int, default=nodes_default, help="nodes per job")
     p.add_argument("--gpus-per-node", type=int, default=8, help="also the tasks per node")
-    p.add_argument("--partition")
-    p.add_argument("--account")
+    p.add_argument("--partition", help="sbatch --partition")
+    p.add_argument("--account", help="sbatch --account")
     p.add_argument("--time", default="04:00:00", help="HH:MM:SS or D-HH:MM:SS")
     p.add_argument("--container", default=DEFAULT_IMAGE, help=f"image (default {DEFAULT_IMAGE})")
     p.add_argument("--mounts", action="append", default=[],
-                   help="SRC:DST[,SRC:DST...]; keep SRC == DST (the checkout is mounted itself)")
-    p.add_argument("--job-name")
+                   help="SRC:DST[,SRC:DST...]; keep SRC == DST (the checkout, the job dir and the "
+                        "directories of path arguments are mounted without asking)")
+    p.add_argument("--job-name", help="sbatch --job-name (default: minitron-COMMAND)")
     p.add_argument("--log-dir", help="sbatch logs and scripts (default: slurm_logs)")
     p.add_argument("--job-dir", help="the job's working directory, where relative "
                    "paths are read (default: the current one)")
     p.add_argument("--after", help="job id that must succeed first (afterok)")
     p.add_argument("--requeue", action="store_true",
                    help="requeue on preemption / time limit; the recipe resumes from its checkpoint")
-    p.add_argument("--signal-seconds", type=int, default=300)
-    p.add_argument("--no-exclusive", dest="exclusive", action="store_false")
+    p.add_argument("--signal-seconds", type=int, default=300,
+                   help="with --requeue: seconds of warning before the end (default 300)")
+    p.add_argument("--no-exclusive", dest="exclusive", action="store_false",
+                   help="share the nodes (default: sbatch --exclusive)")
     p.add_argument("--mem", help="--mem of sbatch, e.g. 0 (all of the node's memory)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra export in the job")

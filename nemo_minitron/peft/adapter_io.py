@@ -31,7 +31,7 @@ import torch
 
 from nemo_minitron.config.arch import ModelConfig
 from nemo_minitron.convert import mapping
-from nemo_minitron.errors import CheckpointError
+from nemo_minitron.errors import CheckpointError, ConfigError
 from nemo_minitron.peft import lora
 
 CONFIG = "lora_config.json"
@@ -179,13 +179,26 @@ def _write_peft(tensors, meta, out_dir, base_model=None):
 def export_peft(adapter_dir: str, out_dir: str, base_model: Optional[str] = None,
                 overwrite: bool = False) -> str:
     """Write only the HF-PEFT files of ``adapter_dir`` to ``out_dir`` (``base_model``: the
-    ``base_model_name_or_path`` to record, default the one the adapter was trained on)."""
+    ``base_model_name_or_path`` to record, default the one the adapter was trained on).
+
+    What is recorded must be loadable by transformers: an HF directory or a hub id. An adapter
+    trained on a .nemo records that .nemo (the HF copy it was read through was temporary), so
+    then ``base_model`` is required (the hub id, e.g. nvidia/Llama-3.1-Minitron-4B-Width-Base,
+    or the directory ``nemo-minitron convert nemo-to-hf`` wrote): a one-line error says so."""
     from nemo_minitron.checkpoint.fsutil import atomic_output_dir
     from nemo_minitron.checkpoint.paths import check_disjoint, check_output
+    from nemo_minitron.convert.io import is_nemo
 
     check_disjoint({"--out": out_dir}, {"--adapter": adapter_dir})
     check_output(out_dir, "--out", overwrite=overwrite, kind="dir")
     meta, tensors = read_adapter(adapter_dir)
+    base = base_model or meta.get("base_model")
+    if not base or is_nemo(base):
+        what = (f"--base-model {base} is a .nemo" if base_model else
+                f"the adapter's base {base} is a .nemo" if base else "the adapter records no base")
+        raise ConfigError(f"{what}, which transformers cannot load; pass --base-model with an HF "
+                          "checkpoint directory or hub id (e.g. the directory `nemo-minitron "
+                          "convert nemo-to-hf` wrote)")
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         _write_peft(tensors, meta, tmp, base_model)
     return os.path.abspath(out_dir)

@@ -1,13 +1,24 @@
 """Training metrics: console (rank 0; a progress bar when stdout is a TTY), CSV always, TensorBoard
-when ``tensorboard`` is installed. Only the rank that calls with ``enabled=True`` writes anything."""
+when ``tensorboard`` is installed. Only the rank that calls with ``enabled=True`` writes anything.
+
+A metric that is off in this run (``None``, or NaN for any metric but ``loss``: e.g. distillation's
+``lm`` when ``kd.lm_weight=0``, ``grad_norm`` when the optimizer reports none) is left out of the
+console line and TensorBoard and left empty in the CSV. A NaN ``loss`` is a diverged run and is
+always shown."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 from typing import Optional
 
 COLUMNS = ("step", "split", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s")
+
+
+def is_off(name: str, value) -> bool:
+    """Whether metric ``name`` is off in this run (see the module docstring)."""
+    return value is None or (name != "loss" and isinstance(value, float) and math.isnan(value))
 
 
 class MetricsLogger:
@@ -44,6 +55,7 @@ class MetricsLogger:
     def log(self, step: int, split: str, console: bool = True, **metrics):
         if not self.enabled:
             return
+        metrics = {k: v for k, v in metrics.items() if not is_off(k, v)}
         row = {"step": step, "split": split}
         row.update({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items()})
         if self._csv:
