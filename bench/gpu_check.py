@@ -1,9 +1,16 @@
-"""One-GPU check of nemo_minitron: environment, HF -> .nemo conversion parity on CUDA, and the
-greedy decoding against transformers on CUDA, and the
-training throughput (tokens/s, MFU) of the finetune (full SFT and LoRA) and distill recipes.
+"""One-GPU check of nemo_minitron: environment, HF -> .nemo conversion parity on CUDA, the
+greedy decoding against transformers on CUDA, generation speed against transformers' ``generate``
+(``genspeed``), and the training throughput (tokens/s, MFU) of the finetune (full SFT and LoRA)
+and distill recipes at the full 32-layer Minitron-4B-Width, seq 4096, bf16.
 
-    python3 bench/gpu_check.py --out $OUT/gpu_check.json           # on one CUDA GPU, ~4 minutes
+    bash bench/gpu_check.sh --part-timeout 300 --deadline 570       # one H200 (one device call)
     python bench/gpu_check.py --cpu-smoke --out /tmp/gpu_check.json  # same code path, tiny, on a CPU
+
+Not yet run on a GPU at these shapes (prepared in a session without one). Expected costs: writing
+the random 32-layer checkpoints (4.5B + 8B parameters, bf16, on the host) is the longest part;
+if it or a training part does not fit, ``--teacher-layers 16`` (the teacher's depth is recorded),
+``--recompute`` (full activation recomputation, memory) and ``--parts genspeed,sft,distill``
+trim it. Goals (issue #18): SFT and distillation >= 45% MFU, generation >= 2x transformers.
 
 A GPU machine without internet needs the packages its image lacks as wheels in ``.whl/`` (what
 ``bench/gpu_check.sh`` installs), fetched on a machine that has PyPI:
@@ -26,7 +33,8 @@ the timed steps). Step times are the loop's own (``step_time_s`` in the
 trainer history: each step ends in a host read of its loss and grad norm, so it includes all GPU
 work of the step).
 
-Model FLOPs per token (dense, no causal discount: the local attention computes all s x s scores):
+Model FLOPs per token (dense, no causal discount, as Megatron counts them; with the SDPA core
+attention's causal kernels the attention term is about twice what is computed):
   per layer matmul weights  W_l = h*(n_q + 2*n_kv)*d + n_q*d*h + 3*h*ffn   (qkv, proj, gate/up/down)
   N = L*W_l + h*V (LM head; the input embedding is a lookup, norms are negligible)
   attention scores + values, forward, per token: 4*L*s*n_q*d
@@ -49,16 +57,25 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_FLOPS = 989e12
-PARTS = ("env", "convert", "generate", "sft", "lora", "distill")  # "ckpts" runs in the background
+PARTS = ("env", "convert", "generate", "genspeed", "sft", "lora", "distill")
+# "ckpts" runs in the background
 
 
-def settings(smoke: bool) -> dict:
-    """Shapes and loop sizes. Real: Minitron-4B-Width / Llama-3.1-8B widths, 4 layers each."""
+def settings(smoke: bool, overrides: dict = None) -> dict:
+    """Shapes and loop sizes. Real: Minitron-4B-Width (student, 32 layers) and Llama-3.1-8B
+    (teacher, 32 layers unless --teacher-layers), seq 4096, bf16; the training parts use the
+    local spec with the SDPA core attention (``model.attention_backend=auto`` on a GPU without
+    Transformer Engine). ``genspeed``: batch 1 and 8, 128 and 512 new tokens, 128-token prompts."""
     if smoke:
-        return dict(student="tiny_minitron_width", teacher="tiny_llama31", layers=2, seq=64, mbs=2,
-                    gbs=4, steps=3, warmup=1, precision="fp32", lora_rank=4)
-    return dict(student="minitron_4b_width", teacher="llama31_8b", layers=4, seq=2048, mbs=2,
-                gbs=16, steps=10, warmup=2, precision="bf16", lora_rank=16)
+        s = dict(student="tiny_minitron_width", teacher="tiny_llama31", layers=2, teacher_layers=2,
+                 seq=64, mbs=2, gbs=4, steps=3, warmup=1, precision="fp32", lora_rank=4,
+                 recompute=False, gen_batches=[1, 2], gen_new=[8, 16], gen_prompt=16)
+    else:
+        s = dict(student="minitron_4b_width", teacher="llama31_8b", layers=32, teacher_layers=32,
+                 seq=4096, mbs=1, gbs=8, steps=6, warmup=2, precision="bf16", lora_rank=16,
+                 recompute=False, gen_batches=[1, 8], gen_new=[128, 512], gen_prompt=128)
+    s.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return s
 
 
 # ---- FLOPs ---------------------------------------------------------------------------------
@@ -115,10 +132,11 @@ def part_ckpts(s, work, smoke):
     out = {}
     for role in ("student", "teacher"):
         t = time.perf_counter()
-        cfg = get_preset(s[role]).replace(num_layers=s["layers"])
+        layers = s["layers"] if role == "student" else s["teacher_layers"]
+        cfg = get_preset(s[role]).replace(num_layers=layers)
         write_tiny_hf_checkpoint(os.path.join(work, role), cfg, seed=1 if role == "student" else 2,
                                  dtype="bfloat16", overwrite=True)
-        out[role] = dict(preset=s[role], layers=s["layers"], seconds=round(time.perf_counter() - t, 1))
+        out[role] = dict(preset=s[role], layers=layers, seconds=round(time.perf_counter() - t, 1))
     return out
 
 
@@ -186,6 +204,78 @@ def part_generate(s, work, smoke):
                 identical=ours == theirs)
 
 
+def _timed_ours(hf_dir, prompts, cases, dtype):
+    """Our KV-cache engine (this process's 1-rank group): seconds per (batch, new) case."""
+    import torch
+
+    from nemo_minitron.inference.generate import generate
+    from nemo_minitron.inference.runner import ModelRunner
+    from nemo_minitron.inference.sampling import SamplingParams
+
+    runner = ModelRunner.from_hf(hf_dir, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    generate(runner, prompts[:1], SamplingParams(greedy=True, max_new_tokens=4, ignore_eos=True))
+    out = {}
+    for b, new in cases:
+        sync()
+        t = time.perf_counter()
+        res = generate(runner, prompts[:b], SamplingParams(greedy=True, max_new_tokens=new,
+                                                           ignore_eos=True))
+        sync()
+        out[f"b{b}_new{new}"] = dict(seconds=time.perf_counter() - t,
+                                     tokens=sum(len(c.tokens) for c in res))
+    return out
+
+
+def part_genspeed(s, work, smoke):
+    """Generation tokens/s of our engine against transformers' ``generate`` on the same device,
+    dtype, student checkpoint and prompts (equal-length pydoc prompts: no padding on either
+    side), greedy, EOS ignored; batch x new tokens from settings. Ratio = ours / theirs."""
+    import torch
+    import transformers
+    from pydoc_data.topics import topics
+
+    from nemo_minitron.convert.dist_ckpt import run_with_process_group
+    from nemo_minitron.tokenizer import load_tokenizer
+
+    hf = os.path.join(work, "student")
+    tok = load_tokenizer(hf)
+    n = s["gen_prompt"]
+    texts = [topics[k] for k in sorted(topics) if len(topics[k]) > 8 * n]
+    prompts = [tok.encode(t)[:n] for t in texts[:max(s["gen_batches"])]]
+    cases = [(b, new) for b in s["gen_batches"] for new in s["gen_new"]]
+    dtype = "float32" if smoke else "bfloat16"
+    ours = run_with_process_group(_timed_ours, hf, prompts, cases, dtype)  # before CUDA here
+    dev = "cpu" if smoke else "cuda"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        hf, dtype=getattr(torch, dtype)).to(dev).eval()
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    with torch.no_grad():
+        model.generate(torch.tensor(prompts[:1], device=dev), max_new_tokens=4, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)  # warm-up
+    out = {}
+    for b, new in cases:
+        ids = torch.tensor(prompts[:b], device=dev)
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        sync()
+        theirs_s = time.perf_counter() - t
+        key = f"b{b}_new{new}"
+        o = ours[key]
+        theirs_tokens = int(gen[:, n:].numel())
+        out[key] = dict(ours_tokens_per_s=o["tokens"] / o["seconds"],
+                        transformers_tokens_per_s=theirs_tokens / theirs_s,
+                        ratio=(o["tokens"] / o["seconds"]) / (theirs_tokens / theirs_s),
+                        ours_s=round(o["seconds"], 3), transformers_s=round(theirs_s, 3))
+    ratios = [v["ratio"] for v in out.values()]
+    return dict(cases=out, dtype=dtype, prompt_tokens=n, layers=s["layers"],
+                min_ratio=min(ratios), goal_2x=min(ratios) >= 2.0)
+
+
 def _train(recipe: str, s, work, smoke, extra):
     import torch
 
@@ -198,7 +288,8 @@ def _train(recipe: str, s, work, smoke, extra):
                  f"model.micro_batch_size={s['mbs']}", f"model.global_batch_size={s['gbs']}",
                  f"data.seq_length={s['seq']}", "data.format=text", "data.train_ds.file_path=pydoc",
                  f"data.train_ds.max_num_samples={4 * s['gbs']}", "optim.warmup_steps=1",
-                 "optim.lr=1e-5", "trainer.progress_bar=false",
+                 "optim.lr=1e-5", "trainer.progress_bar=false"] + (
+                 ["model.activations_checkpoint_granularity=full"] if s["recompute"] else []) + [
                  f"trainer.log_dir={os.path.join(work, name + '_logs')}"] + extra.pop("overrides")
     values = dict(model={"restore_from_path": os.path.join(work, "student")},
                   out=os.path.join(work, name + "_out"), **extra)
@@ -274,10 +365,10 @@ def part_distill(s, work, smoke):
     return _finish(r, f, "student 6*N + 12*L*s*n_q*d + teacher 2*N_t + 4*L_t*s*n_q,t*d_t")
 
 
-def run_part(name: str, work: str, smoke: bool, result_path: str) -> int:
+def run_part(name: str, work: str, smoke: bool, result_path: str, overrides: dict) -> int:
     t = time.perf_counter()
     try:
-        res = dict(ok=True, **globals()["part_" + name](settings(smoke), work, smoke))
+        res = dict(ok=True, **globals()["part_" + name](settings(smoke, overrides), work, smoke))
     except BaseException as e:  # noqa: BLE001 - recorded for the report
         tb = traceback.format_exc().strip().splitlines()
         res = dict(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500],
@@ -294,11 +385,27 @@ def _spawn(name, args, work):
     if os.path.exists(path):
         os.remove(path)
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--work", work,
-           "--result", path] + (["--cpu-smoke"] if args.cpu_smoke else [])
+           "--result", path] + (["--cpu-smoke"] if args.cpu_smoke else []) + _setting_args(args)
     log = open(os.path.join(work, f"{name}.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             cwd=ROOT)
     return proc, path, log, time.perf_counter()
+
+
+SETTING_FLAGS = {"layers": int, "teacher_layers": int, "seq": int, "mbs": int, "gbs": int,
+                 "steps": int}
+
+
+def _setting_args(args) -> list:
+    out = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SETTING_FLAGS
+           if getattr(args, k) is not None]
+    return out + (["--recompute"] if args.recompute else [])
+
+
+def _setting_overrides(args) -> dict:
+    out = {k: getattr(args, k) for k in SETTING_FLAGS}
+    out["recompute"] = True if args.recompute else None
+    return out
 
 
 def _collect(name, spawned, timeout, work):
@@ -329,6 +436,7 @@ def _summary_line(name, r):
     keys = {"env": ("device", "torch", "cuda", "megatron.core", "bf16_matmul_tflops"),
             "ckpts": ("student", "teacher"),
             "convert": ("max_abs_dlogit", "min_cosine", "top1", "pass_1e_3"),
+            "genspeed": ("min_ratio", "goal_2x", "dtype", "layers"),
             }.get(name, ("tokens_per_s", "step_s", "mfu", "model_tflops", "peak_mem_gib", "losses"))
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else v
@@ -344,11 +452,17 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=300.0,
                    help="seconds for everything; later parts get what is left")
     p.add_argument("--parts", default=",".join(PARTS), help="comma list of " + ",".join(PARTS))
+    for k, typ in SETTING_FLAGS.items():
+        p.add_argument("--" + k.replace("_", "-"), type=typ, default=None,
+                       help=f"override settings()['{k}']")
+    p.add_argument("--recompute", action="store_true",
+                   help="full activation recomputation in the training parts (memory)")
     p.add_argument("--part", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.part:
-        return run_part(args.part, args.work, args.cpu_smoke, args.result)
+        return run_part(args.part, args.work, args.cpu_smoke, args.result,
+                        _setting_overrides(args))
 
     start = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
@@ -361,7 +475,8 @@ def main(argv=None) -> int:
                       CUDA_DEVICE_MAX_CONNECTIONS="1", TOKENIZERS_PARALLELISM="false")
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [ROOT] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
-    summary = dict(settings=settings(args.cpu_smoke), peak_flops=PEAK_FLOPS, parts={})
+    summary = dict(settings=settings(args.cpu_smoke, _setting_overrides(args)),
+                   peak_flops=PEAK_FLOPS, parts={})
     wanted = [x for x in args.parts.split(",") if x]
     training = [x for x in wanted if x in ("sft", "lora", "distill")]
 
@@ -378,13 +493,14 @@ def main(argv=None) -> int:
         print("GPU_CHECK " + _summary_line(name, res), flush=True)
         save()
 
-    ckpts = _spawn("ckpts", args, args.work) if training else None  # overlaps env and convert
+    need_ckpts = training or "genspeed" in wanted
+    ckpts = _spawn("ckpts", args, args.work) if need_ckpts else None  # overlaps env and convert
     for name in [x for x in wanted if x in ("env", "convert", "generate")]:
         finish(name, _collect(name, _spawn(name, args, args.work),
                               min(args.part_timeout, left()), args.work))
     if ckpts is not None:
         finish("ckpts", _collect("ckpts", ckpts, min(args.part_timeout + 60, left()), args.work))
-    for name in training:
+    for name in (["genspeed"] if "genspeed" in wanted else []) + training:
         if not summary["parts"]["ckpts"].get("ok"):
             finish(name, dict(ok=False, error="skipped: no checkpoints", wall_s=0))
         elif left() < 20:
@@ -394,7 +510,8 @@ def main(argv=None) -> int:
                                   min(args.part_timeout, left()), args.work))
     save()
     print("GPU_CHECK_JSON " + json.dumps({k: {kk: v.get(kk) for kk in (
-        "ok", "error", "device", "max_abs_dlogit", "agree", "tokens_per_s", "mfu", "peak_mem_gib")
+        "ok", "error", "device", "max_abs_dlogit", "agree", "tokens_per_s", "mfu", "peak_mem_gib",
+        "min_ratio")
         if kk in v} for k, v in summary["parts"].items()}, default=str), flush=True)
     print(f"GPU_CHECK total {summary['total_s']} s -> {args.out}", flush=True)
     return 0 if all(v.get("ok") for v in summary["parts"].values()) else 1

@@ -148,10 +148,12 @@ def setup(cfg, ident: Optional[dict] = None):
     fmt, train_data, val_data = setup_data(cfg, student_cfg)
     init_megatron(tp=t.tensor_model_parallel_size, pp=t.pipeline_model_parallel_size, seed=t.seed)
     teacher = build_teacher(teacher_cfg, cfg.teacher.restore_from_path,
-                            precision=cfg.teacher.precision or t.precision, seed=t.seed)
+                            precision=cfg.teacher.precision or t.precision, seed=t.seed,
+                            attention_backend=m.attention_backend)
     student = build_train_model(student_cfg, precision=t.precision, hf_dir=m.restore_from_path,
                                 seed=t.seed, recompute=m.activations_checkpoint_granularity,
-                                recompute_num_layers=m.activations_checkpoint_num_layers)
+                                recompute_num_layers=m.activations_checkpoint_num_layers,
+                                attention_backend=m.attention_backend)
     # before the DDP wrap: a learned projection (widths differ) joins the student's parameters
     hidden = HiddenDistillation(student, teacher, cfg.kd, seed=t.seed) if cfg.kd.hidden_pairs \
         else None

@@ -154,7 +154,8 @@ def setup(cfg, ident: Optional[dict] = None):
     model = build_train_model(model_cfg, precision=t.precision, hf_dir=m.restore_from_path,
                               seed=t.seed, recompute=m.activations_checkpoint_granularity,
                               recompute_num_layers=m.activations_checkpoint_num_layers,
-                              use_te=False if lora else None)
+                              use_te=False if lora else None,
+                              attention_backend=m.attention_backend)
     if lora:  # freezes the base: DDP and the optimizer see only the adapters
         from nemo_minitron.peft.lora import apply_lora
 

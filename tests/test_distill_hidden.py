@@ -116,7 +116,7 @@ def test_hidden_loss_equals_functional_reference(teacher_dir, student_dir, tp):
     ref = ref / len(pairs)
     ref.backward()
     for hidden, extra, tokens, w, grads, shape in results:
-        assert shape == [SEQ, 2, 48]  # [s, b, h]
+        assert shape == [batch["input_ids"].shape[1], 2, 48]  # [s, b, h]: the batch's length
         # the hook states vs transformers' full forward: fp32, different kernels
         assert hidden == pytest.approx(float(ref), rel=1e-4, abs=1e-5)
         assert extra == pytest.approx(0.5 * float(ref), rel=1e-4, abs=1e-5)  # hidden_weight 0.5

@@ -99,8 +99,8 @@ def _per_sequence_losses(rank, hf_dir, packed, causal_only=False):
                 b["attention_mask"] = attention_mask(torch.zeros_like(b["segment_ids"]))
             loss = model(input_ids=b["input_ids"], position_ids=b["position_ids"],
                          attention_mask=b["attention_mask"], labels=b["labels"])[0]
-            for k in range(int(row["segment_ids"].max()) + 1):
-                sel = (row["segment_ids"] == k) & row["loss_mask"].bool()
+            for k in range(int(row["segment_ids"].max()) + 1):  # b: the row cut to its length
+                sel = (b["segment_ids"][0] == k) & b["loss_mask"][0].bool()
                 out.setdefault(r, []).append(float(loss[sel].sum()))
     flat = [v for r in sorted(out) for v in out[r]]  # first-fit keeps dataset order within rows
     return len(data), flat

@@ -68,7 +68,8 @@ class Stop(Exception):
 
 def train(rank, hf_dir, *, steps=6, mbs=1, gbs=4, lr=1e-3, ckpt_dir=None, ckpt_every=0,
           stop_after=None, packed=False, precision="fp32", recompute=None, distributed_opt=False,
-          n_samples=8, val=False, lora=None):
+          n_samples=8, val=False, lora=None, seq=SEQ, pad_to_max_length=False,
+          attention_backend=None, samples=None, forward_step=None):
     """Train the tiny model; return per-step (loss, grad_norm) and the val loss (every rank).
     ``lora``: a LoRASection; then only adapters train (and the result has ``opt_params``, the
     names of the parameters the optimizer holds)."""
@@ -80,9 +81,11 @@ def train(rank, hf_dir, *, steps=6, mbs=1, gbs=4, lr=1e-3, ckpt_dir=None, ckpt_e
     from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp
 
     cfg = read_hf_config(hf_dir)
-    data = SFTData(synthetic_samples(n_samples), SEQ, EOS, packed=packed, seed=7)
+    data = SFTData(samples or synthetic_samples(n_samples), seq, EOS, packed=packed, seed=7,
+                   pad_to_max_length=pad_to_max_length)
     model = build_train_model(cfg, precision=precision, hf_dir=hf_dir, recompute=recompute,
-                              use_te=False if lora else None)
+                              use_te=False if lora else None,
+                              attention_backend=attention_backend or "auto")
     if lora is not None:
         from nemo_minitron.peft.lora import apply_lora
 
@@ -93,15 +96,16 @@ def train(rank, hf_dir, *, steps=6, mbs=1, gbs=4, lr=1e-3, ckpt_dir=None, ckpt_e
                       use_distributed_optimizer=distributed_opt)
     opt = build_optimizer(ddp, oc, precision)
     loop = LoopConfig(max_steps=steps, micro_batch_size=mbs, global_batch_size=gbs,
-                      seq_length=SEQ, log_every_n_steps=0, ckpt_dir=ckpt_dir,
+                      seq_length=seq, log_every_n_steps=0, ckpt_dir=ckpt_dir,
                       ckpt_every_n_steps=ckpt_every)
 
     def stop(trainer, step, metrics):
         if stop_after is not None and step >= stop_after:
             raise Stop()
 
+    extra = dict(forward_step=forward_step) if forward_step else {}
     trainer = Trainer(ddp, opt, build_scheduler(oc, steps), data, loop,
-                      val_data=data if val else None, callbacks=[stop])
+                      val_data=data if val else None, callbacks=[stop], **extra)
     try:
         state = trainer.fit()
     except Stop:

@@ -13,7 +13,7 @@ from nemo_minitron.model.rope import apply_rope
 
 def build_gpt_model(cfg: ModelConfig, *, dtype: str = "float32", use_te: Optional[bool] = None,
                     parallel_output: bool = True, config_overrides: Optional[dict] = None,
-                    init_weights: bool = True):
+                    init_weights: bool = True, attention_backend: str = "auto"):
     """This rank's part of the model at the TP/PP that ``megatron.core.parallel_state`` holds.
 
     ``config_overrides``: extra ``TransformerConfig`` fields for how the model runs, not what it
@@ -22,7 +22,10 @@ def build_gpt_model(cfg: ModelConfig, *, dtype: str = "float32", use_te: Optiona
     ``init_weights=False``: Megatron's random init is skipped (``perform_initialization=False``:
     the weights are left as allocated, uninitialized), for a caller that fills every weight next,
     e.g. with ``load_hf_into_model`` (strict: every parameter is written). Drawing the random
-    weights was 11 of the 12.6 s of building a 4-layer Minitron-4B-Width on the CPU."""
+    weights was 11 of the 12.6 s of building a 4-layer Minitron-4B-Width on the CPU.
+
+    ``attention_backend``: the local spec's core attention, auto | sdpa | megatron
+    (nemo_minitron/model/attention.py; auto: torch SDPA on a GPU, Megatron's on the CPU)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -40,6 +43,13 @@ def build_gpt_model(cfg: ModelConfig, *, dtype: str = "float32", use_te: Optiona
     kwargs = gpt_model_kwargs(cfg, tp=tp, use_te=use_te, parallel_output=parallel_output,
                               pre_process=ps.is_pipeline_first_stage(),
                               post_process=ps.is_pipeline_last_stage())
+    from nemo_minitron.model.attention import (SDPAttention, resolve_attention_backend,
+                                               with_core_attention)
+
+    te = use_te if use_te is not None else mcore.te_usable()
+    if resolve_attention_backend(attention_backend, te) == "sdpa":
+        kwargs["transformer_layer_spec"] = with_core_attention(kwargs["transformer_layer_spec"],
+                                                               SDPAttention)
     with mcore.final_norm_for_local_spec():
         model = GPTModel(config=config, **kwargs)
     place_parameters(model, config.params_dtype)

@@ -39,6 +39,9 @@ class ModelSection:
     global_batch_size: int = 8
     activations_checkpoint_granularity: Optional[str] = None  # None | "full"
     activations_checkpoint_num_layers: int = 1  # with "full": layers per recomputed chunk
+    # core attention of the local (non-TE) spec: auto (torch SDPA on a GPU, Megatron's
+    # DotProductAttention on the CPU) | sdpa | megatron (nemo_minitron/model/attention.py)
+    attention_backend: str = "auto"
 
 
 @dataclass
@@ -56,6 +59,9 @@ class DataSection:
     prompt_template: str = "{input}\n\n{output}"
     truncation: bool = True  # cut the prompt (input side) from the right when a sample is too long
     packed_sequence: bool = False
+    # NeMo's name: True pads every batch to seq_length; False (default) pads each micro batch to
+    # its longest row, rounded up to a multiple of 16 (under PP: the longest of the global batch)
+    pad_to_max_length: bool = False
     shuffle: bool = True
     # Megatron indexed datasets (`nemo-minitron preprocess`), used instead of train_ds/validation_ds
     # when set: NeMo's data_prefix, one prefix or [weight1, prefix1, weight2, prefix2, ...]

@@ -17,6 +17,17 @@ sample. (Megatron's local-spec attention applies RoPE by row position, not ``pos
 RoPE scores depend only on q_pos - k_pos, a block-diagonal mask already makes a packed sample's loss
 equal to its unpacked loss up to float rounding; tests/test_train_data.py measured 0.0.)
 
+Dynamic padding (NeMo's ``pad_to_max_length: false``, the default): rows are stored at
+``seq_length`` but a micro batch is cut to the longest row it holds, rounded up to a multiple of
+:data:`PAD_MULTIPLE` (never past ``seq_length``), so no layer -- the LM head over the whole
+vocabulary included -- computes the padding beyond that. Under pipeline parallelism every micro
+batch of a global batch gets the same length (the stages exchange ``[s, b, h]`` activations of one
+shape per schedule run): the longest row of the whole global batch, the same on every DP rank.
+A batch without packing needs no mask at all (``attention_mask=None``: Megatron's and the SDPA
+attention then apply their own causal mask, O(1) memory instead of ``[b, 1, s, s]``); padding
+sits after every real token, so causal attention never lets a real token see it. Only packed rows
+carry the dense block-diagonal mask.
+
 Pretraining-style text (``data.format: text``; pydoc, ``.txt``, JSONL ``text``): :func:`text_data`
 cuts the ``<bos> doc <eos>`` token stream into rows whose every position carries loss, the data of
 distillation and of teacher correction. :func:`build_datasets` picks between the two for a
@@ -180,9 +191,30 @@ def attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return ~(causal & same)[:, None]
 
 
-def collate(rows: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-    batch["attention_mask"] = attention_mask(batch["segment_ids"])
+PAD_MULTIPLE = 16  # dynamic padding rounds a batch's length up to this (NeMo's choice too)
+
+
+def used_positions(row: Dict[str, torch.Tensor]) -> int:
+    """Positions up to and including the row's last real (non-padding) one."""
+    real = (row["segment_ids"] >= 0).nonzero()
+    return int(real[-1]) + 1 if len(real) else 0
+
+
+def padded_length(rows: Sequence[Dict[str, torch.Tensor]], seq_length: int) -> int:
+    """The longest row's used positions rounded up to PAD_MULTIPLE, at most ``seq_length``."""
+    longest = max(max(used_positions(r) for r in rows), 1)
+    return min(seq_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def collate(rows: Sequence[Dict[str, torch.Tensor]],
+            length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Stack rows into ``[b, length]`` tensors (cut to the first ``length`` positions; None: as
+    stored). ``attention_mask``: None without packing (causal attention, see module docstring),
+    else the block-diagonal ``[b, 1, length, length]`` mask."""
+    batch = {k: torch.stack([r[k] if length is None else r[k][:length] for r in rows])
+             for k in rows[0]}
+    packed = bool((batch["segment_ids"] > 0).any())
+    batch["attention_mask"] = attention_mask(batch["segment_ids"]) if packed else None
     return batch
 
 
@@ -193,6 +225,7 @@ class RowBatches:
     ``k`` continues with exactly the batches an uninterrupted run would see."""
 
     seq_length: int
+    pad_to_max_length: bool = False  # True: every batch at seq_length (the old fixed padding)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -204,20 +237,34 @@ class RowBatches:
         raise NotImplementedError
 
     def micro_batches(self, step: int, global_batch_size: int, micro_batch_size: int,
-                      dp_rank: int = 0, dp: int = 1) -> List[Dict[str, torch.Tensor]]:
+                      dp_rank: int = 0, dp: int = 1,
+                      same_length: bool = False) -> List[Dict[str, torch.Tensor]]:
         """This DP rank's micro batches of global batch ``step``."""
         return self.rows_to_micro_batches(self.global_batch_rows(step, global_batch_size),
-                                          micro_batch_size, dp_rank, dp)
+                                          micro_batch_size, dp_rank, dp, same_length)
 
     def rows_to_micro_batches(self, rows: Sequence[Optional[int]], micro_batch_size: int,
-                              dp_rank: int = 0, dp: int = 1) -> List[Dict[str, torch.Tensor]]:
-        """Cut a global batch of row indices (None: a filler row without loss) for one DP rank."""
+                              dp_rank: int = 0, dp: int = 1,
+                              same_length: bool = False) -> List[Dict[str, torch.Tensor]]:
+        """Cut a global batch of row indices (None: a filler row without loss) for one DP rank.
+
+        Each micro batch is cut to its longest row (see module docstring); ``same_length`` (PP):
+        all of them to the longest row of the whole global batch, every DP rank alike."""
         per_rank = len(rows) // dp
-        mine = rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         filler = dict(self.row(0), loss_mask=torch.zeros(self.seq_length))
-        picked = [filler if r is None else self.row(r) for r in mine]
-        return [collate(picked[i:i + micro_batch_size])
-                for i in range(0, per_rank, micro_batch_size)]
+        every = [filler if r is None else self.row(r) for r in rows]
+        picked = every[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        if self.pad_to_max_length:
+            fixed = self.seq_length
+        elif same_length:
+            fixed = padded_length(every, self.seq_length)
+        else:
+            fixed = None
+        out = []
+        for i in range(0, per_rank, micro_batch_size):
+            chunk = picked[i:i + micro_batch_size]
+            out.append(collate(chunk, fixed or padded_length(chunk, self.seq_length)))
+        return out
 
     def num_loss_tokens(self, step: int, global_batch_size: int) -> int:
         """Counted tokens in the whole global batch (the loss is their mean, on every layout)."""
@@ -245,12 +292,14 @@ class SFTData(RowBatches):
     """
 
     def __init__(self, samples: Sequence[Sample], seq_length: int, pad_id: int, *,
-                 packed: bool = False, shuffle: bool = True, seed: int = 1234):
+                 packed: bool = False, shuffle: bool = True, seed: int = 1234,
+                 pad_to_max_length: bool = False):
         if not samples:
             raise MinitronError("the dataset is empty")
         groups = pack(samples, seq_length) if packed else [[s] for s in samples]
         self.rows = [make_row(g, seq_length, pad_id) for g in groups]
         self.seq_length, self.shuffle, self.seed = seq_length, shuffle, seed
+        self.pad_to_max_length = pad_to_max_length
 
     def __len__(self):
         return len(self.rows)
@@ -333,7 +382,7 @@ def build_datasets(d, tokenizer_dir: str, model_cfg, seed: int = 1234):
             samples = load_sft_samples(ds.file_path, tok, d.prompt_template, d.seq_length,
                                        truncation=d.truncation, max_num_samples=ds.max_num_samples)
             return SFTData(samples, d.seq_length, pad_id=eos, packed=d.packed_sequence,
-                           shuffle=shuffle, seed=seed)
+                           shuffle=shuffle, seed=seed, pad_to_max_length=d.pad_to_max_length)
 
         train = build(d.train_ds, d.shuffle)
         val = build(d.validation_ds, False) if d.validation_ds.file_path else None

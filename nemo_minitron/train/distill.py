@@ -6,7 +6,8 @@
             metric_names=KD_METRICS, pipeline_io=kd)  # pipeline_io: used at PP > 1
 
 ``forward_step`` runs the frozen teacher (no grad) and the student on the same micro batch and
-returns both logits ``[b, s, vocab/TP]`` -- vocab-parallel, never gathered. ``loss_fn`` turns them
+returns both logits ``[1, n, vocab/TP]`` for the n tokens the loss counts (the LM heads skip
+padding and prompt positions) -- vocab-parallel, never gathered. ``loss_fn`` turns them
 into ``kd_weight * sum KL + lm_weight * sum CE`` over the counted tokens (``loss_mask``), with
 :func:`nemo_minitron.losses.kd.vocab_parallel_kl` over this rank's vocabulary slice (all-reduces
 over the TP group for the softmax normalisers) and Megatron's vocab-parallel cross entropy for the
@@ -91,11 +92,13 @@ def check_same_tokenizer(teacher_dir: str, teacher: ModelConfig, student_dir: st
 
 
 # ---- the teacher --------------------------------------------------------------------------------
-def build_teacher(cfg: ModelConfig, hf_dir: str, precision: str, seed: int = 1234):
+def build_teacher(cfg: ModelConfig, hf_dir: str, precision: str, seed: int = 1234,
+                  attention_backend: str = "auto"):
     """This rank's frozen teacher: no DDP wrapper, no optimizer, eval mode, requires_grad False."""
     from nemo_minitron.train.model import build_train_model
 
-    teacher = build_train_model(cfg, precision=precision, hf_dir=hf_dir, seed=seed)
+    teacher = build_train_model(cfg, precision=precision, hf_dir=hf_dir, seed=seed,
+                                attention_backend=attention_backend)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -112,15 +115,21 @@ class LogitDistillation:
         self.hidden = hidden  # losses.hidden.HiddenDistillation (hooks on both models) or None
 
     def forward_step(self, model, batch):
-        """Last pipeline stage: (student logits, teacher logits), each ``[b, s, vocab/TP]``.
-        Other stages: ``[s, b, h_s + h_t]``, the two hidden states for the next stage."""
+        """Last pipeline stage: (student logits, teacher logits), each ``[1, n, vocab/TP]`` for
+        the n tokens ``loss_mask`` counts (no LM head on padding or prompt positions,
+        :func:`nemo_minitron.model.forward.logits_at`). Other stages: ``[s, b, h_s + h_t]``, the
+        two hidden states for the next stage."""
         from megatron.core import parallel_state as ps
+
+        from nemo_minitron.model.forward import counted_index, logits_at
 
         inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                       attention_mask=batch["attention_mask"])
-        with torch.no_grad():
+        index = counted_index(batch["loss_mask"])
+        with torch.no_grad(), logits_at(self.teacher, index):
             teacher_out = self.teacher(**inputs)
-        student_out = model(**inputs)
+        with logits_at(model, index):
+            student_out = model(**inputs)
         if ps.is_pipeline_last_stage():
             return student_out, teacher_out
         # the pipeline carries the student's dtype (config.pipeline_dtype)
@@ -146,9 +155,16 @@ class LogitDistillation:
         from megatron.core import tensor_parallel
 
         from nemo_minitron.losses.kd import vocab_parallel_kl
+        from nemo_minitron.model.forward import counted_index, select_counted
 
-        student, teacher = output  # [b, s, v_local]
-        mask = batch["loss_mask"].to(torch.float32)  # [b, s], 1 = counted
+        student, teacher = output  # [1, n, v_local]: the counted tokens only (forward_step)
+        full_mask = batch["loss_mask"].to(torch.float32)  # [b, s], 1 = counted
+        if student.shape[:-1] == full_mask.shape:  # [b, s, v_local]: logits at every position
+            mask, labels = full_mask, batch["labels"]
+        else:
+            index = counted_index(full_mask)
+            mask = select_counted(full_mask, index)  # [1, n]: ones (a zero if nothing counts)
+            labels = select_counted(batch["labels"], index)  # [1, n]
         tokens = mask.sum()
         group = ps.get_tensor_model_parallel_group()
         v_local = student.shape[-1]
@@ -164,13 +180,13 @@ class LogitDistillation:
         lm_sum = torch.tensor(math.nan)
         if self.kd.lm_weight > 0 or not torch.is_grad_enabled():
             # after the KL: Megatron's CE may shift the logits in place (the KL saved no input)
-            per_token = tensor_parallel.vocab_parallel_cross_entropy(student, batch["labels"])
+            per_token = tensor_parallel.vocab_parallel_cross_entropy(student, labels)
             lm_sum = (per_token.float() * mask).sum()
             if self.kd.lm_weight > 0:
                 loss = loss + self.kd.lm_weight * lm_sum
         metrics = {"kl": kl_sum.detach(), "lm": lm_sum.detach()}
         if self.hidden is not None:
-            hidden_sum = self.hidden.loss_sum(mask)
+            hidden_sum = self.hidden.loss_sum(full_mask)  # hidden states: every position
             loss = loss + self.kd.hidden_weight * hidden_sum
             metrics[HIDDEN_METRIC] = hidden_sum.detach()
         return loss, tokens, metrics

@@ -4,7 +4,7 @@ What plugs in (the distillation recipe reuses this loop through these, not a sec
 
 * ``forward_step(model, batch) -> output``: runs the model chunk on a micro batch. On the last
   pipeline stage its output reaches ``loss_fn``; elsewhere it is the hidden state Megatron sends on.
-  Default: the model with ``labels``, i.e. per-token vocab-parallel cross entropy ``[b, s]``.
+  Default: per-token vocab-parallel cross entropy ``[b, s]``, logits on counted tokens only.
   A distillation step would run a frozen teacher here too and return both logits.
 * ``loss_fn(output, batch) -> (loss_sum, num_tokens)``: a *sum* over the micro batch's counted
   tokens and their number. The loop turns sums into the mean over the whole global batch, so the
@@ -42,9 +42,12 @@ from nemo_minitron.train import checkpoint as ckpt
 
 def default_forward_step(model, batch):
     """Per-token cross entropy ``[b, s]`` on the last stage (vocab-parallel: the logits are never
-    gathered); ``[s, b, hidden]`` activations on other pipeline stages."""
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                 attention_mask=batch["attention_mask"], labels=batch["labels"])
+    gathered; computed only on the tokens ``loss_mask`` counts, zero elsewhere:
+    :func:`nemo_minitron.model.forward.counted_lm_loss`); ``[s, b, hidden]`` activations on other
+    pipeline stages."""
+    from nemo_minitron.model.forward import counted_lm_loss
+
+    return counted_lm_loss(model, batch)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -139,6 +142,7 @@ class Trainer:
         self.metric_names = tuple(metric_names)
         self.last_val_metrics: dict = {}
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.pipelined = ps.get_pipeline_model_parallel_world_size() > 1
         from nemo_minitron.dist import compute_device
 
         self.device = compute_device()  # batches and reduced sums live here
@@ -179,10 +183,13 @@ class Trainer:
 
             return output, loss_func
 
+        # batches are padded to their longest row (train/data.py); under PP all micro batches of
+        # the run share one length, the [s, b, h] shape the stages exchange
+        seq_length = micro_batches[0]["input_ids"].shape[1]
         results = get_forward_backward_func()(
             forward_step_func=step_func, data_iterator=iter(micro_batches),
             model=[self.schedule_model], num_microbatches=len(micro_batches),
-            seq_length=self.loop.seq_length, micro_batch_size=self.loop.micro_batch_size,
+            seq_length=seq_length, micro_batch_size=self.loop.micro_batch_size,
             forward_only=forward_only, **self.schedule_kwargs)
         sums = torch.zeros(2 + len(self.metric_names), device=self.device)
         for r in results or []:
@@ -192,7 +199,7 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         data, loop = self.train_data, self.loop
         micro = data.micro_batches(step, loop.global_batch_size, loop.micro_batch_size,
-                                   self.dp_rank, self.dp)
+                                   self.dp_rank, self.dp, same_length=self.pipelined)
         total_tokens = max(1, data.num_loss_tokens(step, loop.global_batch_size))
         # see module docstring: the schedule divides by num_microbatches, DDP averages over dp
         scale = len(micro) * self.dp / total_tokens
@@ -221,7 +228,7 @@ class Trainer:
         for rows in self.val_data.eval_batches(self.loop.global_batch_size,
                                                self.loop.limit_val_batches):
             micro = self.val_data.rows_to_micro_batches(rows, self.loop.micro_batch_size,
-                                                        self.dp_rank, self.dp)
+                                                        self.dp_rank, self.dp, self.pipelined)
             total += self._run_schedule(micro, 1.0, forward_only=True)
         self.model.train()
         total = _reduce_for_log(total)

@@ -33,15 +33,18 @@ def recompute_overrides(granularity: Optional[str], num_layers: int = 1) -> dict
 
 def build_train_model(cfg: ModelConfig, *, precision: str = "bf16", hf_dir: Optional[str] = None,
                       seed: int = 1234, recompute: Optional[str] = None,
-                      recompute_num_layers: int = 1, use_te: Optional[bool] = None):
+                      recompute_num_layers: int = 1, use_te: Optional[bool] = None,
+                      attention_backend: str = "auto"):
     """GPTModel for this rank (TP/PP from Megatron's parallel state), weights from ``hf_dir``.
-    ``use_te``: Transformer Engine spec (default: where usable; LoRA needs the local spec)."""
+    ``use_te``: Transformer Engine spec (default: where usable; LoRA needs the local spec).
+    ``attention_backend``: ``model.attention_backend`` (nemo_minitron/model/attention.py)."""
     from nemo_minitron.model.build import build_gpt_model
     from nemo_minitron.model.load import load_hf_into_model
 
     torch.manual_seed(seed)  # CPU init draws the full weight from this generator, then splits it
     model = build_gpt_model(cfg, dtype=params_dtype(precision), parallel_output=True, use_te=use_te,
-                            config_overrides=recompute_overrides(recompute, recompute_num_layers))
+                            config_overrides=recompute_overrides(recompute, recompute_num_layers),
+                            attention_backend=attention_backend)
     if hf_dir:
         load_hf_into_model(model, cfg, hf_dir)
     return model
