@@ -180,6 +180,9 @@ def harness_lm_class():
     if _HARNESS_CLASS is not None:
         return _HARNESS_CLASS
     try:
+        # lm-eval (0.4.9+) imports its built-in models ("hf", "vllm", ...) only when a lookup
+        # finds its registry empty: registering ours first would hide them all
+        import lm_eval.models  # noqa: F401
         from lm_eval.api.model import LM
         from lm_eval.api.registry import register_model
     except ImportError:

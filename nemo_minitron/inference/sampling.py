@@ -17,6 +17,9 @@ import torch
 from nemo_minitron.errors import ConfigError
 
 
+MAX_TOP_LOGPROBS = 5  # OpenAI's limit for /v1/completions; each one widens the broadcast packet
+
+
 def is_seed(value) -> bool:
     """What torch.Generator.manual_seed takes without error: an integer in [0, 2**64)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
@@ -33,6 +36,7 @@ class SamplingParams:
     stop: Tuple[str, ...] = field(default_factory=tuple)  # stop strings (need a tokenizer)
     ignore_eos: bool = False  # keep generating past the end-of-text token
     logprobs: bool = False  # return the log-probability of every generated token
+    top_logprobs: int = 0  # with logprobs: also the k most likely tokens of each step (<= 5)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -50,6 +54,10 @@ class SamplingParams:
             raise ConfigError(f"top_k={self.top_k!r} must be an integer >= 0 (0: off)")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ConfigError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) \
+                or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ConfigError(f"top_logprobs={self.top_logprobs!r} must be an integer in "
+                              f"[0, {MAX_TOP_LOGPROBS}]")
         if not is_seed(self.seed):
             raise ConfigError(f"seed={self.seed!r} must be an integer in [0, 2**64)")
 
