@@ -48,6 +48,7 @@ def validate(cfg, overwrite: bool = False) -> None:
     outputs (given, not existing unless ``overwrite``, writable, never an input or inside one) and
     the data (UTF-8, JSONL with the fields its format needs)."""
     from nemo_minitron.errors import ConfigError
+    from nemo_minitron.model.attention import check_attention_backend
     from nemo_minitron.train.distill import check_kd
     from nemo_minitron.train.export import check_output_path
     from nemo_minitron.train.indexed_data import check_data_source
@@ -63,6 +64,7 @@ def validate(cfg, overwrite: bool = False) -> None:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 0")
     check_kd(cfg.kd)
     check_optim(cfg.optim)
+    check_attention_backend(cfg.model.attention_backend)
     check_paths(cfg, overwrite)
 
 
@@ -215,11 +217,13 @@ def main(argv: Optional[List[str]] = None, before_fit=None) -> int:
     parser = argparse.ArgumentParser(prog="nemo-minitron distill",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="recipe YAML (sections trainer/model/teacher/kd/data/optim)")
-    parser.add_argument("--teacher", help="frozen teacher HF dir (teacher.restore_from_path)")
-    parser.add_argument("--student", help="student HF dir, e.g. the pruning output "
-                                          "(model.restore_from_path)")
+    parser.add_argument("--teacher", help="frozen teacher: HF dir or .nemo "
+                                          "(teacher.restore_from_path)")
+    parser.add_argument("--student", help="student: HF dir or .nemo, e.g. the pruning "
+                                          "output (model.restore_from_path)")
     parser.add_argument("--data", help="pydoc, .txt, JSONL text or SFT (data.train_ds.file_path)")
-    parser.add_argument("--out", help="output HF checkpoint dir for the student (out)")
+    parser.add_argument("--out", help="the distilled student: HF checkpoint dir, or a "
+                                      ".nemo (out)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. kd.temperature=2")
     args = parser.parse_args(argv)

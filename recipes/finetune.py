@@ -45,6 +45,7 @@ def validate(cfg, overwrite: bool = False) -> None:
     outputs (given, not existing unless ``overwrite``, writable, never an input or inside one) and
     the data (UTF-8 JSONL with the fields its format needs)."""
     from nemo_minitron.errors import ConfigError
+    from nemo_minitron.model.attention import check_attention_backend
     from nemo_minitron.train.export import check_output_path
     from nemo_minitron.train.indexed_data import check_data_source
     from nemo_minitron.train.optim import check_optim
@@ -58,6 +59,7 @@ def validate(cfg, overwrite: bool = False) -> None:
     if cfg.peft not in ("none", "lora"):
         raise ConfigError(f"peft={cfg.peft!r} must be one of none, lora")
     check_optim(cfg.optim)
+    check_attention_backend(cfg.model.attention_backend)
     if cfg.peft == "lora":
         from nemo_minitron.peft.lora import check_spec
 
@@ -223,7 +225,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="nemo-minitron finetune",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="recipe YAML (sections trainer/model/data/optim)")
-    parser.add_argument("--model", help="base HF checkpoint dir (model.restore_from_path)")
+    parser.add_argument("--model", help="base model: HF checkpoint dir or .nemo "
+                                        "(model.restore_from_path)")
     parser.add_argument("--data", help="training data (data.train_ds.file_path): SFT JSONL, or "
                                        "with data.format=text pydoc, .txt or JSONL text")
     parser.add_argument("--out", help="output: HF checkpoint dir or .nemo (out)")

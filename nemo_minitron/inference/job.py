@@ -135,17 +135,11 @@ def _dtype(name: str) -> str:
 def setup(model: str, tp: int, pp: int, dtype: str, seed: int = 1234):
     """Initialize Megatron at TP/PP and load this rank's part of the model: built without
     Megatron's random init (every weight is loaded right after; the load is strict)."""
-    from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.dist import init_megatron
     from nemo_minitron.inference.runner import ModelRunner
-    from nemo_minitron.model.build import build_gpt_model
-    from nemo_minitron.model.load import load_hf_into_model
 
     init_megatron(tp=tp, pp=pp, seed=seed)
-    cfg = read_hf_config(model)
-    gpt = build_gpt_model(cfg, dtype=_dtype(dtype), init_weights=False)
-    load_hf_into_model(gpt, cfg, model)
-    return ModelRunner(gpt, cfg)
+    return ModelRunner.from_hf(model, dtype=_dtype(dtype))
 
 
 def cleanup() -> None:

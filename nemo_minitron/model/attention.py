@@ -34,6 +34,7 @@ from nemo_minitron.errors import ConfigError
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "megatron")
 
+
 def _sdpa_has_enable_gqa() -> bool:
     """torch >= 2.5 repeats k/v heads inside SDPA; torch 2.3 (NeMo 24.05's stack) lacks it."""
     try:
@@ -45,11 +46,17 @@ def _sdpa_has_enable_gqa() -> bool:
 _HAS_ENABLE_GQA = _sdpa_has_enable_gqa()
 
 
-def resolve_attention_backend(name: str, use_te: bool) -> str:
-    """``sdpa`` or ``megatron`` for the local spec, ``te`` when the TE spec brings its own."""
+def check_attention_backend(name: str) -> None:
+    """A recipe's ``model.attention_backend`` is one this module knows (checked before any model
+    or process group exists)."""
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(f"model.attention_backend={name!r}: choose one of "
                           f"{', '.join(ATTENTION_BACKENDS)}")
+
+
+def resolve_attention_backend(name: str, use_te: bool) -> str:
+    """``sdpa`` or ``megatron`` for the local spec, ``te`` when the TE spec brings its own."""
+    check_attention_backend(name)
     if use_te:
         if name == "sdpa":
             raise ConfigError("model.attention_backend=sdpa replaces the local spec's attention, "
