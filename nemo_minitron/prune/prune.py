@@ -155,12 +155,6 @@ def write_hf_student(out_dir: str, target: ModelConfig, tensors, teacher_dir: Op
     return os.path.abspath(out_dir)
 
 
-def check_output(out: str, overwrite: bool) -> None:
-    """Fail before any work when the student cannot be written."""
-    if os.path.exists(out) and not overwrite:
-        raise MinitronError(f"out={out} exists; pass overwrite=true to replace it")
-
-
 def write_student(out: str, target: ModelConfig, tensors, teacher_dir: Optional[str], **kwargs
                   ) -> str:
     """The student writer: an HF directory, or a ``.nemo`` file (the HF student converted)."""
