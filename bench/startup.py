@@ -78,8 +78,10 @@ def child(kind: str, ckpt: str, tokens: int) -> dict:
             inspect.signature(build_gpt_model).parameters else {}
         model = build_gpt_model(cfg, dtype="float32", **kw)
         phases["build GPTModel" + (" (no random init)" if kw else "")] = time.perf_counter() - t
+        load_kw = {"assign": True} if "assign" in \
+            inspect.signature(load_hf_into_model).parameters else {}  # what from_hf passes
         t = time.perf_counter()
-        load_hf_into_model(model, cfg, ckpt)
+        load_hf_into_model(model, cfg, ckpt, **load_kw)
         runner = ModelRunner(model, cfg)
         phases["load weights"] = time.perf_counter() - t
         out["load_s"] = time.perf_counter() - t0

@@ -7,7 +7,7 @@
                         [key=value ...]
     nemo-minitron finetune --model BASE --data TRAIN.jsonl --out OUT [--config YAML] [key=value ...]
     nemo-minitron finetune --peft lora --model BASE --data TRAIN.jsonl --out OUT.nemo [lora.rank=8 ...]
-    nemo-minitron lora merge --base BASE --adapter OUT.lora --out MERGED(.nemo or HF dir)
+    nemo-minitron lora merge --model BASE --adapter OUT.lora --out MERGED(.nemo or HF dir)
     nemo-minitron lora export-peft --adapter OUT.lora --out PEFT_DIR [--base-model ID_OR_PATH]
     nemo-minitron distill --teacher T --student S --data DATA --out OUT [--config YAML] [key=value ...]
     nemo-minitron generate --model HF_DIR_OR_NEMO --prompt TEXT [--greedy] [--max-new-tokens N]
@@ -16,9 +16,10 @@
                            [--config YAML] [key=value ...]
     nemo-minitron eval-ppl --model HF_DIR_OR_NEMO --data FILE.txt|FILE.jsonl
                            [window=2048 stride=512 ...]
-    nemo-minitron convert hf-to-nemo HF_DIR OUT.nemo [--dtype bf16] [--format torch_dist|legacy]
-                                     [--tp N --pp M] [--tokenizer-type ID_OR_PATH] [--overwrite]
-    nemo-minitron convert nemo-to-hf IN.nemo OUT_DIR [--dtype bf16|fp16|fp32] [--overwrite]
+    nemo-minitron convert hf-to-nemo HF_DIR --out OUT.nemo [--dtype bf16]
+                                     [--format torch_dist|legacy] [--tp N --pp M]
+                                     [--tokenizer-type ID_OR_PATH] [--overwrite]
+    nemo-minitron convert nemo-to-hf IN.nemo --out OUT_DIR [--dtype bf16|fp16|fp32] [--overwrite]
     nemo-minitron inspect PATH (.nemo, extracted .nemo dir or HF dir)
     nemo-minitron verify HF_DIR IN.nemo [--prompts FILE] [--atol 1e-3]
     nemo-minitron eval-harness --model HF_DIR_OR_NEMO --tasks mmlu,hellaswag [--out R.json]
@@ -179,8 +180,9 @@ def cmd_eval_ppl(args) -> int:
 def cmd_hf_to_nemo(args) -> int:
     from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
 
-    out = hf_to_nemo(args.hf_dir, args.output, dtype=args.dtype, fmt=args.format, tp=args.tp,
-                     pp=args.pp, tokenizer_type=args.tokenizer_type, overwrite=args.overwrite)
+    out = hf_to_nemo(args.hf_dir, _convert_out(args), dtype=args.dtype, fmt=args.format,
+                     tp=args.tp, pp=args.pp, tokenizer_type=args.tokenizer_type,
+                     overwrite=args.overwrite)
     print(f"wrote {out} ({args.format}, {args.dtype}, TP={args.tp} PP={args.pp})")
     return 0
 
@@ -188,7 +190,8 @@ def cmd_hf_to_nemo(args) -> int:
 def cmd_nemo_to_hf(args) -> int:
     from nemo_minitron.convert.nemo_to_hf import nemo_to_hf
 
-    out, layout = nemo_to_hf(args.nemo, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    out, layout = nemo_to_hf(args.nemo, _convert_out(args), dtype=args.dtype,
+                             overwrite=args.overwrite)
     print(f"wrote {out} (from {layout} weights)")
     return 0
 
@@ -209,13 +212,30 @@ def cmd_verify(args) -> int:
     return 0 if max(r.max_abs_diff for r in results) <= args.atol else 1
 
 
+def _convert_out(args) -> str:
+    """The output of ``convert``: ``--out`` (every command's spelling) or the older positional,
+    accepted for existing scripts; exactly one of them."""
+    if args.output is not None and args.out is not None:
+        raise MinitronError(f"convert {args.direction}: the output is given twice (--out "
+                            f"{args.out} and the positional {args.output}); give only --out")
+    if args.output is None and args.out is None:
+        raise MinitronError(f"convert {args.direction}: no output given: add --out PATH")
+    return args.out or args.output
+
+
+def _add_convert_out(parser, what: str) -> None:
+    parser.add_argument("output", nargs="?", default=None,
+                        help=f"{what}, as a positional argument (older spelling of --out)")
+    parser.add_argument("--out", default=None, help=what)
+
+
 def add_convert_parsers(sub) -> None:
     p = sub.add_parser("convert", help="convert checkpoints between HF and .nemo")
     conv = p.add_subparsers(dest="direction", metavar="DIRECTION")
     conv.required = True
     h = conv.add_parser("hf-to-nemo", help="HF checkpoint directory -> .nemo")
     h.add_argument("hf_dir", help="HF checkpoint directory (config.json + safetensors)")
-    h.add_argument("output", help="the .nemo file to write")
+    _add_convert_out(h, "the .nemo file to write")
     h.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="dtype of the stored weights (default bf16)")
     h.add_argument("--format", choices=("torch_dist", "legacy"), default="torch_dist",
@@ -230,7 +250,7 @@ def add_convert_parsers(sub) -> None:
     h.set_defaults(func=cmd_hf_to_nemo, fast_exit=True)
     n = conv.add_parser("nemo-to-hf", help=".nemo (file or extracted dir) -> HF directory")
     n.add_argument("nemo", help=".nemo file or extracted .nemo directory")
-    n.add_argument("output", help="the HF checkpoint directory to write")
+    _add_convert_out(n, "the HF checkpoint directory to write")
     n.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="output dtype (default: the stored one)")
     n.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -256,7 +276,7 @@ def cmd_lora(args) -> int:
     from nemo_minitron.peft.adapter_io import export_peft, merge_lora
 
     if args.action == "merge":
-        print(f"wrote {merge_lora(args.base, args.adapter, args.out, overwrite=args.overwrite)}")
+        print(f"wrote {merge_lora(args.model, args.adapter, args.out, overwrite=args.overwrite)}")
     else:
         out = export_peft(args.adapter, args.out, base_model=args.base_model,
                           overwrite=args.overwrite)
@@ -269,7 +289,8 @@ def add_lora_parsers(sub) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     m = actions.add_parser("merge", help="base + adapter -> merged model (.nemo or HF dir)")
-    m.add_argument("--base", required=True, help="base model: HF directory or .nemo")
+    m.add_argument("--model", "--base", dest="model", required=True,
+                   help="base model: HF directory or .nemo (--base: older spelling)")
     e = actions.add_parser("export-peft", help="adapter -> adapter_config.json + "
                                                "adapter_model.safetensors for peft")
     e.add_argument("--base-model", help="base_model_name_or_path to record: an HF directory or "

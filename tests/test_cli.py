@@ -70,6 +70,13 @@ def test_info_reads_files(capsys, tmp_path):
     (["info", "minitron_4b_width", "--tp", "16"], "num_query_groups=8 is not divisible"),
     (["info", "minitron_9b"], "neither a preset"),
     (["info", "tiny_llama31", "--pp", "3"], "num_layers=4 is not divisible by pipeline"),
+    # convert's output: --out (every command's spelling) or the older positional, exactly one
+    (["convert", "hf-to-nemo", "hf", "a.nemo", "--out", "b.nemo"],
+     "convert hf-to-nemo: the output is given twice (--out b.nemo and the positional a.nemo)"),
+    (["convert", "nemo-to-hf", "in.nemo", "a", "--out", "b"],
+     "convert nemo-to-hf: the output is given twice"),
+    (["convert", "hf-to-nemo", "hf"], "convert hf-to-nemo: no output given: add --out PATH"),
+    (["convert", "nemo-to-hf", "in.nemo"], "convert nemo-to-hf: no output given: add --out"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)
@@ -178,3 +185,28 @@ def test_eval_harness_takes_out_as_a_flag(monkeypatch, capsys):
     monkeypatch.setattr(job, "run_eval_harness", seen.append)
     code, _, _ = run(capsys, "eval-harness", "--model", "m.nemo", "--tasks", "a,b", "--out", "r.json")
     assert code == 0 and (seen[0].model, seen[0].tasks, seen[0].out) == ("m.nemo", ["a", "b"], "r.json")
+
+
+@pytest.mark.parametrize("direction, spelling", [
+    ("hf-to-nemo", ["--out", "o"]), ("hf-to-nemo", ["o"]),
+    ("nemo-to-hf", ["--out", "o"]), ("nemo-to-hf", ["o"]),
+])
+def test_convert_takes_out_or_the_older_positional(monkeypatch, capsys, direction, spelling):
+    from nemo_minitron.convert import hf_to_nemo, nemo_to_hf
+
+    seen = []
+    monkeypatch.setattr(hf_to_nemo, "hf_to_nemo", lambda src, out, **kw: seen.append(out) or out)
+    monkeypatch.setattr(nemo_to_hf, "nemo_to_hf",
+                        lambda src, out, **kw: seen.append(out) or (out, "zarr"))
+    code, out, err = run(capsys, "convert", direction, "in", *spelling)
+    assert code == 0 and seen == ["o"] and out.startswith("wrote o"), err
+
+
+@pytest.mark.parametrize("flag", ["--model", "--base"])
+def test_lora_merge_takes_model_and_the_older_base(monkeypatch, capsys, flag):
+    from nemo_minitron.peft import adapter_io
+
+    seen = []
+    monkeypatch.setattr(adapter_io, "merge_lora", lambda *a, **kw: seen.append(a) or a[2])
+    code, out, err = run(capsys, "lora", "merge", flag, "b.nemo", "--adapter", "ad", "--out", "m")
+    assert code == 0 and seen == [("b.nemo", "ad", "m")] and out == "wrote m\n", err

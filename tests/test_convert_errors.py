@@ -83,6 +83,21 @@ def test_no_overwrite_without_flag(tmp_path, capsys):
     assert not (out / "keep").exists() and (out / "config.json").exists()
 
 
+def test_out_is_given_once_and_nothing_is_written_otherwise(tmp_path, capsys):
+    src = os.path.join(GOLDEN, "zarr_tp1.nemo")
+    a, b = tmp_path / "a", tmp_path / "b"
+    err = _cli_error(capsys, ["convert", "nemo-to-hf", src, str(a), "--out", str(b)])
+    assert "given twice" in err and not a.exists() and not b.exists()
+    err = _cli_error(capsys, ["convert", "nemo-to-hf", src])
+    assert "no output given: add --out PATH" in err
+    # --out writes what the positional writes
+    assert main(["convert", "nemo-to-hf", src, "--out", str(b)]) == 0
+    assert main(["convert", "nemo-to-hf", src, str(a)]) == 0
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    for name in os.listdir(a):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("kind", ["escape", "absolute", "symlink", "hardlink"])
 def test_extraction_refuses_unsafe_members(tmp_path, kind):
     archive = tmp_path / "evil.nemo"

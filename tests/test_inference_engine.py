@@ -225,3 +225,53 @@ def test_generation_stops_at_eos_per_sequence():
         else:
             assert (toks, reason) == (free_toks, "length")
     assert stopped[0][0][-1] == eos and len(stopped[0][0]) == 4
+
+
+def _assign_vs_copy(rank, hf_dir):
+    """One HF checkpoint loaded twice at the current layout: copied (training's default) and with
+    assign=True (ModelRunner.from_hf); which parameters are the reader's mappings; a write into an
+    assigned parameter stays in this process (a private mapping), never reaches the file."""
+    from nemo_minitron.convert import mapping
+    from nemo_minitron.model.build import build_gpt_model
+    from nemo_minitron.model.load import HFReader, load_hf_into_model
+
+    class Recording(HFReader):  # remembers where the tensors it maps lie
+        ptrs = set()
+
+        def __call__(self, name):
+            tensor = super().__call__(name)
+            self.ptrs.add(tensor.data_ptr())
+            return tensor
+
+    copied = load_hf_into_model(build_gpt_model(CFG, init_weights=False), CFG, hf_dir)
+    reader = Recording(hf_dir)
+    assigned = load_hf_into_model(build_gpt_model(CFG, init_weights=False), CFG, hf_dir,
+                                  reader=reader, assign=True)
+    a, c = mapping.model_params(assigned), mapping.model_params(copied)
+    differ = [n for n in c if not torch.equal(a[n], c[n])]
+    mapped = sorted(n for n, p in a.items() if p.data_ptr() in reader.ptrs)
+    name = next(n for n in mapped if n.endswith("layer_norm_weight"))  # replicated: any TP
+    before = a[name].clone()
+    with torch.no_grad():
+        a[name].add_(1.0)
+    again = load_hf_into_model(build_gpt_model(CFG, init_weights=False), CFG, hf_dir)
+    return differ, mapped, torch.equal(mapping.model_params(again)[name], before)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_assigned_weights_equal_copied_ones_and_stay_private(tmp_path, tp):
+    from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
+
+    hf_dir = write_tiny_hf_checkpoint(str(tmp_path / "hf"), CFG, seed=3, dtype="float32",
+                                      tokenizer=False)
+    for differ, mapped, file_unchanged in run_ranks(_assign_vs_copy, world_size=tp, tp=tp,
+                                                    args=(hf_dir,)):
+        assert differ == []
+        assert file_unchanged
+        # stored as the model wants them: mapped, not copied (row blocks of them at TP=2: the
+        # column-parallel linear_proj/fc2 shards are not contiguous and are copied)
+        assert any(n.endswith("linear_qkv.layer_norm_weight") for n in mapped), mapped
+        assert (tp == 1) == any(n.endswith("linear_proj.weight") for n in mapped), mapped
+        # merged tensors (fused QKV, gate/up, padded vocab) are built in the parameter itself
+        assert not any(n.endswith(("linear_qkv.weight", "linear_fc1.weight",
+                                   "word_embeddings.weight")) for n in mapped), mapped

@@ -154,7 +154,7 @@ ERRORS = [
     # lora
     ("lora-merge-out-is-base", ["lora", "merge", "--base", "{tmp}/base", "--adapter",
                                 "{tmp}/adapter", "--out", "{tmp}/base", "--overwrite"],
-     lambda tmp: (_fake_model(tmp), _adapter_dir(tmp)), "is the input --base"),
+     lambda tmp: (_fake_model(tmp), _adapter_dir(tmp)), "is the input --model"),
     ("lora-export-out-inside-adapter", ["lora", "export-peft", "--adapter", "{tmp}/adapter",
                                         "--out", "{tmp}/adapter/peft"], _adapter_dir,
      "is inside the input --adapter"),

@@ -4,6 +4,11 @@ Each rank reads only the HF tensors its own stage needs (safetensors reads lazil
 through ``nemo_minitron.convert.mapping`` (the same table the converter uses), takes its TP shard
 and copies it into the parameter. Strict: the checkpoint's tensor names and shapes are checked
 against config.json first; every parameter of the model must be filled.
+
+Start-up cost (bench/startup.py): a plain ``copy_`` made each weight cross memory twice (mapped
+shard -> merged tensor -> parameter). At TP=1 the merged tensors (fused QKV, gate/up, padded
+vocab) are concatenated straight into the parameter, and with ``assign=True`` a weight the reader
+maps as it is becomes the parameter's data (no copy at all), as transformers' loading does.
 """
 from __future__ import annotations
 
@@ -20,8 +25,16 @@ from nemo_minitron.convert import mapping
 from nemo_minitron.errors import CheckpointError
 
 
-def load_hf_into_model(model, cfg: ModelConfig, hf_dir: str, reader: Optional[HFReader] = None):
-    """Fill ``model`` (this rank's part, at the TP/PP of Megatron's parallel state) from ``hf_dir``."""
+def load_hf_into_model(model, cfg: ModelConfig, hf_dir: str, reader: Optional[HFReader] = None,
+                       *, assign: bool = False):
+    """Fill ``model`` (this rank's part, at the TP/PP of Megatron's parallel state) from ``hf_dir``.
+
+    ``assign=True``: a weight stored exactly as the parameter wants it (same dtype and device, a
+    contiguous shard) is not copied: the parameter's data becomes the reader's private
+    copy-on-write mapping of the shard's pages (file-backed, loaded on first touch). For a model
+    that is only read afterwards (inference: ``ModelRunner.from_hf``). A write still works (the
+    page is copied then, the file is never changed), but training keeps the default copy: its
+    first optimizer step would copy every page anyway, one fault at a time."""
     from megatron.core import parallel_state as ps
 
     reader = reader or HFReader(hf_dir)
@@ -35,15 +48,35 @@ def load_hf_into_model(model, cfg: ModelConfig, hf_dir: str, reader: Optional[HF
     expected = {mapping.to_local_layer(n, offset) for n, _, _ in names}
     mapping.check_model_names(model, expected)
     with torch.no_grad():
-        for name, full in mapping.hf_to_megatron(cfg, reader, tp=tp, names=names):
-            local = mapping.to_local_layer(name, offset)
+        for entry in names:
+            name = entry[0]
+            param = params[mapping.to_local_layer(name, offset)]
+            alloc = _into(param) if tp == 1 else None  # at TP>1 the merged tensor is the full one
+            [(_, full)] = mapping.hf_to_megatron(cfg, reader, tp=tp, names=[entry], alloc=alloc)
             shard = mapping.tp_shard(name, full, tp_rank, tp)
-            param = params[local]
             if tuple(shard.shape) != tuple(param.shape):
                 raise CheckpointError(f"{name}: mapped shard {list(shard.shape)} does not fit the "
                                       f"model parameter {list(param.shape)} (TP={tp})")
-            param.copy_(shard.to(param.dtype))
+            if shard.data_ptr() == param.data_ptr() and shard.dtype == param.dtype:
+                continue  # merged straight into the parameter by alloc
+            if (assign and shard.dtype == param.dtype and shard.device == param.device
+                    and shard.is_contiguous() and reader.file_region(shard) is not None):
+                param.data = shard  # the reader's mapping itself (a row block of it at TP>1)
+            else:
+                param.copy_(shard.to(param.dtype))
     return model
+
+
+def _into(param: torch.Tensor):
+    """``mapping.Alloc`` that hands out ``param``'s own memory when a merged tensor of the same
+    size and dtype is asked for on its device (else a new tensor): the concatenation is then the
+    only pass over those bytes."""
+    def alloc(shape, dtype):
+        if (dtype == param.dtype and param.device.type == "cpu" and param.is_contiguous()
+                and torch.Size(shape).numel() == param.numel()):
+            return param.data.view(shape)
+        return torch.empty(shape, dtype=dtype)
+    return alloc
 
 
 def load_nemo_into_model(model, cfg: ModelConfig, nemo_path: str):

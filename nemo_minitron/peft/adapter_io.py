@@ -123,7 +123,7 @@ def merge_lora(base: str, adapter_dir: str, out: str, overwrite: bool = False) -
     from nemo_minitron.checkpoint.paths import check_disjoint, check_output
 
     check_output_path(out)
-    check_disjoint({"--out": out}, {"--base": base, "--adapter": adapter_dir})
+    check_disjoint({"--out": out}, {"--model": base, "--adapter": adapter_dir})
     check_output(out, "--out", overwrite=overwrite, kind="file" if out.endswith(".nemo") else "dir")
     meta, tensors = read_adapter(adapter_dir)
     if os.path.exists(out) and not overwrite:
