@@ -1,6 +1,6 @@
 """The SDPA core attention (nemo_minitron/model/attention.py) against Megatron's
 DotProductAttention: module outputs and q/k/v gradients (GQA, causal and packed block-diagonal
-masks), KV-cache shapes, greedy generation, and the whole tiny model's loss and parameter
+masks, and packed rows as segment ids without a mask), KV-cache shapes, greedy generation, and the whole tiny model's loss and parameter
 gradients at TP=1 and TP=2, within 1e-5 in fp32."""
 import pytest
 import torch
@@ -32,6 +32,7 @@ def _attention_pair(rank, heads, groups, seq, batch, mask_kind):
     from megatron.core.transformer.enums import AttnMaskType
 
     from nemo_minitron.model.attention import SDPAttention
+    from nemo_minitron.model.packing import SegmentMask
     from nemo_minitron.train.data import attention_mask
 
     tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -48,28 +49,49 @@ def _attention_pair(rank, heads, groups, seq, batch, mask_kind):
     v = v[:, :, r * groups // tp:(r + 1) * groups // tp]
     grad_out = grad_out.view(seq, batch, heads, hn)[:, :, r * heads // tp:(r + 1) * heads // tp]
     grad_out = grad_out.reshape(seq, batch, -1)
-    mask = None
-    if mask_kind == "packed":  # two samples and a padding tail per row
-        seg = torch.tensor([0] * (seq // 2) + [1] * (seq // 2 - 2) + [-1, -1]).repeat(batch, 1)
-        mask = attention_mask(seg)
+    masks = {"megatron": None, "sdpa": None}
+    if mask_kind != "causal":  # two samples and a padding tail per row; rows split differently
+        seg = torch.tensor([[0] * (seq // 2) + [1] * (seq // 2 - 2) + [-1, -1],
+                            [0] * 3 + [1] * (seq - 5) + [2] * 2][:batch])
+        # Megatron always gets the dense [b, 1, s, s] mask; SDPA the dense one ("packed", the
+        # fallback) or the segment ids alone ("segments", one attention per sample)
+        masks = dict(megatron=attention_mask(seg),
+                     sdpa=SegmentMask(seg) if mask_kind == "segments" else attention_mask(seg))
+        if mask_kind == "broken":  # negative control: segments ignored (causal only)
+            masks["sdpa"] = SegmentMask(torch.zeros_like(seg))
     out = {}
     for name, cls in (("megatron", DotProductAttention), ("sdpa", SDPAttention)):
         module = cls(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
                      attention_type="self")
         qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-        o = module(qq, kk, vv, mask)
+        o = module(qq, kk, vv, masks[name])
         o.backward(grad_out)
         out[name] = (o.detach(), qq.grad, kk.grad, vv.grad)
     return [float((a - b).abs().max()) for a, b in zip(out["megatron"], out["sdpa"])]
 
 
-@pytest.mark.parametrize("mask_kind", ["causal", "packed"])
+@pytest.mark.parametrize("mask_kind", ["causal", "packed", "segments"])
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
 def test_sdpa_module_equals_dot_product_attention(tp, mask_kind):
     # 8 query heads in 4 groups (GQA, 2 per group), per TP rank 4 heads in 2 groups
     for diffs in run_ranks(lambda r: _attention_pair(r, 8, 4, 16, 2, mask_kind),
                            world_size=tp, tp=tp):
         assert max(diffs) < TOL, diffs  # out, dq, dk, dv
+
+
+def test_segments_that_ignore_the_samples_differ():
+    """The comparison above can fail: segment ids that put the whole row in one sample."""
+    diffs = run_ranks(lambda r: _attention_pair(r, 8, 4, 16, 2, "broken"))[0]
+    assert max(diffs) > 1e-2, diffs
+
+
+def test_segment_mask_rejects_a_split_sample():
+    from nemo_minitron.model.packing import SegmentMask
+
+    with pytest.raises(ConfigError, match="segment 0 is not contiguous"):
+        SegmentMask(torch.tensor([[0, 0, 1, 0, -1]])).runs()
+    assert SegmentMask(torch.tensor([[0, 0, 1, -1, -1]])).runs() == [
+        [(0, 2, False), (2, 3, False), (3, 5, True)]]
 
 
 def _kv_cache_shapes(rank):
@@ -106,6 +128,7 @@ def small_hf(tmp_path_factory):
 def _model_loss_and_grads(rank, hf_dir, backend, packed):
     """Loss and every parameter's gradient of the tiny model on one micro batch of 4 rows."""
     from nemo_minitron.config.hf import read_hf_config
+    from nemo_minitron.model.packing import SegmentMask, attention_mask_for
     from nemo_minitron.train.model import build_train_model
 
     cfg = read_hf_config(hf_dir)
@@ -113,9 +136,12 @@ def _model_loss_and_grads(rank, hf_dir, backend, packed):
     cores = {type(m.self_attention.core_attention).__name__ for m in model.decoder.layers}
     data = SFTData(synthetic_samples(8), 48, EOS, packed=packed, shuffle=False)
     b = data.rows_to_micro_batches(list(range(min(4, len(data)))), 4)[0]
-    assert (b["attention_mask"] is not None) == packed
+    assert isinstance(b["attention_mask"], SegmentMask) if packed else b["attention_mask"] is None
+    mask = attention_mask_for(model, b["attention_mask"])
+    # packed: segment ids for the SDPA model, the dense [b, 1, s, s] fallback for Megatron's
+    assert packed is False or isinstance(mask, SegmentMask) == (backend == "sdpa")
     per_token = model(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                      attention_mask=b["attention_mask"], labels=b["labels"])
+                      attention_mask=mask, labels=b["labels"])
     loss = (per_token * b["loss_mask"]).sum() / b["loss_mask"].sum()
     loss.backward()
     return cores, float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}

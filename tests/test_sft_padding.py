@@ -35,13 +35,21 @@ def test_micro_batches_are_cut_to_their_longest_row():
     assert fixed.rows_to_micro_batches([0], 1)[0]["input_ids"].shape == (1, SEQ)
 
 
-def test_packed_batches_keep_the_block_mask_at_their_length():
+def test_packed_batches_carry_segment_ids_at_their_length():
+    from nemo_minitron.model.packing import SegmentMask
+
     data = SFTData(_samples(), SEQ, EOS, packed=True, shuffle=False)
     [b] = data.rows_to_micro_batches([0], 1)
-    assert b["input_ids"].shape == (1, 32)  # 5 + 21 = 26 positions -> 32
-    assert b["attention_mask"].shape == (1, 1, 32, 32)
+    assert b["input_ids"].shape == (1, 32)  # 5 + 22 = 27 positions -> 32
+    # no [s, s] tensor in the batch: every tensor is [b, s]; the mask is the segment ids
+    assert isinstance(b["attention_mask"], SegmentMask)
+    assert all(v.shape == (1, 32) for k, v in b.items() if k != "attention_mask")
+    assert b["attention_mask"].segment_ids is b["segment_ids"]
+    assert b["attention_mask"].runs() == [[(0, 5, False), (5, 27, False), (27, 32, True)]]
+    dense = b["attention_mask"].dense()  # the fallback, for Megatron's attention
+    assert dense.shape == (1, 1, 32, 32)
     # True = may not attend: position 10 (2nd sample) sees 6 (its own sample), not 2 (the 1st)
-    assert b["attention_mask"][0, 0, 10, 2] and not b["attention_mask"][0, 0, 10, 6]
+    assert dense[0, 0, 10, 2] and not dense[0, 0, 10, 6]
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +153,79 @@ def test_distillation_logits_on_counted_tokens_only(small_hf, small_student, tp)
         assert (loss_c, kl_c, lm_c) == pytest.approx((loss_f, kl_f, lm_f), rel=1e-5)
         for n in g_f:
             assert torch.allclose(g_c[n], g_f[n], atol=1e-6, rtol=1e-4), n
+
+
+# ---- packed rows through the SDPA per-segment path (no [s, s] mask) -----------------------------
+def dense_mask_forward_step(model, batch):
+    """The loop's forward step with packed rows' dense [b, 1, s, s] mask (the fallback path)."""
+    from nemo_minitron.model.forward import counted_lm_loss
+
+    mask = batch["attention_mask"]
+    return counted_lm_loss(model, dict(batch, attention_mask=mask and mask.dense()))
+
+
+def ignore_segments_forward_step(model, batch):
+    """Negative control: every packed row one segment (causal attention across samples)."""
+    from nemo_minitron.model.forward import counted_lm_loss
+    from nemo_minitron.model.packing import SegmentMask
+
+    seg = torch.where(batch["segment_ids"] >= 0, 0, -1)
+    return counted_lm_loss(model, dict(batch, attention_mask=SegmentMask(seg)))
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_packed_training_without_mask_equals_dense_mask(small_hf, tp):
+    """3 steps on packed SFT rows: SDPA per segment (the default for packed batches) against
+    Megatron's DotProductAttention and SDPA, both with the dense mask: the same losses and
+    gradient norms; ignoring the segments changes them."""
+    kw = dict(steps=3, mbs=2, gbs=4, seq=SEQ, samples=varied_samples(), packed=True)
+    runs = {name: run_ranks(lambda r: train(r, small_hf, attention_backend=be, forward_step=fs,
+                                            **kw), world_size=tp, tp=tp)[-1]
+            for name, be, fs in (("megatron", "megatron", None),
+                                 ("sdpa_dense", "sdpa", dense_mask_forward_step),
+                                 ("segments", "sdpa", None),
+                                 ("broken", "sdpa", ignore_segments_forward_step))}
+    ref = runs["megatron"]
+    for name in ("sdpa_dense", "segments"):
+        assert runs[name]["losses"] == pytest.approx(ref["losses"], abs=1e-5), name
+        assert runs[name]["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5), name
+    assert runs["broken"]["losses"] != pytest.approx(ref["losses"], abs=1e-3)
+
+
+def _largest_square_tensor(rank, hf_dir, dense):
+    """The largest trailing ``[n, n]`` of any tensor an op makes in the forward and backward of
+    one packed micro batch (4 rows) through the SDPA model: a dense mask or a full score matrix
+    would be ``[.., s, s]``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nemo_minitron.config.hf import read_hf_config
+    from nemo_minitron.model.forward import counted_lm_loss
+    from nemo_minitron.train.model import build_train_model
+
+    class Sizes(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if torch.is_tensor(t) and t.dim() >= 2 and t.shape[-1] == t.shape[-2]:
+                    Sizes.largest = max(Sizes.largest, t.shape[-1])
+            return out
+
+    model = build_train_model(read_hf_config(hf_dir), precision="fp32", hf_dir=hf_dir,
+                              attention_backend="sdpa")
+    # rows of 48: no weight of the tiny model is [48, 48] (hidden 64), so only attention can be
+    data = SFTData(varied_samples(), 48, EOS, packed=True, shuffle=False)
+    batch = data.rows_to_micro_batches(list(range(len(data)))[:4], 4)[0]
+    step = dense_mask_forward_step if dense else counted_lm_loss
+    with Sizes():
+        step(model, batch).sum().backward()
+    return batch["input_ids"].shape[1], Sizes.largest
+
+
+def test_packed_path_builds_no_seq_by_seq_tensor(small_hf):
+    (s, seg), (_, dense) = [run_ranks(lambda r: _largest_square_tensor(r, small_hf, d))[0]
+                            for d in (False, True)]
+    assert dense == s  # the check sees the dense path's [b, 1, s, s] mask / [b, np, s, s] scores
+    # the longest sample's [n, n] scores at most (varied_samples: 37 positions); s = 48 here
+    assert seg < s and seg <= 37, (seg, s)

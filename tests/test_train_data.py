@@ -82,13 +82,16 @@ def test_block_diagonal_causal_mask():
     assert torch.equal(allowed, expect)
 
 
-def _per_sequence_losses(rank, hf_dir, packed, causal_only=False):
-    """Sum of answer-token losses per sample, in dataset order, from the real Megatron model."""
+def _per_sequence_losses(rank, hf_dir, packed, causal_only=False, backend="megatron"):
+    """Sum of answer-token losses per sample, in dataset order, from the real Megatron model
+    (``sdpa``: packed rows through the per-segment path, no [s, s] mask)."""
     from nemo_minitron.config.hf import read_hf_config
+    from nemo_minitron.model.packing import attention_mask_for
     from nemo_minitron.train.model import build_train_model
 
     cfg = read_hf_config(hf_dir)
-    model = build_train_model(cfg, precision="fp32", hf_dir=hf_dir).eval()
+    model = build_train_model(cfg, precision="fp32", hf_dir=hf_dir,
+                              attention_backend=backend).eval()
     samples = synthetic_samples(8)
     data = SFTData(samples, SEQ, EOS, packed=packed, shuffle=False)
     out = {}
@@ -98,7 +101,8 @@ def _per_sequence_losses(rank, hf_dir, packed, causal_only=False):
             if causal_only:  # negative control: packed rows without the block mask
                 b["attention_mask"] = attention_mask(torch.zeros_like(b["segment_ids"]))
             loss = model(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                         attention_mask=b["attention_mask"], labels=b["labels"])[0]
+                         attention_mask=attention_mask_for(model, b["attention_mask"]),
+                         labels=b["labels"])[0]
             for k in range(int(row["segment_ids"].max()) + 1):  # b: the row cut to its length
                 sel = (b["segment_ids"][0] == k) & b["loss_mask"][0].bool()
                 out.setdefault(r, []).append(float(loss[sel].sum()))
@@ -111,9 +115,10 @@ def small_hf(tmp_path_factory):
     return write_small_vocab_checkpoint(str(tmp_path_factory.mktemp("hf") / "small"))
 
 
-def test_packed_and_unpacked_give_the_same_per_sequence_loss(small_hf):
+@pytest.mark.parametrize("backend", ["megatron", "sdpa"])
+def test_packed_and_unpacked_give_the_same_per_sequence_loss(small_hf, backend):
     (rows_u, unpacked), (rows_p, packed), (_, no_mask) = [
-        run_ranks(lambda r: _per_sequence_losses(r, small_hf, p, c))[0]
+        run_ranks(lambda r: _per_sequence_losses(r, small_hf, p, c, backend))[0]
         for p, c in ((False, False), (True, False), (True, True))]
     assert rows_u == 8 and rows_p < rows_u  # packing did pack
     order = _packed_order()

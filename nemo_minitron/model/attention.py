@@ -18,11 +18,16 @@ Backend choice (``model.attention_backend``), resolved by :func:`resolve_attenti
 Masks: ``attention_mask=None`` means causal (the training data passes None when no row is packed,
 train/data.py); a multi-token query against a longer key (KV cache) is aligned to the bottom right,
 a one-token query attends to everything. A given boolean mask ``[b, 1, sq, sk]`` (True = may NOT
-attend, Megatron's convention: packed rows' block-diagonal mask) is the fallback path; it must
-leave every query at least one key (the data's masks always keep the diagonal).
+attend, Megatron's convention) is the fallback path; it must leave every query at least one key.
+Packed rows pass a :class:`~nemo_minitron.model.packing.SegmentMask` (segment ids ``[b, s]``)
+instead: one causal SDPA per sample, no ``[s, s]`` tensor (works on torch 2.3 and 2.13, CPU and
+GPU, forward and backward). torch's ``flex_attention`` with a same-segment ``BlockMask`` was
+measured unusable here: torch 2.13 raises "FlexAttention does not support backward on CPU", and
+torch 2.3 has no flex_attention.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Optional
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_minitron.errors import ConfigError
+from nemo_minitron.model.packing import SegmentMask
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "megatron")
 
@@ -115,7 +121,7 @@ class SDPAttention(_megatron_module()):
                 attention_bias=None, packed_seq_params=None):
         if attention_bias is not None or packed_seq_params is not None:
             raise ConfigError("attention_backend=sdpa takes neither attention_bias nor "
-                              "packed_seq_params (packed rows pass a block-diagonal mask)")
+                              "packed_seq_params (packed rows pass a SegmentMask)")
         sq, b, np_, hn = query.shape
         sk, ng = key.shape[0], key.shape[2]
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
@@ -128,25 +134,56 @@ class SDPAttention(_megatron_module()):
             else:  # query head j reads group j // (np/ng), as Megatron's repeat_interleave
                 k = k.repeat_interleave(np_ // ng, dim=1)
                 v = v.repeat_interleave(np_ // ng, dim=1)
-        mask, causal = None, False
-        if attention_mask is not None:
-            mask = ~attention_mask  # SDPA's boolean mask: True = takes part; [b|1, 1, sq, sk]
-        elif sq > 1 and sq == sk:
-            causal = True
-        elif sq > 1:  # a chunk of new queries against the KV cache: causal from the bottom right
-            qpos = torch.arange(sk - sq, sk, device=q.device)[:, None]
-            mask = torch.arange(sk, device=q.device)[None, :] <= qpos  # [sq, sk]
         dropout = self.dropout_p if self.training else 0.0
+
+        def sdpa(q, k, v, mask=None, causal=False):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                  is_causal=causal, scale=self.softmax_scale,
+                                                  **extra)
+
+        rng = contextlib.nullcontext()
         if dropout > 0 and not self.config.sequence_parallel:
             from megatron.core import tensor_parallel
 
-            with tensor_parallel.get_cuda_rng_tracker().fork():  # per-TP-rank stream (Megatron)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                     is_causal=causal, scale=self.softmax_scale,
-                                                     **extra)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                 is_causal=causal, scale=self.softmax_scale,
-                                                 **extra)
+            rng = tensor_parallel.get_cuda_rng_tracker().fork()  # per-TP-rank stream (Megatron)
+        with rng:
+            if isinstance(attention_mask, SegmentMask):
+                out = self._per_segment(q, k, v, attention_mask, sdpa)
+            else:
+                mask, causal = None, False
+                if attention_mask is not None:
+                    mask = ~attention_mask  # SDPA's boolean: True = takes part; [b|1, 1, sq, sk]
+                elif sq > 1 and sq == sk:
+                    causal = True
+                elif sq > 1:  # new queries against the KV cache: causal from the bottom right
+                    qpos = torch.arange(sk - sq, sk, device=q.device)[:, None]
+                    mask = torch.arange(sk, device=q.device)[None, :] <= qpos  # [sq, sk]
+                out = sdpa(q, k, v, mask, causal)
         # contiguous: megatron-core 0.7.0's linear_proj backward views its saved input
         return out.permute(2, 0, 1, 3).contiguous().view(sq, b, np_ * hn)  # [sq, b, np*hn]
+
+    @staticmethod
+    def _per_segment(q, k, v, segments: SegmentMask, sdpa):
+        """Packed rows without an ``[s, s]`` mask: one causal SDPA per sample on its own block
+        (q ``[1, np, n, hn]``, k/v ``[1, ng, n, hn]``), so scores are ``[np, n, n]`` per sample
+        instead of ``[b, np, s, s]``; exactly the dense mask's result, since a query's softmax
+        only ever spans its own sample's earlier keys. A padding position attends to itself
+        alone (the dense mask keeps the diagonal): its softmax weight is exactly 1, so its output
+        is its own value vector (no dropout there: nothing attends to it and it carries no loss).
+        Returns ``[b, np, s, hn]``."""
+        b, np_, s, hn = q.shape
+        if k.shape[2] != s or segments.shape != (b, s):
+            raise ConfigError(f"SegmentMask {segments.shape} needs self-attention over the whole "
+                              f"row (q [b={b}, s={s}], k length {k.shape[2]}): no KV cache")
+        rows = []
+        for i, spans in enumerate(segments.runs()):
+            pieces = []
+            for start, end, padding in spans:
+                if padding:
+                    vv = v[i:i + 1, :, start:end]  # [1, ng, n, hn] -> each query head's group
+                    pieces.append(vv.repeat_interleave(np_ // vv.shape[1], dim=1))
+                else:
+                    pieces.append(sdpa(q[i:i + 1, :, start:end], k[i:i + 1, :, start:end],
+                                       v[i:i + 1, :, start:end], causal=end - start > 1))
+            rows.append(torch.cat(pieces, dim=2))  # [1, np, s, hn]
+        return torch.cat(rows, dim=0)

@@ -92,10 +92,12 @@ def counted_lm_loss(model, batch) -> torch.Tensor:
     from megatron.core import parallel_state as ps
     from megatron.core.utils import get_attr_wrapped_model
 
+    from nemo_minitron.model.packing import attention_mask_for
+
     index = counted_index(batch["loss_mask"])
     with logits_at(model, index):
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    attention_mask=batch["attention_mask"])
+                    attention_mask=attention_mask_for(model, batch["attention_mask"]))
     if not ps.is_pipeline_last_stage():
         return out
     # the model's own loss (fp32 vocab-parallel CE; [b, s] labels, [s, b, V] logits) on [1, n]

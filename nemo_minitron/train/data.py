@@ -12,9 +12,12 @@ the label is an answer token or the EOS (answer-only loss). A sample therefore o
 the right (truncation of the input side) or, with truncation off, raise before training starts.
 
 Packing puts several samples into one row of ``seq_length`` positions. Attention stays inside each
-sample through a block-diagonal causal mask ``[b, 1, s, s]``; position ids restart at 0 for every
-sample. (Megatron's local-spec attention applies RoPE by row position, not ``position_ids``; since
-RoPE scores depend only on q_pos - k_pos, a block-diagonal mask already makes a packed sample's loss
+sample: a packed batch carries ``attention_mask = SegmentMask(segment_ids)`` (model/packing.py;
+``[b, s]``, no ``[s, s]`` tensor), which the SDPA attention runs per sample and which becomes the
+block-diagonal causal mask ``[b, 1, s, s]`` only for Megatron's own attention (the fallback,
+``packing.attention_mask_for`` at the model call). Position ids restart at 0 for every sample.
+(Megatron's local-spec attention applies RoPE by row position, not ``position_ids``; since RoPE
+scores depend only on q_pos - k_pos, a block-diagonal mask already makes a packed sample's loss
 equal to its unpacked loss up to float rounding; tests/test_train_data.py measured 0.0.)
 
 Dynamic padding (NeMo's ``pad_to_max_length: false``, the default): rows are stored at
@@ -26,7 +29,7 @@ shape per schedule run): the longest row of the whole global batch, the same on 
 A batch without packing needs no mask at all (``attention_mask=None``: Megatron's and the SDPA
 attention then apply their own causal mask, O(1) memory instead of ``[b, 1, s, s]``); padding
 sits after every real token, so causal attention never lets a real token see it. Only packed rows
-carry the dense block-diagonal mask.
+carry a mask (segment ids).
 
 Pretraining-style text (``data.format: text``; pydoc, ``.txt``, JSONL ``text``): :func:`text_data`
 cuts the ``<bos> doc <eos>`` token stream into rows whose every position carries loss, the data of
@@ -44,6 +47,7 @@ import torch
 
 from nemo_minitron.data.jsonl import iter_jsonl, iter_lines
 from nemo_minitron.errors import ConfigError, MinitronError
+from nemo_minitron.model.packing import SegmentMask, dense_segment_mask
 
 
 @dataclass(frozen=True)
@@ -181,14 +185,8 @@ def make_row(samples: Sequence[Sample], seq_length: int, pad_id: int) -> Dict[st
 
 
 def attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[b, s] segment ids -> Megatron's boolean mask [b, 1, s, s], True = may NOT attend:
-    causal, and only within the same segment (padding positions attend to themselves only)."""
-    b, s = segment_ids.shape
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    pad = segment_ids < 0
-    same = same & ~(pad[:, :, None] | pad[:, None, :]) | torch.eye(s, dtype=torch.bool)
-    return ~(causal & same)[:, None]
+    """[b, s] segment ids -> the dense fallback mask [b, 1, s, s] (True = may NOT attend)."""
+    return dense_segment_mask(segment_ids)
 
 
 PAD_MULTIPLE = 16  # dynamic padding rounds a batch's length up to this (NeMo's choice too)
@@ -210,11 +208,12 @@ def collate(rows: Sequence[Dict[str, torch.Tensor]],
             length: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Stack rows into ``[b, length]`` tensors (cut to the first ``length`` positions; None: as
     stored). ``attention_mask``: None without packing (causal attention, see module docstring),
-    else the block-diagonal ``[b, 1, length, length]`` mask."""
+    else a :class:`SegmentMask` over ``segment_ids [b, length]`` (no ``[length, length]`` tensor;
+    the model call turns it into the dense mask only for attentions that need one)."""
     batch = {k: torch.stack([r[k] if length is None else r[k][:length] for r in rows])
              for k in rows[0]}
     packed = bool((batch["segment_ids"] > 0).any())
-    batch["attention_mask"] = attention_mask(batch["segment_ids"]) if packed else None
+    batch["attention_mask"] = SegmentMask(batch["segment_ids"]) if packed else None
     return batch
 
 

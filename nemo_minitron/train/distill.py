@@ -123,13 +123,16 @@ class LogitDistillation:
 
         from nemo_minitron.model.forward import counted_index, logits_at
 
-        inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                      attention_mask=batch["attention_mask"])
+        from nemo_minitron.model.packing import attention_mask_for
+
+        inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        mask = batch["attention_mask"]  # packed rows: segment ids; dense only where needed
         index = counted_index(batch["loss_mask"])
         with torch.no_grad(), logits_at(self.teacher, index):
-            teacher_out = self.teacher(**inputs)
+            teacher_out = self.teacher(**inputs, attention_mask=attention_mask_for(self.teacher,
+                                                                                   mask))
         with logits_at(model, index):
-            student_out = model(**inputs)
+            student_out = model(**inputs, attention_mask=attention_mask_for(model, mask))
         if ps.is_pipeline_last_stage():
             return student_out, teacher_out
         # the pipeline carries the student's dtype (config.pipeline_dtype)

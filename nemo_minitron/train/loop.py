@@ -52,8 +52,10 @@ def default_forward_step(model, batch):
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """A micro batch (built on the CPU by the data classes) on the model's device."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    from nemo_minitron.model.packing import SegmentMask
+
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v)
+            else v.to(device) if isinstance(v, SegmentMask) else v for k, v in batch.items()}
 
 
 def masked_lm_loss(output, batch):
