@@ -1,7 +1,7 @@
 # nemo_minitron: set-up and checks. Every target creates what it needs on a fresh machine.
 #
 #   make demo            # build .venv, then run the main job on the embedded tiny default
-#   make test            # build both test environments, run the whole suite on both stacks
+#   make test            # build the three test environments, run the suite on each
 #   make test-current    # only the current stack (torch 2.13 CPU, megatron-core 0.16.1)
 #   make test-nemo2405   # only the NeMo 24.05 stack (torch 2.3.1, megatron-core 0.7.0)
 #   make test-nemo-real  # the real NeMo 2.0.0rc0 code (nemo_toolkit) on that stack, CPU stand-ins
