@@ -83,22 +83,14 @@ def inputs(cfg) -> dict:
 
 def check_paths(cfg, overwrite: bool = False) -> None:
     from nemo_minitron.checkpoint.paths import check_disjoint, check_output
-    from nemo_minitron.data.calibration import BUILTIN
-    from nemo_minitron.data.jsonl import check_data_file
-    from nemo_minitron.train.data import data_format
+    from nemo_minitron.train.data import check_data_files
 
     out = outputs(cfg)
     check_disjoint(out, inputs(cfg))
     check_output(cfg.out, "--out", overwrite=overwrite,
                  kind="file" if cfg.out.endswith(".nemo") else "dir")
     check_output(out["trainer.ckpt_dir"], "trainer.ckpt_dir", overwrite=True, kind="dir")
-    if cfg.data.data_prefix is None:
-        for label, ds in (("--data", cfg.data.train_ds),
-                          ("data.validation_ds.file_path", cfg.data.validation_ds)):
-            if ds.file_path and ds.file_path != BUILTIN:  # pydoc: Python's own docs
-                fmt = data_format(ds.file_path, cfg.data.format)
-                check_data_file(ds.file_path, label,
-                                ("input", "output") if fmt == "sft" else ("text",))
+    check_data_files(cfg.data)
 
 
 def identity(cfg) -> dict:

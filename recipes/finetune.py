@@ -86,9 +86,7 @@ def inputs(cfg) -> dict:
 
 def check_paths(cfg, overwrite: bool = False) -> None:
     from nemo_minitron.checkpoint.paths import check_disjoint, check_output
-    from nemo_minitron.data.calibration import BUILTIN
-    from nemo_minitron.data.jsonl import check_data_file
-    from nemo_minitron.train.data import data_format
+    from nemo_minitron.train.data import check_data_files
 
     out = outputs(cfg)
     check_disjoint(out, inputs(cfg))
@@ -98,13 +96,7 @@ def check_paths(cfg, overwrite: bool = False) -> None:
     if out["lora.adapter_dir"]:
         check_output(out["lora.adapter_dir"], "lora.adapter_dir", overwrite=overwrite, kind="dir")
     check_output(out["trainer.ckpt_dir"], "trainer.ckpt_dir", overwrite=True, kind="dir")
-    if cfg.data.data_prefix is None:
-        for label, ds in (("--data", cfg.data.train_ds),
-                          ("data.validation_ds.file_path", cfg.data.validation_ds)):
-            fmt = data_format(ds.file_path, cfg.data.format) if ds.file_path else None
-            if ds.file_path and (fmt == "sft" or ds.file_path != BUILTIN):  # text: or pydoc
-                check_data_file(ds.file_path, label,
-                                ("input", "output") if fmt == "sft" else ("text",))
+    check_data_files(cfg.data)
 
 
 def identity(cfg) -> dict:

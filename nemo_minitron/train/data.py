@@ -339,6 +339,25 @@ def data_format(path: str, fmt: str) -> str:
     return "text"
 
 
+def check_data_files(data) -> None:
+    """A recipe's ``data`` section, read once before any model exists: each file of train_ds and
+    validation_ds is UTF-8, and JSONL rows carry the fields of their format (``input``/``output``
+    for SFT, ``text`` otherwise). ``pydoc`` (Python's own docs) is text only; indexed datasets
+    (``data_prefix``) are checked by ``indexed_data.check_data_source``."""
+    from nemo_minitron.data.calibration import BUILTIN
+    from nemo_minitron.data.jsonl import check_data_file
+
+    if data.data_prefix is not None:
+        return
+    for label, ds in (("--data", data.train_ds), ("data.validation_ds.file_path",
+                                                  data.validation_ds)):
+        if not ds.file_path:
+            continue
+        fmt = data_format(ds.file_path, data.format)
+        if fmt == "sft" or ds.file_path != BUILTIN:  # pydoc as SFT data: "no such file"
+            check_data_file(ds.file_path, label, ("input", "output") if fmt == "sft" else ("text",))
+
+
 def text_data(source: str, tokenizer_dir: str, seq_length: int, *, bos: int, eos: int,
               max_num_samples: int = 0, val_samples: int = 0, shuffle: bool = True,
               seed: int = 1234):
