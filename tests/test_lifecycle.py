@@ -60,6 +60,29 @@ def test_sweep_removes_only_dead_owners_entries(tmp_path):
                                        "suffixed", "user_file")}
 
 
+def test_a_killed_owner_not_yet_reaped_is_dead(tmp_path):
+    """A process killed with SIGKILL stays a zombie until its parent reaps it, for ever where the
+    parent is a container's pid 1 that never reaps (seen in CI): its outputs are still swept."""
+    from nemo_minitron.checkpoint import scratch
+
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        start = scratch.process_start(p.pid)
+        assert start, "a running process has a start time"
+        name = tmp_path / f".out.nemo.tmp-{scratch._host()}-{p.pid}-{start}-abcdefgh"
+        name.write_bytes(b"x")
+        assert scratch.sweep(str(tmp_path), ".tmp-") == []  # alive: kept
+        p.kill()
+        deadline = time.monotonic() + 5
+        while open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert scratch.sweep(str(tmp_path), ".tmp-") == [str(name)]  # zombie: removed
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_make_dir_names_its_owner_and_sweeps_first(tmp_path):
     from nemo_minitron.checkpoint import scratch
 

@@ -29,8 +29,9 @@ _RANDOM = r"[a-z0-9_]{8}"  # tempfile's names: 8 characters of this alphabet
 
 
 def process_start(pid: int) -> Optional[int]:
-    """Start time of ``pid`` in clock ticks since boot, None if there is no such process (0 where
-    /proc is missing: only the pid is then checked)."""
+    """Start time of ``pid`` in clock ticks since boot, None if there is no such running process
+    (none, or a zombie: dead, only not yet reaped by its parent) (0 where /proc is missing: only
+    the pid is then checked)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             text = f.read()
@@ -39,7 +40,10 @@ def process_start(pid: int) -> Optional[int]:
     except OSError:
         return 0
     # the command name (field 2) may hold spaces and ')': the fields after the last ')' are fixed
-    return int(text[text.rindex(b")") + 2:].split()[19])
+    fields = text[text.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):  # dead; a container whose pid 1 does not reap keeps it so
+        return None
+    return int(fields[19])
 
 
 def _host() -> str:
