@@ -69,10 +69,10 @@ test-nemo2405: venv-nemo2405
 test-nemo-real: venv venv-nemo-real
 	NEMO_MINITRON_REQUIRE_NEMO=1 $(VENV_NEMO)/bin/python -m pytest -q tests/test_nemo_real.py
 
-# Regenerate conf/models/*.yaml from the presets (a test keeps them identical).
+# Regenerate nemo_minitron/conf/models/*.yaml from the presets (a test keeps them identical).
 confs: venv
 	for p in $$($(VENV)/bin/python -c "from nemo_minitron.config import PRESETS; print(*PRESETS)"); do \
-	  $(VENV)/bin/nemo-minitron info $$p --format nemo > conf/models/$$p.yaml; done
+	  $(VENV)/bin/nemo-minitron info $$p --format nemo > nemo_minitron/conf/models/$$p.yaml; done
 
 clean:
 	rm -rf $(VENV) $(VENV_2405) $(VENV_NEMO) $(DEMO_DIR) .pytest_cache

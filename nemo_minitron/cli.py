@@ -1,9 +1,10 @@
 """The ``nemo-minitron`` command.
 
     nemo-minitron presets
+    nemo-minitron configs [prune|finetune|distill|generate|nemo] [--paths]
     nemo-minitron info minitron_4b_width [--tp 4 --pp 2] [--format text|json|hf|nemo]
     nemo-minitron info /path/to/hf_dir_or_config.json_or_model_config.yaml_or.nemo
-    nemo-minitron prune --config conf/prune/tiny.yaml --model TEACHER --out STUDENT [--overwrite]
+    nemo-minitron prune --config tiny --model TEACHER --out STUDENT [--overwrite]
                         [key=value ...]
     nemo-minitron finetune --model BASE --data TRAIN.jsonl --out OUT [--config YAML] [key=value ...]
     nemo-minitron finetune --peft lora --model BASE --data TRAIN.jsonl --out OUT.nemo [lora.rank=8 ...]
@@ -124,22 +125,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_configs(args) -> int:
+    from nemo_minitron.config.recipe import CONF_DIR, shipped_configs
+
+    if args.kind and not os.path.isdir(os.path.join(CONF_DIR, args.kind)):
+        raise MinitronError(f"no configs of kind {args.kind!r} (kinds: "
+                            f"{', '.join(sorted(os.listdir(CONF_DIR)))})")
+    for key, path in shipped_configs(args.kind).items():
+        print(f"{key:48s} {path}" if args.paths else key)
+    return 0
+
+
 def load_recipe(name: str):
-    """The recipe module ``recipes/<name>.py`` of this checkout (recipes are files, not a package)."""
-    import importlib.util
+    """The recipe module ``nemo_minitron.recipes.<name>`` (shipped in the wheel)."""
+    import importlib
 
-    import nemo_minitron
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(nemo_minitron.__file__))),
-                        "recipes", f"{name}.py")
-    if not os.path.isfile(path):
-        raise MinitronError(f"{path}: recipe not found (nemo-minitron {name} runs the recipes/ "
-                            "directory of a source checkout installed with pip install -e)")
-    spec = importlib.util.spec_from_file_location(f"nemo_minitron_recipe_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"nemo_minitron.recipes.{name}")
 
 
 def cmd_nemo(args) -> int:
@@ -164,7 +165,8 @@ def cmd_generate(args) -> int:
     values = _job_values(args, ("model", "prompt", "prompts", "out", "greedy"))
     if args.max_new_tokens is not None:
         values["max_new_tokens"] = args.max_new_tokens
-    run_generate(load_config(GenerateJobConfig, args.config, args.overrides, values))
+    run_generate(load_config(GenerateJobConfig, args.config, args.overrides, values,
+                             kind="generate"))
     return 0
 
 
@@ -173,7 +175,7 @@ def cmd_eval_ppl(args) -> int:
     from nemo_minitron.config.recipe import load_config
 
     run_perplexity(load_config(PerplexityJobConfig, args.config, args.overrides,
-                               _job_values(args, ("model", "data"))))
+                               _job_values(args, ("model", "data")), kind="generate"))
     return 0
 
 
@@ -311,7 +313,8 @@ def cmd_eval_harness(args) -> int:
     values = _job_values(args, ("model", "out"))
     if args.tasks:
         values["tasks"] = [t for t in args.tasks.split(",") if t]
-    run_eval_harness(load_config(EvalHarnessJobConfig, args.config, args.overrides, values))
+    run_eval_harness(load_config(EvalHarnessJobConfig, args.config, args.overrides, values,
+                                 kind="generate"))
     return 0
 
 
@@ -322,7 +325,8 @@ def cmd_serve(args) -> int:
     values = _job_values(args, ("model", "host"))
     if args.port is not None:
         values["port"] = args.port
-    run_serve(load_config(ServeJobConfig, args.config, args.overrides, values))
+    run_serve(load_config(ServeJobConfig, args.config, args.overrides, values,
+                           kind="generate"))
     return 0
 
 
@@ -364,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the model presets of the family")
     p.set_defaults(func=cmd_presets)
 
+    p = sub.add_parser("configs", help="list the job configs shipped in the package (--config NAME)")
+    p.add_argument("kind", nargs="?", help="only these: prune, finetune, distill, generate, nemo")
+    p.add_argument("--paths", action="store_true", help="print each config's file path too")
+    p.set_defaults(func=cmd_configs)
+
     p = sub.add_parser("info", help="describe a preset, HF checkpoint, NeMo config or .nemo file")
     p.add_argument("source", help="preset name, HF dir or config.json, model_config.yaml, or .nemo")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size to validate (default 1)")
@@ -373,29 +382,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("prune", add_help=False,
-                       help="Minitron width/depth pruning of a teacher (recipes/prune.py)")
+                       help="Minitron width/depth pruning of a teacher")
     p.add_argument("recipe_args", nargs=argparse.REMAINDER,
-                   help="--config YAML --model TEACHER --data CALIB --out STUDENT [--overwrite] "
+                   help="--config NAME|YAML --model TEACHER --data CALIB --out STUDENT [--overwrite] "
                         "[key=value ...]")
     p.set_defaults(func=cmd_recipe, recipe="prune")
 
     p = sub.add_parser("finetune", add_help=False,
-                       help="full or LoRA SFT (recipes/finetune.py)")
+                       help="full or LoRA SFT")
     p.add_argument("recipe_args", nargs=argparse.REMAINDER,
-                   help="--model BASE --data TRAIN.jsonl --out OUT [--config YAML] [key=value ...]")
+                   help="--model BASE --data TRAIN.jsonl --out OUT [--config NAME|YAML] [key=value ...]")
     p.set_defaults(func=cmd_recipe, recipe="finetune")
 
     p = sub.add_parser("distill", add_help=False,
-                       help="logit distillation of a student from a frozen teacher (recipes/distill.py)")
+                       help="logit distillation of a student from a frozen teacher")
     p.add_argument("recipe_args", nargs=argparse.REMAINDER,
-                   help="--teacher T --student S --data DATA --out OUT [--config YAML] [key=value ...]")
+                   help="--teacher T --student S --data DATA --out OUT [--config NAME|YAML] "
+                        "[key=value ...]")
     p.set_defaults(func=cmd_recipe, recipe="distill")
 
     p = sub.add_parser("nemo", add_help=False,
                        help="run a NeMo script (megatron_gpt_eval.py, ...) with the patches NeMo "
                             "24.05 needs for this family")
     p.add_argument("recipe_args", nargs=argparse.REMAINDER,
-                   help="SCRIPT [--overrides conf/nemo/FILE.yaml] [--dry-run] [hydra key=value ...]")
+                   help="SCRIPT [--overrides FILE] [--dry-run] [hydra key=value ...]")
     p.set_defaults(func=cmd_nemo)
 
     p = sub.add_parser("generate", help="complete prompts with the Megatron model (KV cache, TP/PP)")
@@ -406,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
     p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens",
                    help="tokens to generate per prompt (same as max_new_tokens=N)")
-    p.add_argument("--config", help="YAML job config (conf/generate/*.yaml)")
+    p.add_argument("--config", help="YAML job config, or a shipped one by name (nemo-minitron "
+                                    "configs generate)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="tp, pp, dtype, temperature, top_k, top_p, seed, stop, logprobs, ...")
     p.set_defaults(func=cmd_generate)
@@ -414,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-ppl", help="sliding-window perplexity of a text or JSONL file")
     p.add_argument("--model", help="HF checkpoint directory or .nemo")
     p.add_argument("--data", help="text file (one document) or JSONL with a \"text\" per line")
-    p.add_argument("--config", help="YAML job config")
+    p.add_argument("--config", help="YAML job config, or a shipped one by name")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="window, stride, batch_size, tp, pp, dtype")
     p.set_defaults(func=cmd_eval_ppl)
@@ -425,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF checkpoint directory or .nemo")
     p.add_argument("--tasks", help="comma-separated lm-eval task names")
     p.add_argument("--out", help="JSON file for lm-eval's full results (same as out=...)")
-    p.add_argument("--config", help="YAML job config")
+    p.add_argument("--config", help="YAML job config, or a shipped one by name")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="num_fewshot, limit, batch_size, max_gen_toks, tp, pp, dtype")
     p.set_defaults(func=cmd_eval_harness)
@@ -434,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF checkpoint directory or .nemo")
     p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
-    p.add_argument("--config", help="YAML job config")
+    p.add_argument("--config", help="YAML job config, or a shipped one by name")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="tp, pp, dtype, seed, request_timeout_s")
     p.set_defaults(func=cmd_serve)

@@ -10,8 +10,8 @@ Stages (``STAGES``, in order; each returns its key numbers and its outputs):
     convert     HF -> teacher.nemo (torch_dist, bf16)
     inspect     parameters, padded vocabulary, ``nemo-minitron inspect``'s diagnoses (must be OK)
     generate    greedy completion of a prompt by the .nemo with Megatron-Core (tokens/s)
-    prune       Minitron width pruning to the 4B-Width-shaped tiny student (conf/prune/tiny.yaml)
-    distill     N steps of logit distillation (conf/distill/tiny.yaml; held-out KL before/after)
+    prune       Minitron width pruning to the 4B-Width-shaped tiny student (shipped config prune/tiny)
+    distill     N steps of logit distillation (shipped config distill/tiny; held-out KL before/after)
     lora_finetune  N steps of LoRA SFT of the student on pydoc Q/A pairs (adapters only)
     lora_merge  student + adapter -> .nemo (the model that is exported and verified)
     export      the student .nemo -> HF (nemo-to-hf)
@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+from nemo_minitron.config.recipe import shipped_configs
 from nemo_minitron.errors import MinitronError
 
 MARKER = ".nemo-minitron-demo"
@@ -53,6 +54,11 @@ VERIFY_ATOL = 1e-3  # fp32 logits of the same bf16 weights: differences are summ
 
 class DemoError(MinitronError):
     """A demo stage failed (the message names it) or the workdir cannot be used."""
+
+
+def shipped_config(key: str) -> str:
+    """The path of a YAML config shipped in the package (``"prune/tiny"``)."""
+    return shipped_configs()[key]
 
 
 @dataclass
@@ -129,17 +135,6 @@ def run_task(ctx: Context, stage: str, task: str, **kwargs):
         return json.load(f)
 
 
-def checkout_file(*parts: str) -> str:
-    """A file of this source checkout (conf/...): the demo runs from pip install -e."""
-    import nemo_minitron
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(nemo_minitron.__file__)))
-    path = os.path.join(root, *parts)
-    if not os.path.isfile(path):
-        raise DemoError(f"{path} not found: the demo needs a source checkout (pip install -e .)")
-    return path
-
-
 def _params(path: str) -> int:
     from nemo_minitron.config.resolve import resolve_config
 
@@ -200,7 +195,7 @@ def stage_prune(ctx: Context) -> StageResult:
     out = ctx.path("student.nemo")
     calib = ["calib_samples=8"] if ctx.opts.quick else []
     run_fresh(ctx, "prune", "nemo_minitron.cli",
-              ["prune", "--config", checkout_file("conf", "prune", "tiny.yaml"), "--model",
+              ["prune", "--config", shipped_config("prune/tiny"), "--model",
                ctx.model, "--out", out, "overwrite=true"] + calib)
     before, after = _params(ctx.model), _params(out)
     ctx.paths["student_nemo"] = ctx.model = out
@@ -216,7 +211,7 @@ def stage_distill(ctx: Context) -> StageResult:
                  f"trainer.progress_bar={str(ctx.tty).lower()}", "model.global_batch_size=4",
                  f"data.val_samples={8 if ctx.opts.quick else 16}"]
     r = run_task(ctx, "distill", "distill", argv=[
-        "--config", checkout_file("conf", "distill", "tiny.yaml"), "--teacher",
+        "--config", shipped_config("distill/tiny"), "--teacher",
         ctx.paths["teacher_nemo"], "--student", ctx.model, "--data", "pydoc", "--out", out,
         "--overwrite"] + overrides)
     ctx.paths["distilled_nemo"] = ctx.model = out
@@ -238,7 +233,7 @@ def _train_losses(out: str) -> str:
 
 
 def stage_lora_finetune(ctx: Context) -> StageResult:
-    """LoRA SFT of the distilled student .nemo (conf/finetune/tiny_lora.yaml), adapters only."""
+    """LoRA SFT of the distilled student .nemo (shipped config finetune/tiny_lora), adapters only."""
     from pydoc_data.topics import topics
 
     data = ctx.path("sft.jsonl")
@@ -250,7 +245,7 @@ def stage_lora_finetune(ctx: Context) -> StageResult:
     steps = ctx.opts.distill_steps
     run_fresh(ctx, "lora_finetune", "nemo_minitron.cli",
               ["finetune", "--peft", "lora", "--config",
-               checkout_file("conf", "finetune", "tiny_lora.yaml"), "--model", ctx.model, "--data",
+               shipped_config("finetune/tiny_lora"), "--model", ctx.model, "--data",
                data, "--out", out, f"lora.adapter_dir={adapter}", "lora.merge=false",
                f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1",
                f"trainer.progress_bar={str(ctx.tty).lower()}"])

@@ -3,6 +3,7 @@ checks in-process (before any process group), one real `python` run and one real
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,9 +32,9 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny", "minitron_4b_width"])
 def test_conf_files_start_with_their_command_and_load(name):
-    path = os.path.join(ROOT, "conf", "generate", f"{name}.yaml")
+    path = os.path.join(ROOT, "nemo_minitron", "conf", "generate", f"{name}.yaml")
     first = open(path).readline()
-    assert first.startswith("# ") and f"recipes/generate.py --config conf/generate/{name}.yaml" in first
+    assert first.startswith("# ") and re.search(rf"recipes/generate.py --config {name}\b", first)
     job = load_config(GenerateJobConfig, path)
     assert job.model and (job.prompt or job.prompts)
 

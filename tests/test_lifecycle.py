@@ -298,7 +298,7 @@ def _finetune_args(tiny_hf_dir, tmp_path, out, *overrides):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"input": f"question {i}?", "output": f"answer {i}"}) + "\n"
                             for i in range(4)))
-    return ["finetune", "--config", os.path.join(ROOT, "conf/finetune/tiny_sft.yaml"),
+    return ["finetune", "--config", os.path.join(ROOT, "nemo_minitron/conf/finetune/tiny_sft.yaml"),
             "--model", tiny_hf_dir, "--data", str(data), "--out", out, "data.seq_length=32",
             "model.micro_batch_size=1", "model.global_batch_size=1", *overrides]
 

@@ -288,7 +288,7 @@ def test_recipe_lora_learns_and_writes_adapter_and_merged_model(tiny_hf_dir, tmp
                             [("Capital of France?", "Paris."), ("2 + 3 =", "5"),
                              ("Opposite of hot?", "Cold."), ("A primary color?", "Blue.")]))
     out = str(tmp_path / "out")
-    argv = ["--peft", "lora", "--config", os.path.join(ROOT, "conf/finetune/tiny_lora.yaml"),
+    argv = ["--peft", "lora", "--config", os.path.join(ROOT, "nemo_minitron/conf/finetune/tiny_lora.yaml"),
             "--model", tiny_hf_dir, "--data", str(data), "--out", out, "trainer.max_steps=8",
             "trainer.log_every_n_steps=1",
             "trainer.ckpt_every_n_steps=0", "lora.target_modules=[linear_qkv,linear_fc2]"]
@@ -313,10 +313,10 @@ def test_shipped_lora_configs_load_and_start_with_their_command(name):
     from nemo_minitron.peft.lora import check_spec
     from nemo_minitron.train.config import FinetuneConfig
 
-    path = os.path.join(ROOT, "conf", "finetune", name)
+    path = os.path.join(ROOT, "nemo_minitron", "conf", "finetune", name)
     cfg = load_config(FinetuneConfig, path)
     assert cfg.peft == "lora" and check_spec(cfg.lora) == ["linear_qkv", "linear_proj",
                                                            "linear_fc1", "linear_fc2"]
     with open(path) as f:
         head = f.read(600)
-    assert "finetune" in head and "--config conf/finetune/" + name in head
+    assert "finetune" in head and f"--config {name[:-5]} " in head

@@ -454,7 +454,7 @@ def _run_relaunched_rank(rank, root, cmd):
 def test_cli_runs_nemo_script_in_process_with_patches(tmp_path, monkeypatch):
     root = _fake_nemo_tree(tmp_path / "NeMo")
     out = tmp_path / "result.json"
-    conf = os.path.join(ROOT, "conf", "nemo", "megatron_gpt_eval_minitron_4b_width.yaml")
+    conf = os.path.join(ROOT, "nemo_minitron", "conf", "nemo", "megatron_gpt_eval_minitron_4b_width.yaml")
     rc, = run_ranks(_run_cli_in_fake_nemo, args=(str(root), [
         "nemo", "megatron_gpt_eval.py", "--overrides", conf, f"out={out}", "exit=3"]))
     assert rc == 3  # the script's exit status
@@ -556,7 +556,7 @@ NEMO_2405_KEYS = {
 
 @pytest.mark.parametrize("name", sorted(NEMO_2405_KEYS))
 def test_conf_nemo_keys_exist_in_nemo_2405_config(name):
-    path = os.path.join(ROOT, "conf", "nemo", name)
+    path = os.path.join(ROOT, "nemo_minitron", "conf", "nemo", name)
     conf = OmegaConf.load(path)  # the file as OmegaConf reads it
     data, new_keys = launch.load_overrides(path)
     leaves = [k for k, _ in launch._leaves(data)]

@@ -54,7 +54,7 @@ def test_tiny_pair_has_the_8b_to_4b_width_ratios():
 
 
 def test_conf_models_match_presets():
-    files = sorted(glob.glob(os.path.join(ROOT, "conf", "models", "*.yaml")))
+    files = sorted(glob.glob(os.path.join(ROOT, "nemo_minitron", "conf", "models", "*.yaml")))
     assert {os.path.basename(f)[:-5] for f in files} == set(PRESETS)
     for f in files:
         with open(f) as fh:

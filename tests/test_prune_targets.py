@@ -2,6 +2,7 @@
 before any model is built (no Megatron here)."""
 import json
 import math
+import os
 
 import pytest
 
@@ -9,6 +10,8 @@ from nemo_minitron.config import get_preset
 from nemo_minitron.config.recipe import load_config as load_recipe_config
 from nemo_minitron.errors import ConfigError, MinitronError
 from nemo_minitron.prune.targets import resolve_target
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_real_targets_reproduce_the_released_shapes():
@@ -186,11 +189,12 @@ def test_real_shapes_and_counts_on_meta_tensors(target, drop):
 def test_conf_files(name, teacher):
     from nemo_minitron.cli import load_recipe
 
-    path = f"conf/prune/{name}.yaml"
+    path = os.path.join(ROOT, "nemo_minitron", "conf", "prune", f"{name}.yaml")
     first = open(path).readline()
-    assert first.startswith(("# nemo-minitron prune --config " + path,
-                             "# torchrun --nproc-per-node 8 recipes/prune.py --config " + path))
-    cfg = load_recipe_config(load_recipe("prune").PruneConfig, path, ["model=m", "out=o"])
+    assert first.startswith((f"# nemo-minitron prune --config {name} ",
+                             f"# torchrun --nproc-per-node 8 recipes/prune.py --config {name} "))
+    cfg = load_recipe_config(load_recipe("prune").PruneConfig, name, ["model=m", "out=o"],
+                             kind="prune")
     student = resolve_target(get_preset(teacher), cfg.target, tp=8 if teacher != "tiny_llama31"
                              else 1).config
     assert student == get_preset(cfg.target)

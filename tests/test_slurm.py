@@ -22,7 +22,7 @@ from nemo_minitron.errors import ConfigError
 from nemo_minitron.launch import pipeline, slurm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_SFT = os.path.join(ROOT, "conf", "finetune", "tiny_sft.yaml")
+TINY_SFT = os.path.join(ROOT, "nemo_minitron", "conf", "finetune", "tiny_sft.yaml")
 
 FAKE_SBATCH = r'''
 import json, os, shlex, subprocess, sys
@@ -275,7 +275,7 @@ def test_pipeline_chains_stages_with_afterok(tmp_path, fake_slurm, capsys, monke
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "config.json").write_text("{}")
     base = ["pipeline", "--teacher", str(tmp_path / "teacher"), "--workdir", str(work),
-            "--data", "pydoc", "--prune-config", os.path.join(ROOT, "conf/prune/tiny.yaml"),
+            "--data", "pydoc", "--prune-config", os.path.join(ROOT, "nemo_minitron/conf/prune/tiny.yaml"),
             "--distill-override", "trainer.tensor_model_parallel_size=2", "--nodes", "2",
             "--mounts", f"{tmp_path}:{tmp_path}", "--after", "77"]
     # dry run: every script, placeholder dependencies, nothing submitted or created
@@ -383,33 +383,38 @@ def test_task_extends_the_containers_pythonpath(tmp_path):
 
 
 def test_slurm_works_from_any_directory(tmp_path, fake_slurm, capsys, monkeypatch):
-    """Outside the checkout, with no --mounts: the job dir, the checkout's conf/ YAML and the
-    directories of absolute path arguments are resolved and mounted."""
+    """Outside the checkout, with no --mounts: the job dir and the directories of absolute path
+    arguments are resolved and mounted; a shipped config's name is passed on as it is (the job's
+    package resolves it) after checking that it names one."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    assert cli_main(["slurm", "finetune", "--config", "conf/finetune/tiny_sft.yaml", "--model",
+    assert cli_main(["slurm", "finetune", "--config", "tiny_sft", "--model",
                      "/lustre/models/base.nemo", "--data", "train.jsonl", "--out",
                      "/scratch/run/sft.nemo", "--gpus-per-node", "2", "--dry-run"]) == 0
     directives, _, srun_opts, argv = parse_script(capsys.readouterr().out)
     assert directives["--chdir"] == str(elsewhere)
     assert f"--container-mounts={ROOT}:{ROOT},{elsewhere}:{elsewhere},/lustre/models:/lustre/"\
         f"models,/scratch/run:/scratch/run" in srun_opts
-    assert argv[argv.index("--config") + 1] == TINY_SFT
+    assert argv[argv.index("--config") + 1] == "tiny_sft"
     assert records(fake_slurm, "sbatch") == []
+    assert cli_main(["slurm", "finetune", "--config", "tiny_stf", "--model", "/m.nemo", "--data",
+                     "t.jsonl", "--out", "/o.nemo", "--dry-run"]) == 2
+    assert "config tiny_stf: no such file, and no shipped config of that name (" in \
+        capsys.readouterr().err
 
 
 def test_pipeline_dry_run_needs_no_local_inputs(tmp_path, fake_slurm, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli_main(["pipeline", "--teacher", "/lustre/teacher.nemo", "--workdir", "run",
                      "--data", "/lustre/data/corpus.jsonl", "--prune-config",
-                     "conf/prune/tiny.yaml", "--dry-run"]) == 0
+                     "tiny", "--dry-run"]) == 0
     out = capsys.readouterr().out
     scripts = out.split("# ---- ")[1:]
     assert [s.split(" ----")[0] for s in scripts] == ["prune", "distill", "export"]  # no convert
     _, _, srun_opts, argv = parse_script(scripts[0].split("----\n", 1)[1])
     assert argv[argv.index("--model") + 1] == "/lustre/teacher.nemo"
-    assert argv[argv.index("--config") + 1] == os.path.join(ROOT, "conf/prune/tiny.yaml")
+    assert argv[argv.index("--config") + 1] == "tiny"
     assert argv[argv.index("--out") + 1] == str(tmp_path / "run" / "student.nemo")
     assert "/lustre:/lustre" in srun_opts[1]
     assert not (tmp_path / "run").exists() and records(fake_slurm, "sbatch") == []

@@ -44,11 +44,11 @@ def test_config_precedence_defaults_yaml_overrides(tmp_path):
 
 @pytest.mark.parametrize("name", ["minitron_4b_width_sft.yaml", "tiny_sft.yaml"])
 def test_shipped_configs_load_and_start_with_their_command(name):
-    path = os.path.join(ROOT, "conf", "finetune", name)
+    path = os.path.join(ROOT, "nemo_minitron", "conf", "finetune", name)
     load_config(FinetuneConfig, path)
     with open(path) as f:
         head = f.read(600)
-    assert "finetune" in head and "--config conf/finetune/" + name in head
+    assert "finetune" in head and f"--config {name[:-5]} " in head
 
 
 def test_cli_errors_before_training(tiny_hf_dir, train_jsonl, tmp_path, capsys):
@@ -88,7 +88,7 @@ def test_export_gathers_tp_and_pp_bit_exactly(tiny_hf_dir, train_jsonl, tmp_path
         from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
 
         base = hf_to_nemo(tiny_hf_dir, str(tmp_path / "base.nemo"), progress=False)
-    argv = ["--config", os.path.join(ROOT, "conf/finetune/tiny_sft.yaml"), "--model", base,
+    argv = ["--config", os.path.join(ROOT, "nemo_minitron/conf/finetune/tiny_sft.yaml"), "--model", base,
             "--data", train_jsonl, "--out", out, "trainer.max_steps=0",
             f"trainer.tensor_model_parallel_size={layout.get('tp', 1)}",
             f"trainer.pipeline_model_parallel_size={layout.get('pp', 1)}"]
@@ -108,7 +108,7 @@ def test_finetune_learns_and_transformers_reads_the_result(tiny_hf_dir, train_js
     pytest.importorskip("tokenizers", reason="needs the tokenizers library")
     transformers = pytest.importorskip("transformers")
     out = str(tmp_path / "out")
-    argv = ["--config", os.path.join(ROOT, "conf/finetune/tiny_sft.yaml"), "--model", tiny_hf_dir,
+    argv = ["--config", os.path.join(ROOT, "nemo_minitron/conf/finetune/tiny_sft.yaml"), "--model", tiny_hf_dir,
             "--data", train_jsonl, "--out", out, "trainer.max_steps=12",
             "trainer.ckpt_every_n_steps=6", "data.packed_sequence=true",
             f"data.validation_ds.file_path={train_jsonl}"]

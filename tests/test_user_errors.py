@@ -22,7 +22,7 @@ from tests.helpers import run_ranks
 from tests.train_helpers import preimport  # noqa: F401  (warm forked workers, quiet imports)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_SFT = os.path.join(ROOT, "conf", "finetune", "tiny_sft.yaml")
+TINY_SFT = os.path.join(ROOT, "nemo_minitron", "conf", "finetune", "tiny_sft.yaml")
 QA = [("What is the capital of France?", "Paris."), ("Name a primary color.", "Blue."),
       ("2 + 3 =", "5"), ("Opposite of hot?", "Cold.")]
 

@@ -9,17 +9,24 @@ the field's type (ints promote to floats). An override's text is parsed as YAML
 (``drop_layers=[16,17]``, ``out=null``, ``greedy=true``) except for string fields, which keep the
 text as typed (``prompt=42`` is the string "42"; ``null`` still clears an optional one). Required fields (no default) must be set.
 
-    >>> cfg = load_config(PruneConfig, "conf/prune/tiny.yaml", ["hidden_size=48"])
+    >>> cfg = load_config(PruneConfig, "tiny", ["hidden_size=48"], kind="prune")
+
+A config is a YAML path or the name of one shipped in the package (``nemo_minitron/conf/<kind>/``,
+listed by ``nemo-minitron configs``): ``--config tiny_sft`` works from any directory, with a wheel
+as with a checkout, and so do the checkout-relative paths of older docs (``conf/prune/tiny.yaml``).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
-from typing import Any, Iterable, Mapping, Optional, Type, TypeVar
+from typing import Any, Dict, Iterable, Mapping, Optional, Type, TypeVar
 
 from nemo_minitron.errors import ConfigError
 
 T = TypeVar("T")
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
 class _Text(str):
@@ -130,14 +137,49 @@ def build(cls: Type[T], data: Mapping, prefix: str = "") -> T:
         raise ConfigError(f"{cls.__name__}: {e}") from None
 
 
+def shipped_configs(kind: Optional[str] = None) -> Dict[str, str]:
+    """``{"<kind>/<name>": path}`` of the YAML configs shipped in the package (of one kind)."""
+    found = {}
+    for sub in sorted(os.listdir(CONF_DIR)) if kind is None else [kind]:
+        directory = os.path.join(CONF_DIR, sub)
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+            if name.endswith(".yaml"):
+                found[f"{sub}/{name[:-len('.yaml')]}"] = os.path.join(directory, name)
+    return found
+
+
+def find_config(name_or_path: str, kind: Optional[str] = None) -> str:
+    """The YAML file ``name_or_path`` names: an existing path, else a shipped config by name
+    (``tiny_sft``; among ``kind``'s first), or by its path in a checkout (``conf/prune/tiny.yaml``)."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    path = name_or_path.replace(os.sep, "/")
+    if path.startswith("conf/") and os.path.isfile(os.path.join(CONF_DIR, path[len("conf/"):])):
+        return os.path.join(CONF_DIR, path[len("conf/"):])
+    name = path[:-len(".yaml")] if path.endswith(".yaml") else path
+    if "/" not in name:
+        for scope in ([kind] if kind else []) + [None]:
+            hits = [p for key, p in shipped_configs(scope).items() if key.split("/")[1] == name]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise ConfigError(f"config {name_or_path!r} is ambiguous: shipped as "
+                                  f"{', '.join(k for k, p in shipped_configs().items() if p in hits)}"
+                                  " (name one by its path)")
+    names = ", ".join(k.split("/")[1] for k in shipped_configs(kind)) if kind else "see nemo-minitron configs"
+    raise ConfigError(f"config {name_or_path}: no such file, and no shipped config of that name "
+                      f"({names})")
+
+
 def load_config(cls: Type[T], yaml_path: Optional[str] = None, overrides: Iterable[str] = (),
-                values: Optional[Mapping] = None) -> T:
-    """Build ``cls`` from its defaults, then ``yaml_path``, then ``values``, then ``overrides``."""
+                values: Optional[Mapping] = None, kind: Optional[str] = None) -> T:
+    """Build ``cls`` from its defaults, then ``yaml_path`` (a path, or the name of a shipped
+    config of ``kind``: :func:`find_config`), then ``values``, then ``overrides``."""
     data: dict = {}
     if yaml_path:
         from nemo_minitron.config.nemo import load_yaml
 
-        data = load_yaml(yaml_path)
+        data = load_yaml(find_config(yaml_path, kind))
     data = _merge_dicts(data, values or {})
     data = _merge_dicts(data, parse_overrides(overrides))
     return build(cls, data)

@@ -1,8 +1,8 @@
 """The Minitron pipeline as dependent SLURM jobs: convert -> prune -> distill -> export.
 
     nemo-minitron pipeline --teacher /lustre/Llama-3.1-8B --workdir /lustre/minitron \\
-        --data /lustre/corpus.jsonl --prune-config conf/prune/minitron_4b_width.yaml \\
-        --distill-config conf/distill/llama31_8b_to_minitron_4b_width.yaml \\
+        --data /lustre/corpus.jsonl --prune-config minitron_4b_width \\
+        --distill-config llama31_8b_to_minitron_4b_width \\
         --nodes 2 --gpus-per-node 8 --partition batch --account proj --time 04:00:00 \\
         --mounts /lustre:/lustre [--teacher-correction-config FILE] [--dry-run]
 
@@ -11,13 +11,13 @@ starts only after the previous one succeeded (``--dependency=afterok:ID``). File
 
     teacher.nemo        convert hf-to-nemo TEACHER (one task; no stage when TEACHER is a .nemo)
     teacher_corrected.nemo   optional: finetune of the teacher (Minitron's teacher correction)
-    student.nemo        prune (one task per GPU; --prune-config, default conf/prune defaults)
+    student.nemo        prune (one task per GPU; --prune-config, default: prune's defaults)
     distilled.nemo      distill the student from the teacher (one task per GPU)
     distilled_hf/       convert nemo-to-hf (one task)
 
 A stage is data (a name and its argv); add one by appending to :func:`stages`. It runs from any
-directory: paths are made absolute, a relative config not found here is taken from the checkout's
-``conf/``, and what the jobs read and write is mounted (nemo_minitron/launch/slurm.py). The
+directory: paths are made absolute, a relative config not found here names one shipped in the
+package (``nemo-minitron configs``), and what the jobs read and write is mounted (nemo_minitron/launch/slurm.py). The
 teacher is checked (an HF directory with config.json, or a .nemo) only when submitting: a
 ``--dry-run`` needs no local inputs.
 """
@@ -109,9 +109,10 @@ def main(argv: Sequence[str]) -> int:
                                                     "the logs (the jobs run in --job-dir)")
     p.add_argument("--data", required=True, help="distillation data (see nemo-minitron distill)")
     p.add_argument("--calib-data", help="pruning calibration data (default: prune's own)")
-    p.add_argument("--prune-config", help="prune YAML (conf/prune/*.yaml; default: prune's "
-                                          "defaults)")
-    p.add_argument("--distill-config", help="distill YAML (conf/distill/*.yaml)")
+    p.add_argument("--prune-config", help="prune YAML or shipped name (nemo-minitron configs "
+                                          "prune; default: prune's defaults)")
+    p.add_argument("--distill-config", help="distill YAML or shipped name (nemo-minitron "
+                                            "configs distill)")
     p.add_argument("--prune-override", action="append", default=[], metavar="key=value",
                    help="a key=value for the prune stage (repeatable)")
     p.add_argument("--distill-override", action="append", default=[], metavar="key=value",
@@ -131,11 +132,17 @@ def main(argv: Sequence[str]) -> int:
                           "(no config.json)")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} is not a directory")
-    config = lambda x: x and slurm.resolve_config(["--config", x], job_dir)[1]  # noqa: E731
+    def config(x, kind):  # a file here (made absolute), else a shipped config's name
+        if x and os.path.isfile(os.path.join(job_dir, x)):
+            return os.path.abspath(os.path.join(job_dir, x))
+        if x:
+            slurm.check_config(["--config", x], job_dir, kind)
+        return x
+
     data = lambda x: x if x in (None, "pydoc") else path(x)  # noqa: E731 - pydoc: built in
-    jobs = stages(teacher, workdir, data(args.data), config(args.prune_config),
-                  config(args.distill_config), args.prune_override, args.distill_override,
-                  data(args.calib_data), config(args.teacher_correction_config),
+    jobs = stages(teacher, workdir, data(args.data), config(args.prune_config, "prune"),
+                  config(args.distill_config, "distill"), args.prune_override, args.distill_override,
+                  data(args.calib_data), config(args.teacher_correction_config, "distill"),
                   data(args.correction_data))
     opts = slurm.options_from_args(args, job_name=args.job_name or "minitron",
                                    log_dir=args.log_dir or os.path.join(workdir, "slurm_logs"))

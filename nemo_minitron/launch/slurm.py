@@ -1,6 +1,6 @@
 """sbatch scripts for any ``nemo-minitron`` job: one srun task per GPU inside a pyxis container.
 
-    nemo-minitron slurm finetune --config conf/finetune/minitron_4b_width_sft.yaml \\
+    nemo-minitron slurm finetune --config minitron_4b_width_sft \\
         --nodes 2 --gpus-per-node 8 --partition batch --account proj --time 04:00:00 \\
         --mounts /lustre/data:/lustre/data -- --model 4b_width.nemo --data train.jsonl --out sft.nemo
 
@@ -16,8 +16,9 @@ Every mount keeps its path (``SRC:SRC``), so the paths of the submitting shell a
 job. What the job needs is mounted without asking: the checkout, the job's working directory
 (``--job-dir``, default the current one) and the directory holding each absolute path given to
 ``--config``, ``--model``, ``--data``, ``--out``, ``--teacher``, ``--student``, ``--prompts``,
-``--base``, ``--adapter`` or to ``convert``. A relative ``--config`` that is not in the working
-directory but is in the checkout (``conf/...``) is passed on as the checkout's absolute path, so
+``--base``, ``--adapter`` or to ``convert``. A relative ``--config`` that is a file in the working
+directory is made absolute; otherwise it must name a config shipped in the package
+(``nemo-minitron configs``), which the job's copy of the package resolves the same way, so
 ``nemo-minitron slurm`` works from any directory. Paths inside ``key=value`` overrides are not
 mounted: use ``--mounts`` for those.
 
@@ -220,16 +221,16 @@ def job_paths(command: Sequence[str]) -> List[Tuple[str, str]]:
     return [(f, p) for f, p in out if os.path.isabs(p)]
 
 
-def resolve_config(command: Sequence[str], job_dir: str) -> List[str]:
-    """``command`` with a relative ``--config`` that is not under ``job_dir`` but is in the
-    checkout (``conf/...``) replaced by the checkout's absolute path."""
-    out = list(command)
-    for i, a in enumerate(out[:-1]):
-        if a == "--config" and not os.path.isabs(out[i + 1]):
-            here, repo = os.path.join(job_dir, out[i + 1]), os.path.join(repo_root(), out[i + 1])
-            if not os.path.isfile(here) and os.path.isfile(repo):
-                out[i + 1] = repo
-    return out
+def check_config(command: Sequence[str], job_dir: str, kind: Optional[str] = None) -> None:
+    """A relative ``--config`` of ``command`` must be a file in ``job_dir`` (where the job runs)
+    or the name of a config shipped in the package (``tiny_sft``, ``conf/prune/tiny.yaml``),
+    which the job's own copy of the package resolves the same way: both are passed on as given."""
+    from nemo_minitron.config.recipe import find_config
+
+    for i, a in enumerate(command[:-1]):
+        if a == "--config" and not os.path.isabs(command[i + 1]) and \
+                not os.path.isfile(os.path.join(job_dir, command[i + 1])):
+            find_config(command[i + 1], kind)
 
 
 def sbatch_quote(value: str) -> str:
@@ -327,6 +328,7 @@ class CommandSpec:
     tp: str = "tp"
     pp: str = "pp"
     single_task: bool = False  # one process (conversion), not one per GPU
+    kind: Optional[str] = None  # its shipped configs: nemo_minitron/conf/<kind>/
 
 
 def _train_config(name):
@@ -353,12 +355,12 @@ def _prune_config():
 
 _TRAINER = dict(tp="trainer.tensor_model_parallel_size", pp="trainer.pipeline_model_parallel_size")
 COMMANDS: Dict[str, CommandSpec] = {
-    "finetune": CommandSpec(_train_config("FinetuneConfig"), **_TRAINER),
-    "distill": CommandSpec(_train_config("DistillConfig"), **_TRAINER),
-    "prune": CommandSpec(_prune_config),
-    "generate": CommandSpec(_job_config("GenerateJobConfig")),
-    "eval-ppl": CommandSpec(_job_config("PerplexityJobConfig")),
-    "eval-harness": CommandSpec(_job_config("EvalHarnessJobConfig")),
+    "finetune": CommandSpec(_train_config("FinetuneConfig"), kind="finetune", **_TRAINER),
+    "distill": CommandSpec(_train_config("DistillConfig"), kind="distill", **_TRAINER),
+    "prune": CommandSpec(_prune_config, kind="prune"),
+    "generate": CommandSpec(_job_config("GenerateJobConfig"), kind="generate"),
+    "eval-ppl": CommandSpec(_job_config("PerplexityJobConfig"), kind="generate"),
+    "eval-harness": CommandSpec(_job_config("EvalHarnessJobConfig"), kind="generate"),
     "convert": CommandSpec(lambda: None, single_task=True),
 }
 # options of those commands that take a value (so the value is not read as key=value)
@@ -397,14 +399,12 @@ def model_parallel_layout(command: str, args: Sequence[str], job_dir: str) -> Tu
     if cls is None:
         return 1, 1
     config, overrides = config_and_overrides(args)
-    if config:
+    if config and os.path.isfile(os.path.join(job_dir, config)):
         config = os.path.join(job_dir, config)
-        if not os.path.isfile(config):
-            raise ConfigError(f"--config {config}: no such file")
     # required fields (e.g. prune's model/out) may come from flags: any text stands in for them
     required = {f.name: "-" for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    cfg = load_config(cls, config, overrides, values=required)
+    cfg = load_config(cls, config, overrides, values=required, kind=spec.kind)
     return operator.attrgetter(spec.tp)(cfg), operator.attrgetter(spec.pp)(cfg)
 
 
@@ -471,7 +471,8 @@ def sbatch(script: str) -> str:
 def submit(opts: SlurmOptions, command: Sequence[str], dry_run: bool = False) -> str:
     """Render the job; print it (dry run) or write and submit it. Returns the script text or the
     job id."""
-    command = resolve_config(command, os.path.abspath(opts.job_dir or os.getcwd()))
+    spec = COMMANDS.get(command[0]) if command else None
+    check_config(command, os.path.abspath(opts.job_dir or os.getcwd()), spec.kind if spec else None)
     opts = prepare(opts, command)
     text = render(opts, command)
     if dry_run:

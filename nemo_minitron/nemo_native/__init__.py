@@ -1,7 +1,7 @@
 """NeMo-native path: run NeMo's own scripts on Llama-3.1-Minitron with what NeMo 24.05 lacks.
 
     nemo-minitron nemo megatron_gpt_eval.py \
-        --overrides conf/nemo/megatron_gpt_eval_minitron_4b_width.yaml gpt_model_file=m.nemo
+        --overrides megatron_gpt_eval_minitron_4b_width gpt_model_file=m.nemo
     python -m nemo_minitron.nemo_native megatron_gpt_eval.py gpt_model_file=m.nemo
     import nemo_minitron.nemo_native.autopatch  # before NeMo builds a model, in your own launcher
 

@@ -6,7 +6,7 @@ PyTorch Lightning relaunches for more GPUs come back through relaunch.py and are
 SCRIPT is a path, or a name resolved under the NeMo install's examples/ directory
 (``megatron_gpt_eval.py`` -> /opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py,
 ``tuning/megatron_gpt_finetuning.py`` -> .../language_modeling/tuning/megatron_gpt_finetuning.py).
-``--overrides`` files (conf/nemo/*.yaml) are nested YAML mirroring the script's NeMo config; they
+``--overrides`` files (a path, or a shipped one by name: nemo-minitron configs nemo) are nested YAML mirroring the script's NeMo config; they
 become hydra ``key=value`` arguments placed before the command line's own, so the command line
 wins. Dotted prefixes listed under the file's ``new_keys`` are keys the NeMo config lacks; they
 are passed as ``+key=value``.
@@ -101,8 +101,9 @@ def _leaves(tree: dict, prefix: str = "") -> Iterable[Tuple[str, object]]:
 def load_overrides(path: str) -> Tuple[dict, List[str]]:
     """An overrides YAML as (nested dict without ``new_keys``, new_keys list)."""
     from nemo_minitron.config.nemo import load_yaml
+    from nemo_minitron.config.recipe import find_config
 
-    data = load_yaml(path)
+    data = load_yaml(find_config(path, "nemo"))
     new_keys = data.pop(NEW_KEYS, None) or []
     if not isinstance(new_keys, list) or not all(isinstance(k, str) for k in new_keys):
         raise ConfigError(f"{path}: {NEW_KEYS} must be a list of dotted key prefixes")
