@@ -5,16 +5,18 @@
 #   make test-current    # only the current stack (torch 2.13 CPU, megatron-core 0.16.1)
 #   make test-nemo2405   # only the NeMo 24.05 stack (torch 2.3.1, megatron-core 0.7.0)
 #   make test-nemo-real  # the real NeMo 2.0.0rc0 code (nemo_toolkit) on that stack, CPU stand-ins
+#   make check-wheel     # pip install . (not editable) into a fresh venv; run it from elsewhere
 
 PYTHON ?= python3
 VENV := .venv
 VENV_2405 := .venv-nemo2405
 VENV_NEMO := .venv-nemo-real
+VENV_WHEEL := .venv-wheel
 PIP_QUIET ?= -q
 DEMO_DIR ?= demo_out
 
 .PHONY: venv venv-nemo2405 venv-nemo-real demo test test-current test-nemo2405 test-nemo-real \
-	confs clean
+	check-wheel confs clean
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml requirements/current.txt
@@ -69,10 +71,21 @@ test-nemo2405: venv-nemo2405
 test-nemo-real: venv venv-nemo-real
 	NEMO_MINITRON_REQUIRE_NEMO=1 $(VENV_NEMO)/bin/python -m pytest -q tests/test_nemo_real.py
 
+# What a user gets from `pip install .[hf]` (not editable: the wheel's files only) in a fresh venv,
+# run from a directory outside the checkout: every command's --help and the quick demo. torch is
+# installed first as the CPU build (a bare torch requirement would pull the CUDA one).
+check-wheel:
+	rm -rf $(VENV_WHEEL)
+	$(PYTHON) -m venv $(VENV_WHEEL)
+	$(VENV_WHEEL)/bin/pip install $(PIP_QUIET) --upgrade "pip>=23"
+	$(VENV_WHEEL)/bin/pip install $(PIP_QUIET) torch==2.13.0
+	$(VENV_WHEEL)/bin/pip install $(PIP_QUIET) ".[hf]"
+	scripts/check_installed.sh $(VENV_WHEEL)/bin/nemo-minitron
+
 # Regenerate nemo_minitron/conf/models/*.yaml from the presets (a test keeps them identical).
 confs: venv
 	for p in $$($(VENV)/bin/python -c "from nemo_minitron.config import PRESETS; print(*PRESETS)"); do \
 	  $(VENV)/bin/nemo-minitron info $$p --format nemo > nemo_minitron/conf/models/$$p.yaml; done
 
 clean:
-	rm -rf $(VENV) $(VENV_2405) $(VENV_NEMO) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(VENV_2405) $(VENV_NEMO) $(VENV_WHEEL) $(DEMO_DIR) .pytest_cache

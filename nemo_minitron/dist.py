@@ -46,10 +46,17 @@ _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD
                   "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_ID")
 
 
+# True once this process, launched alone, has exported its own world-of-one rendezvous: the RANK /
+# WORLD_SIZE it set then are not a launcher's (a second job in the same process, e.g. the demo's
+# perplexity of two models, is still alone)
+_own_rendezvous = False
+
+
 def launched_alone() -> bool:
-    """Plain ``python``: no launcher variable set, so Lightning's answer is known without
-    importing it (LightningEnvironment: rank 0 of 1; importing lightning_fabric costs ~1 s)."""
-    return not any(v in os.environ for v in _LAUNCHER_VARS)
+    """Plain ``python``: no launcher variable set (or only those this process set itself), so
+    Lightning's answer is known without importing it (LightningEnvironment: rank 0 of 1; importing
+    lightning_fabric costs ~1 s; it is an optional dependency, the ``launch`` extra)."""
+    return _own_rendezvous or not any(v in os.environ for v in _LAUNCHER_VARS)
 
 
 def launched_world_size() -> int:
@@ -64,7 +71,9 @@ def launched_world_size() -> int:
 
 def _export_rendezvous() -> None:
     """Put rank, world size and rendezvous address in the variables torch.distributed reads."""
+    global _own_rendezvous
     if launched_alone():  # what LightningEnvironment gives a plain process
+        _own_rendezvous = True
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")

@@ -66,3 +66,32 @@ def test_missing_lightning_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lightning)
     with pytest.raises(MinitronError, match="pip install lightning-fabric"):
         _plain_python()
+
+
+def test_a_second_job_in_a_plain_process_needs_no_lightning(monkeypatch):
+    """A plain process exports its own world-of-one RANK/WORLD_SIZE for torch.distributed; a
+    second job in it (the demo's perplexity of teacher and student) is still alone, and does not
+    need the optional lightning-fabric (found by `pip install .[hf]` in a fresh venv)."""
+    import builtins
+
+    from nemo_minitron import dist
+
+    for var in (*LAUNCHER_VARS, "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(var, "-")  # recorded: what the job exports is undone after the test
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(dist, "_own_rendezvous", False)
+    real_import = builtins.__import__
+
+    def no_lightning(name, *args, **kwargs):
+        if name.startswith("lightning_fabric"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lightning)
+    for _ in range(2):  # what init_megatron does for each job
+        dist._export_rendezvous()
+        assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
+        assert dist.launched_world_size() == 1
+    monkeypatch.setattr(dist, "_own_rendezvous", False)  # a launcher's RANK: Lightning decides
+    with pytest.raises(MinitronError, match="pip install lightning-fabric"):
+        dist.launched_world_size()
