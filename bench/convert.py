@@ -39,7 +39,7 @@ from run to run. Compare ratios within one run. (An earlier version of this benc
 reporting off as root, a kernel setting a benchmark should not write; what that measured is in
 bench/results/convert_4b_cpu_2026-11-27_session5.txt.)
 
-Measured results and how to read them: README.md, conversion section. ``--baseline-tree DIR``
+Measured results and how to read them: bench/results/README.md. ``--baseline-tree DIR``
 (e.g. a ``git worktree`` of an older commit) times that checkout's converters in the same run,
 before ours.
 """
