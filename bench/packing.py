@@ -5,7 +5,7 @@ backward of one attention module, in the same run, on the same q/k/v.
     .venv/bin/python bench/packing.py --out bench/results/packing_cpu_$(date +%F).json
 
 Rows: samples of long-tailed length (log-uniform 32..1536 positions) packed first-fit into rows
-of ``seq`` positions (train/data.py's ``pack``/``make_row``/``collate``), so each row holds
+of ``seq`` positions (data/training.py's ``pack``/``make_row``/``collate``), so each row holds
 several samples and a padding tail. Heads: 8 query heads in 2 groups of head_dim 128 (Minitron-4B's
 32/8 heads on one of 4 TP ranks), fp32. Each measurement runs in a forked child: step time is the
 fastest of ``--reps`` forward+backward passes (the median too; the load average is recorded, as
@@ -40,7 +40,7 @@ def packed_segment_ids(seq: int, rows: int, seed: int):
     """``[rows, seq]`` segment ids of first-fit packed long-tailed samples (-1 on padding)."""
     import torch
 
-    from nemo_minitron.train.data import Sample, collate, make_row, pack
+    from nemo_minitron.data.training import Sample, collate, make_row, pack
 
     rng = random.Random(seed)
     samples = []
@@ -59,7 +59,7 @@ def _measure(seq, rows, mode, reps, queue):
     from megatron.core.transformer.enums import AttnMaskType
 
     from nemo_minitron.model.attention import SDPAttention
-    from nemo_minitron.model.packing import SegmentMask
+    from nemo_minitron.data.packing import SegmentMask
 
     seg, per_row, _ = packed_segment_ids(seq, rows, seed=0)
     b = seg.shape[0]

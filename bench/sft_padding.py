@@ -52,7 +52,7 @@ def run(mode, samples, seq, hf_dir, cfg, steps, mbs, gbs):
     import torch
 
     from nemo_minitron.train.config import OptimSection
-    from nemo_minitron.train.data import SFTData
+    from nemo_minitron.data.training import SFTData
     from nemo_minitron.train.loop import LoopConfig, Trainer, default_forward_step
     from nemo_minitron.train.model import build_train_model
     from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -105,7 +105,7 @@ def main(argv=None):
     os.environ["MASTER_PORT"] = str(free_port())
     from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
     from nemo_minitron.config.hf import read_hf_config
-    from nemo_minitron.train.data import SFTTokenizer, load_sft_samples
+    from nemo_minitron.data.training import SFTTokenizer, load_sft_samples
 
     work = tempfile.mkdtemp(prefix="sft_padding_")
     hf_dir = write_tiny_hf_checkpoint(os.path.join(work, "tiny"), "tiny_llama31", seed=0)

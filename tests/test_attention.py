@@ -7,7 +7,7 @@ import torch
 
 from nemo_minitron.errors import ConfigError
 from nemo_minitron.model.attention import resolve_attention_backend
-from nemo_minitron.train.data import SFTData
+from nemo_minitron.data.training import SFTData
 from tests.helpers import run_ranks
 from tests.train_helpers import EOS, synthetic_samples, write_small_vocab_checkpoint
 
@@ -32,8 +32,8 @@ def _attention_pair(rank, heads, groups, seq, batch, mask_kind):
     from megatron.core.transformer.enums import AttnMaskType
 
     from nemo_minitron.model.attention import SDPAttention
-    from nemo_minitron.model.packing import SegmentMask
-    from nemo_minitron.train.data import attention_mask
+    from nemo_minitron.data.packing import SegmentMask
+    from nemo_minitron.data.training import attention_mask
 
     tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     hn = 8
@@ -86,7 +86,7 @@ def test_segments_that_ignore_the_samples_differ():
 
 
 def test_segment_mask_rejects_a_split_sample():
-    from nemo_minitron.model.packing import SegmentMask
+    from nemo_minitron.data.packing import SegmentMask
 
     with pytest.raises(ConfigError, match="segment 0 is not contiguous"):
         SegmentMask(torch.tensor([[0, 0, 1, 0, -1]])).runs()
@@ -128,7 +128,8 @@ def small_hf(tmp_path_factory):
 def _model_loss_and_grads(rank, hf_dir, backend, packed):
     """Loss and every parameter's gradient of the tiny model on one micro batch of 4 rows."""
     from nemo_minitron.config.hf import read_hf_config
-    from nemo_minitron.model.packing import SegmentMask, attention_mask_for
+    from nemo_minitron.data.packing import SegmentMask
+    from nemo_minitron.model.attention import attention_mask_for
     from nemo_minitron.train.model import build_train_model
 
     cfg = read_hf_config(hf_dir)

@@ -41,7 +41,7 @@ def student_dir(tmp_path_factory):
 
 
 def _batch():
-    from nemo_minitron.train.data import SFTData
+    from nemo_minitron.data.training import SFTData
 
     # two rows, one sample each: the prompt positions and the right padding carry no loss
     return SFTData(synthetic_samples(2, seed=5), SEQ, EOS, shuffle=False).micro_batches(0, 2, 2)[0]
@@ -156,7 +156,7 @@ def _train(rank, teacher_dir, student_dir, ckpt_dir, steps, out=None):
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.losses.hidden import without_projection
     from nemo_minitron.train.config import OptimSection
-    from nemo_minitron.train.data import SFTData
+    from nemo_minitron.data.training import SFTData
     from nemo_minitron.train.distill import kd_metric_names
     from nemo_minitron.train.export import save_final_output
     from nemo_minitron.train.loop import LoopConfig, Trainer

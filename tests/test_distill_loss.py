@@ -107,7 +107,7 @@ def student_dir(tmp_path_factory):
 def _identical_student(rank, hf_dir):
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.train.config import KDSection
-    from nemo_minitron.train.data import SFTData
+    from nemo_minitron.data.training import SFTData
     from nemo_minitron.train.distill import LogitDistillation, build_teacher
     from nemo_minitron.train.model import build_train_model
 
@@ -139,7 +139,7 @@ def _distill(rank, teacher_dir, student_dir, steps=4, mbs=1, lm_weight=0.1,
              teacher_precision="fp32"):
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.train.config import KDSection, OptimSection
-    from nemo_minitron.train.data import SFTData
+    from nemo_minitron.data.training import SFTData
     from nemo_minitron.train.distill import KD_METRICS, LogitDistillation, build_teacher
     from nemo_minitron.train.loop import LoopConfig, Trainer
     from nemo_minitron.train.model import build_train_model

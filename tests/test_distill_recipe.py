@@ -124,7 +124,7 @@ def test_data_formats(tiny_hf_dir, tmp_path):
     pytest.importorskip("tokenizers", reason="the NeMo 24.05 venv has no tokenizers")
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.data.calibration import token_samples
-    from nemo_minitron.train.data import data_format
+    from nemo_minitron.data.training import data_format
 
     recipe = load_recipe("distill")
     model_cfg = read_hf_config(tiny_hf_dir)

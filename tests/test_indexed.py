@@ -13,7 +13,7 @@ import torch
 from nemo_minitron.cli import load_recipe, main as cli_main
 from nemo_minitron.data.indexed import IndexedReader, IndexedWriter
 from nemo_minitron.errors import MinitronError
-from nemo_minitron.train.indexed_data import indexed_data
+from nemo_minitron.data.pretrain import indexed_data
 from tests.helpers import run_ranks
 from tests.train_helpers import preimport  # noqa: F401  (warm forked workers)
 

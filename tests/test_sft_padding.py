@@ -5,7 +5,7 @@ logits on counted tokens only give the loss and gradients of logits everywhere (
 import pytest
 import torch
 
-from nemo_minitron.train.data import PAD_MULTIPLE, Sample, SFTData
+from nemo_minitron.data.training import PAD_MULTIPLE, Sample, SFTData
 from tests.helpers import run_ranks
 from tests.train_helpers import EOS, synthetic_samples, train, write_small_vocab_checkpoint
 
@@ -36,7 +36,7 @@ def test_micro_batches_are_cut_to_their_longest_row():
 
 
 def test_packed_batches_carry_segment_ids_at_their_length():
-    from nemo_minitron.model.packing import SegmentMask
+    from nemo_minitron.data.packing import SegmentMask
 
     data = SFTData(_samples(), SEQ, EOS, packed=True, shuffle=False)
     [b] = data.rows_to_micro_batches([0], 1)
@@ -167,7 +167,7 @@ def dense_mask_forward_step(model, batch):
 def ignore_segments_forward_step(model, batch):
     """Negative control: every packed row one segment (causal attention across samples)."""
     from nemo_minitron.model.forward import counted_lm_loss
-    from nemo_minitron.model.packing import SegmentMask
+    from nemo_minitron.data.packing import SegmentMask
 
     seg = torch.where(batch["segment_ids"] >= 0, 0, -1)
     return counted_lm_loss(model, dict(batch, attention_mask=SegmentMask(seg)))

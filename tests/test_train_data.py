@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemo_minitron.errors import MinitronError
-from nemo_minitron.train.data import (Sample, SFTData, SFTTokenizer, attention_mask, fit_sample,
+from nemo_minitron.data.training import (Sample, SFTData, SFTTokenizer, attention_mask, fit_sample,
                                       load_sft_samples, make_row, read_jsonl)
 from tests.helpers import run_ranks
 from tests.train_helpers import EOS, SEQ, synthetic_samples, write_small_vocab_checkpoint
@@ -86,7 +86,7 @@ def _per_sequence_losses(rank, hf_dir, packed, causal_only=False, backend="megat
     """Sum of answer-token losses per sample, in dataset order, from the real Megatron model
     (``sdpa``: packed rows through the per-segment path, no [s, s] mask)."""
     from nemo_minitron.config.hf import read_hf_config
-    from nemo_minitron.model.packing import attention_mask_for
+    from nemo_minitron.model.attention import attention_mask_for
     from nemo_minitron.train.model import build_train_model
 
     cfg = read_hf_config(hf_dir)
@@ -130,8 +130,22 @@ def test_packed_and_unpacked_give_the_same_per_sequence_loss(small_hf, backend):
 
 def _packed_order():
     """Sample indices in the order the packed rows hold them."""
-    from nemo_minitron.train.data import pack
+    from nemo_minitron.data.training import pack
 
     samples = synthetic_samples(8)
     ids = {id(s): i for i, s in enumerate(samples)}
     return [ids[id(s)] for row in pack(samples, SEQ) for s in row]
+
+
+def test_one_rule_for_text_files(tmp_path):
+    """A text file is one document for every command that reads text (prune's calibration,
+    distillation / teacher correction text, eval-ppl); JSONL holds one document per line."""
+    from nemo_minitron.data.calibration import iter_documents
+    from nemo_minitron.inference.job import read_documents
+
+    txt = tmp_path / "a.txt"
+    txt.write_text("para one\n\npara two\n")
+    assert list(iter_documents(str(txt))) == read_documents(str(txt)) == ["para one\n\npara two\n"]
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert list(iter_documents(str(jsonl))) == read_documents(str(jsonl)) == ["one", "two"]

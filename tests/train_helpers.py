@@ -50,7 +50,7 @@ def write_small_vocab_student(path: str, **kwargs) -> str:
 
 def synthetic_samples(n: int = 8, seed: int = 0):
     """Prompt/answer token samples of varied lengths (ids in [3, VOCAB))."""
-    from nemo_minitron.train.data import Sample
+    from nemo_minitron.data.training import Sample
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -75,7 +75,7 @@ def train(rank, hf_dir, *, steps=6, mbs=1, gbs=4, lr=1e-3, ckpt_dir=None, ckpt_e
     names of the parameters the optimizer holds)."""
     from nemo_minitron.config.hf import read_hf_config
     from nemo_minitron.train.config import OptimSection
-    from nemo_minitron.train.data import SFTData
+    from nemo_minitron.data.training import SFTData
     from nemo_minitron.train.loop import LoopConfig, Trainer
     from nemo_minitron.train.model import build_train_model
     from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp

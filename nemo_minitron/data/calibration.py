@@ -5,8 +5,11 @@ Text comes from one of:
 * ``pydoc`` (the default): CPython's own English documentation prose, ``pydoc_data.topics.topics``
   (79 topics, ~465k characters, ~100k Llama-3 tokens), present in every Python install, so the
   tests and the tiny demo need no download;
-* a text file (``.txt``; one document per blank-line-separated paragraph block);
+* a text file (any name but ``*.jsonl``): one document, the whole file;
 * a JSONL file (``.jsonl``; one document per line, its ``text`` field).
+
+The same rule holds for every command that reads text (prune's calibration, distillation and
+teacher correction with ``data.format: text``, eval-ppl): :func:`iter_documents`.
 
 Each document is tokenized with the teacher's real tokenizer (``tokenizers`` reading
 ``tokenizer.json``), framed as ``<bos> tokens <eos>``, the documents are concatenated (as in
@@ -33,7 +36,7 @@ BUILTIN = "pydoc"
 
 
 def iter_documents(data: str) -> Iterator[str]:
-    """The documents of a calibration source, in a fixed order."""
+    """The documents of a text source (``pydoc``, a text file, a JSONL file), in a fixed order."""
     if data == BUILTIN:
         import pydoc_data.topics
 
@@ -42,20 +45,16 @@ def iter_documents(data: str) -> Iterator[str]:
             yield topics[key]
         return
     if not os.path.isfile(data):
-        raise ConfigError(f"data={data!r}: neither '{BUILTIN}' nor an existing .txt/.jsonl file")
+        raise ConfigError(f"data={data}: file not found (give '{BUILTIN}', a text file or a "
+                          "JSONL file with a \"text\" field)")
     if data.endswith(".jsonl"):
         for _, record in iter_jsonl(data, ("text",)):
             yield record["text"]
         return
-    block: List[str] = []
-    for _, line in iter_lines(data):  # a line that is not UTF-8: one error naming it
-        if line.strip():
-            block.append(line)
-        elif block:
-            yield "".join(block)
-            block = []
-    if block:
-        yield "".join(block)
+    # a line that is not UTF-8: one error naming it
+    text = "".join(line for _, line in iter_lines(data))
+    if text.strip():
+        yield text
 
 
 def load_tokenizer(tokenizer_dir: str):

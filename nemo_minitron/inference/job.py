@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from nemo_minitron.data.jsonl import iter_jsonl, iter_lines
+from nemo_minitron.data.jsonl import iter_jsonl
 from nemo_minitron.errors import ConfigError, MinitronError
 from nemo_minitron.tokenizer import load_tokenizer
 
@@ -100,16 +100,13 @@ def read_prompts(path: str) -> List[str]:
 
 
 def read_documents(path: str) -> List[str]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"data={path}: file not found")
-    if not path.endswith(".jsonl"):
-        text = "".join(line for _, line in iter_lines(path))
-        if not text.strip():
-            raise ConfigError(f"data={path}: empty")
-        return [text]
-    docs = [row["text"] for _, row in iter_jsonl(path, ("text",))]
+    """The documents of ``path`` by the one rule of every text-reading command
+    (data/calibration.py ``iter_documents``: a text file is one document, JSONL one per line)."""
+    from nemo_minitron.data.calibration import iter_documents
+
+    docs = list(iter_documents(path))
     if not docs:
-        raise ConfigError(f"data={path}: no documents")
+        raise ConfigError(f"data={path}: no documents (empty)")
     return docs
 
 

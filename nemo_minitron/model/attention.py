@@ -16,10 +16,10 @@ Backend choice (``model.attention_backend``), resolved by :func:`resolve_attenti
 * ``megatron``: Megatron's ``DotProductAttention``.
 
 Masks: ``attention_mask=None`` means causal (the training data passes None when no row is packed,
-train/data.py); a multi-token query against a longer key (KV cache) is aligned to the bottom right,
+data/training.py); a multi-token query against a longer key (KV cache) is aligned to the bottom right,
 a one-token query attends to everything. A given boolean mask ``[b, 1, sq, sk]`` (True = may NOT
 attend, Megatron's convention) is the fallback path; it must leave every query at least one key.
-Packed rows pass a :class:`~nemo_minitron.model.packing.SegmentMask` (segment ids ``[b, s]``)
+Packed rows pass a :class:`~nemo_minitron.data.packing.SegmentMask` (segment ids ``[b, s]``)
 instead: one causal SDPA per sample, no ``[s, s]`` tensor (works on torch 2.3 and 2.13, CPU and
 GPU, forward and backward). torch's ``flex_attention`` with a same-segment ``BlockMask`` was
 measured unusable here: torch 2.13 raises "FlexAttention does not support backward on CPU", and
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_minitron.errors import ConfigError
-from nemo_minitron.model.packing import SegmentMask
+from nemo_minitron.data.packing import SegmentMask
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "megatron")
 
@@ -187,3 +187,15 @@ class SDPAttention(_megatron_module()):
                                        v[i:i + 1, :, start:end], causal=end - start > 1))
             rows.append(torch.cat(pieces, dim=2))  # [1, np, s, hn]
         return torch.cat(rows, dim=0)
+
+
+def attention_mask_for(model, mask):
+    """What ``model``'s core attentions take for ``mask``: a :class:`SegmentMask` stays one only
+    when every core attention of the model is the SDPA one; otherwise (Megatron's or TE's) the
+    dense ``[b, 1, s, s]`` fallback. Anything else passes unchanged."""
+    if not isinstance(mask, SegmentMask):
+        return mask
+    cores = [m for n, m in model.named_modules() if n.endswith("core_attention")]
+    if all(isinstance(m, SDPAttention) for m in cores):
+        return mask
+    return mask.dense()

@@ -92,7 +92,7 @@ def counted_lm_loss(model, batch) -> torch.Tensor:
     from megatron.core import parallel_state as ps
     from megatron.core.utils import get_attr_wrapped_model
 
-    from nemo_minitron.model.packing import attention_mask_for
+    from nemo_minitron.model.attention import attention_mask_for
 
     index = counted_index(batch["loss_mask"])
     with logits_at(model, index):

@@ -19,7 +19,7 @@ layers (nemo_minitron/losses/hidden.py; PP=1 only).
 
 Instead of DATA, Megatron indexed datasets (``nemo-minitron preprocess``):
 ``data.data_prefix=[w1,prefix1,w2,prefix2]`` with ``data.splits_string=99,1,0`` for validation
-(pretraining-style, loss on every token; nemo_minitron/train/indexed_data.py).
+(pretraining-style, loss on every token; nemo_minitron/data/pretrain.py).
 
 Skeleton: load config -> setup (parallel state, teacher, student, data, optimizer) -> the one
 training loop (nemo_minitron.train.loop.Trainer with distillation hooks) -> save the student as an
@@ -51,7 +51,7 @@ def validate(cfg, overwrite: bool = False) -> None:
     from nemo_minitron.model.attention import check_attention_backend
     from nemo_minitron.train.distill import check_kd
     from nemo_minitron.train.export import check_output_path
-    from nemo_minitron.train.indexed_data import check_data_source
+    from nemo_minitron.data.pretrain import check_data_source
     from nemo_minitron.train.optim import check_optim
 
     check_output_path(cfg.out)
@@ -83,7 +83,7 @@ def inputs(cfg) -> dict:
 
 def check_paths(cfg, overwrite: bool = False) -> None:
     from nemo_minitron.checkpoint.paths import check_disjoint, check_output
-    from nemo_minitron.train.data import check_data_files
+    from nemo_minitron.data.training import check_data_files
 
     out = outputs(cfg)
     check_disjoint(out, inputs(cfg))
@@ -110,7 +110,7 @@ def check_resume(cfg, ident: dict) -> None:
 def setup_data(cfg, model_cfg):
     """Tokenize train (and validation) data with the student's tokenizer (checked equal to the
     teacher's); all data errors surface here, before training."""
-    from nemo_minitron.train.data import build_datasets
+    from nemo_minitron.data.training import build_datasets
 
     return build_datasets(cfg.data, cfg.model.restore_from_path, model_cfg, seed=cfg.trainer.seed)
 

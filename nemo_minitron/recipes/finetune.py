@@ -47,7 +47,7 @@ def validate(cfg, overwrite: bool = False) -> None:
     from nemo_minitron.errors import ConfigError
     from nemo_minitron.model.attention import check_attention_backend
     from nemo_minitron.train.export import check_output_path
-    from nemo_minitron.train.indexed_data import check_data_source
+    from nemo_minitron.data.pretrain import check_data_source
     from nemo_minitron.train.optim import check_optim
 
     check_output_path(cfg.out)
@@ -86,7 +86,7 @@ def inputs(cfg) -> dict:
 
 def check_paths(cfg, overwrite: bool = False) -> None:
     from nemo_minitron.checkpoint.paths import check_disjoint, check_output
-    from nemo_minitron.train.data import check_data_files
+    from nemo_minitron.data.training import check_data_files
 
     out = outputs(cfg)
     check_disjoint(out, inputs(cfg))
@@ -123,7 +123,7 @@ def setup_data(cfg, model_cfg):
     """Tokenize train (and validation) data: SFT JSONL (``data.format: sft``, loss on the answer)
     or pretraining-style text (``text``: pydoc, .txt, JSONL ``text``; loss on every token, as in
     teacher correction), or the indexed datasets of ``data.data_prefix``; all data errors surface here, before training."""
-    from nemo_minitron.train.data import build_datasets
+    from nemo_minitron.data.training import build_datasets
 
     return build_datasets(cfg.data, cfg.model.restore_from_path, model_cfg, seed=cfg.trainer.seed)
 

@@ -65,7 +65,7 @@ class DataSection:
     shuffle: bool = True
     # Megatron indexed datasets (`nemo-minitron preprocess`), used instead of train_ds/validation_ds
     # when set: NeMo's data_prefix, one prefix or [weight1, prefix1, weight2, prefix2, ...]
-    # (pretraining-style rows, loss on every token; nemo_minitron/train/indexed_data.py)
+    # (pretraining-style rows, loss on every token; nemo_minitron/data/pretrain.py)
     data_prefix: Any = None
     # with data_prefix: train,validation,test shares of each prefix's documents, e.g. "99,1,0"
     # (None: all documents train, no validation)

@@ -27,7 +27,7 @@ logits for the loss as at PP=1; Megatron DDP and the optimizer see the student o
 sends each activation's shape ahead of it instead (``variable_seq_lengths``; see
 :func:`nemo_minitron.compat.mcore.wide_pipeline_schedule_kwargs`).
 
-Data: ``train/data.py``'s :func:`~nemo_minitron.train.data.build_datasets` (shared with finetune):
+Data: ``data/training.py``'s :func:`~nemo_minitron.data.training.build_datasets` (shared with finetune):
 the SFT JSONL (loss on the answer) or plain text / JSONL ``text`` (pretraining-style, loss on every
 token).
 
@@ -123,7 +123,7 @@ class LogitDistillation:
 
         from nemo_minitron.model.forward import counted_index, logits_at
 
-        from nemo_minitron.model.packing import attention_mask_for
+        from nemo_minitron.model.attention import attention_mask_for
 
         inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
         mask = batch["attention_mask"]  # packed rows: segment ids; dense only where needed

@@ -52,7 +52,7 @@ def default_forward_step(model, batch):
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """A micro batch (built on the CPU by the data classes) on the model's device."""
-    from nemo_minitron.model.packing import SegmentMask
+    from nemo_minitron.data.packing import SegmentMask
 
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v)
             else v.to(device) if isinstance(v, SegmentMask) else v for k, v in batch.items()}
@@ -185,7 +185,7 @@ class Trainer:
 
             return output, loss_func
 
-        # batches are padded to their longest row (train/data.py); under PP all micro batches of
+        # batches are padded to their longest row (data/training.py); under PP all micro batches of
         # the run share one length, the [s, b, h] shape the stages exchange
         seq_length = micro_batches[0]["input_ids"].shape[1]
         results = get_forward_backward_func()(

@@ -1,6 +1,6 @@
 """Packed rows' attention pattern as segment ids, without an ``[s, s]`` tensor.
 
-A packed row holds several samples back to back, then padding (train/data.py ``make_row``):
+A packed row holds several samples back to back, then padding (data/training.py ``make_row``):
 ``segment_ids [b, s]`` is the sample's index within its row per position, -1 on padding. Attention
 is causal and stays inside a sample; a padding position attends to itself only.
 
@@ -10,9 +10,9 @@ only pass ``attention_mask`` on to the core attention; 0.16.1 reads it itself on
 graphs, which this project does not use). The SDPA core attention (model/attention.py) runs one
 causal attention per sample on the sample's own ``[n, n]`` block; every other core attention
 (Megatron's ``DotProductAttention``, TE) gets the dense boolean mask ``[b, 1, s, s]`` instead,
-through :func:`attention_mask_for` at the model call -- the fallback.
+through ``nemo_minitron.model.attention.attention_mask_for`` at the model call -- the fallback.
 
-Megatron-free on purpose: the data (train/data.py) builds these without importing megatron.
+Megatron-free on purpose: the data (data/training.py) builds these without importing megatron.
 """
 from __future__ import annotations
 
@@ -78,17 +78,3 @@ class SegmentMask:
                 rows.append(spans)
             self._runs = rows
         return self._runs
-
-
-def attention_mask_for(model, mask):
-    """What ``model``'s core attentions take for ``mask``: a :class:`SegmentMask` stays one only
-    when every core attention of the model is the SDPA one; otherwise (Megatron's or TE's) the
-    dense ``[b, 1, s, s]`` fallback. Anything else passes unchanged."""
-    if not isinstance(mask, SegmentMask):
-        return mask
-    from nemo_minitron.model.attention import SDPAttention
-
-    cores = [m for n, m in model.named_modules() if n.endswith("core_attention")]
-    if all(isinstance(m, SDPAttention) for m in cores):
-        return mask
-    return mask.dense()

@@ -12,7 +12,7 @@ the label is an answer token or the EOS (answer-only loss). A sample therefore o
 the right (truncation of the input side) or, with truncation off, raise before training starts.
 
 Packing puts several samples into one row of ``seq_length`` positions. Attention stays inside each
-sample: a packed batch carries ``attention_mask = SegmentMask(segment_ids)`` (model/packing.py;
+sample: a packed batch carries ``attention_mask = SegmentMask(segment_ids)`` (data/packing.py;
 ``[b, s]``, no ``[s, s]`` tensor), which the SDPA attention runs per sample and which becomes the
 block-diagonal causal mask ``[b, 1, s, s]`` only for Megatron's own attention (the fallback,
 ``packing.attention_mask_for`` at the model call). Position ids restart at 0 for every sample.
@@ -47,7 +47,7 @@ import torch
 
 from nemo_minitron.data.jsonl import iter_jsonl, iter_lines
 from nemo_minitron.errors import ConfigError, MinitronError
-from nemo_minitron.model.packing import SegmentMask, dense_segment_mask
+from nemo_minitron.data.packing import SegmentMask, dense_segment_mask
 
 
 @dataclass(frozen=True)
@@ -385,7 +385,7 @@ def build_datasets(d, tokenizer_dir: str, model_cfg, seed: int = 1234):
     pretraining-style text, tokenized with ``tokenizer_dir``, or the Megatron indexed datasets of
     ``data.data_prefix`` (format "indexed"); every data error surfaces here."""
     if getattr(d, "data_prefix", None) is not None:  # Megatron indexed datasets
-        from nemo_minitron.train.indexed_data import indexed_data
+        from nemo_minitron.data.pretrain import indexed_data
 
         train, val = indexed_data(d.data_prefix, d.splits_string, d.seq_length, shuffle=d.shuffle,
                                   seed=seed)

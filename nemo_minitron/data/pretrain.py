@@ -38,7 +38,7 @@ import torch
 
 from nemo_minitron.data.indexed import IndexedReader
 from nemo_minitron.errors import ConfigError
-from nemo_minitron.train.data import RowBatches
+from nemo_minitron.data.training import RowBatches
 
 
 # ---- config values ------------------------------------------------------------------------------
