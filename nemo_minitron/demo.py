@@ -358,7 +358,7 @@ def task_generate(model: str, prompt: str, max_new_tokens: int) -> dict:
 
 def task_distill(argv: List[str]) -> dict:
     """recipes/distill.py with the held-out KL measured before the first step too."""
-    from nemo_minitron.cli import load_recipe
+    from nemo_minitron.recipes import distill
 
     seen = {}
 
@@ -366,7 +366,7 @@ def task_distill(argv: List[str]) -> dict:
         trainer.validate()
         seen.update(trainer=trainer, before=dict(trainer.last_val_metrics))
 
-    if load_recipe("distill").main(argv, before_fit=before_fit) != 0:
+    if distill.main(argv, before_fit=before_fit) != 0:
         raise DemoError("nemo-minitron distill failed")
     trainer = seen["trainer"]
     times = [h["step_time_s"] for h in trainer.state.history]

@@ -150,14 +150,14 @@ def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = Non
     import torch.distributed as dist
 
     from nemo_minitron import lifecycle
+    from nemo_minitron.compat import cpu
 
     with lazy_torch_compile():
         if not torch.cuda.is_available():
-            from nemo_minitron.compat import cpu
-
             cpu.activate()
         from megatron.core import parallel_state, tensor_parallel
-    lifecycle.tie_megatron_job()  # whatever this job starts dies with it, kill -9 included
+    # whatever this job starts dies with it, kill -9 included
+    lifecycle.tie_megatron_job("fork" if cpu.is_active() else "spawn")
 
     if not dist.is_initialized():
         if rendezvous:

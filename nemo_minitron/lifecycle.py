@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 
-from nemo_minitron.checkpoint.fsutil import libc
 from nemo_minitron.errors import MinitronError
 
 # Set by a job in the environment of a process it starts (child_env): the job's pid.
@@ -38,6 +37,20 @@ WATCHDOG_PERIOD_S = 0.25
 _PR_SET_PDEATHSIG = 1
 _state = {"tied": False}
 _fork = threading.local()  # the forking thread's own record survives into the child
+_LIBC = None
+
+
+def libc():
+    """glibc through ctypes (errno kept), loaded once; None where there is none."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
 
 
 def _prctl_pdeathsig() -> bool:
@@ -142,11 +155,10 @@ def tie_megatron_writer_queue(method: str) -> None:
     fa._get_write_results_queue = _get_write_results_queue
 
 
-def tie_megatron_job() -> None:
+def tie_megatron_job(manager_start: str = "spawn") -> None:
     """Everything a Megatron job starts dies with it: forked children, and Megatron's result-queue
-    manager (spawned on a GPU machine, forked under the CPU shim)."""
-    from nemo_minitron.compat import cpu
-
+    manager (started with ``manager_start``: spawned on a GPU machine, forked under the CPU shim,
+    which the caller knows)."""
     tie_children()
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
@@ -154,4 +166,4 @@ def tie_megatron_job() -> None:
         return
     current = getattr(fa, "_get_write_results_queue", None)
     if current is not None and getattr(current, "start_method", None) is None:
-        tie_megatron_writer_queue("fork" if cpu.is_active() else "spawn")
+        tie_megatron_writer_queue(manager_start)

@@ -8,6 +8,7 @@ import shutil
 
 from nemo_minitron.checkpoint import scratch
 from nemo_minitron.errors import MinitronError
+from nemo_minitron.lifecycle import libc
 
 
 def _default_permissions(root: str) -> None:
@@ -62,20 +63,6 @@ def memory_scratch_dir(need_bytes: int, fallback: str) -> str:
     return fallback
 
 
-def libc():
-    """glibc through ctypes (errno kept), loaded once; None where there is none."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-
-        try:
-            _LIBC = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            _LIBC = False
-    return _LIBC or None
-
-
-_LIBC = None
 
 
 class _Splicer:

@@ -34,7 +34,7 @@ class Report:
     problems: List[str] = field(default_factory=list)
 
     def text(self) -> str:
-        from nemo_minitron.cli import describe
+        from nemo_minitron.config.describe import describe
 
         lines = [self.kind]
         if self.cfg is not None:

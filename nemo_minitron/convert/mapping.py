@@ -276,9 +276,14 @@ def stage_names(cfg: ModelConfig, pp_rank: int, pp: int) -> List[Tuple[str, Rule
 def model_params(model) -> Dict[str, torch.nn.Parameter]:
     """A built GPTModel's parameters under checkpoint (TE) names, with stage-local layer indices.
     LoRA adapters (``nemo_minitron.peft``) are not part of the base model and are left out."""
-    from nemo_minitron.peft.lora import is_adapter_name
-
     return {te_spec_name(n): p for n, p in model.named_parameters() if not is_adapter_name(n)}
+
+
+ADAPTER = "adapter"  # attribute of a LoRA adapter on a wrapped linear (peft/lora.py); not a weight
+
+
+def is_adapter_name(name: str) -> bool:
+    return f".{ADAPTER}.lora_" in name
 
 
 def check_model_names(model, expected: Mapping[str, object]) -> None:

@@ -348,9 +348,9 @@ def _job_config(name):
 
 
 def _prune_config():
-    from nemo_minitron.cli import load_recipe
+    from nemo_minitron.prune.config import PruneConfig
 
-    return load_recipe("prune").PruneConfig
+    return PruneConfig
 
 
 _TRAINER = dict(tp="trainer.tensor_model_parallel_size", pp="trainer.pipeline_model_parallel_size")

@@ -40,6 +40,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import torch
 
 from nemo_minitron.config.arch import ModelConfig
+from nemo_minitron.convert.mapping import ADAPTER, is_adapter_name  # noqa: F401 - used by peft
 from nemo_minitron.errors import ConfigError
 
 
@@ -60,7 +61,6 @@ TARGETS: Dict[str, Target] = {
 }
 ALIASES = {"attention_qkv": "linear_qkv", "attention_dense": "linear_proj", "mlp_fc1": "linear_fc1",
            "mlp_fc2": "linear_fc2", "all": None}
-ADAPTER = "adapter"  # attribute name of the adapter module on a wrapped linear
 
 
 def resolve_targets(names: Sequence[str]) -> List[str]:
@@ -200,10 +200,6 @@ def apply_lora(model, cfg: ModelConfig, spec, seed: int = 0) -> List[str]:
 
 
 # ---- naming --------------------------------------------------------------------------------------
-def is_adapter_name(name: str) -> bool:
-    return f".{ADAPTER}.lora_" in name
-
-
 def adapter_param_names(model) -> List[str]:
     return [n for n, _ in model.named_parameters() if is_adapter_name(n)]
 
