@@ -14,10 +14,28 @@ Plus four fixes that are not about device names: gradient clipping asserts CUDA 
 the mixed-precision and distributed optimizers accept only CUDA parameter type names,
 ``dist_checkpointing``'s writer uses a *spawn* manager that re-imports ``__main__`` on every first
 save (seconds per save; a fork manager is used instead), and config validation rejects fusions that
-need Transformer Engine. Everything else (HF transformers, user code, tests) keeps the real ``torch``.
+need Transformer Engine.
 
-Active only when CUDA is absent; :func:`activate` is a no-op on a GPU machine. Tested on
-megatron-core 0.7.0 and 0.16.1.
+What changes outside Megatron's own modules while the shim is active, process-wide:
+
+* ``torch.Tensor.cuda`` returns the tensor itself for every caller (a CPU build of torch raises
+  otherwise), not only for Megatron;
+* an import hook first in ``sys.meta_path`` retargets each ``megatron.*`` module as it is imported;
+* functions and methods replaced in megatron-core: ``tensor_parallel.random``'s CUDA RNG state
+  helpers, ``clip_grad_by_total_norm_fp32``, the ``__init__`` of ``Float16OptimizerWithFloat16Params``
+  and ``DistributedOptimizer`` (``Tensor.type`` answers with CUDA type names only while they run),
+  ``TransformerConfig.__post_init__`` (fusions off, ``use_cpu_initialization=True``) and
+  ``filesystem_async``'s results-queue factory.
+
+HF transformers, user code and tests otherwise keep the real ``torch``. :func:`deactivate` undoes
+all of it (modules imported while active get the real ``torch`` back), and :func:`active` scopes it::
+
+    with cpu.active():
+        ...  # Megatron on the CPU
+
+Jobs activate it once for the life of the process (``nemo_minitron.dist.init_megatron``). Active
+only when CUDA is absent; :func:`activate` is a no-op on a GPU machine. Tested on megatron-core
+0.7.0 and 0.16.1.
 """
 from __future__ import annotations
 
@@ -36,6 +54,7 @@ _FACTORIES = frozenset({
     "empty_strided",
 })
 _state = {"active": False, "prefixes": ("megatron.",)}
+_undo = []  # (label, restore) of every global change, replayed in reverse by deactivate()
 SKIPPED = {}  # fixes whose target module does not import here -> the ImportError
 
 
@@ -129,9 +148,21 @@ _TORCH = _TorchForMegatron()
 def _retarget(module) -> None:
     name = getattr(module, "__name__", "") or ""
     namespace = getattr(module, "__dict__", None)
-    if (name + ".").startswith(_state["prefixes"]) and namespace is not None \
+    if _state["active"] and (name + ".").startswith(_state["prefixes"]) and namespace is not None \
             and namespace.get("torch") is torch:
         namespace["torch"] = _TORCH
+
+
+def _replace(owner, name: str, value) -> None:
+    """``owner.name = value``, undone by :func:`deactivate` (once per attribute)."""
+    original = owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else \
+        getattr(owner, name, _MISSING)
+    if not any(o is owner and n == name for o, n, _ in _undo):
+        _undo.append((owner, name, original))
+    setattr(owner, name, value)
+
+
+_MISSING = object()
 
 
 class _RetargetOnImport(importlib.abc.MetaPathFinder):
@@ -162,9 +193,9 @@ class _RetargetOnImport(importlib.abc.MetaPathFinder):
 def _fix_rng_helpers():
     from megatron.core.tensor_parallel import random as mrandom
 
-    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _replace(mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
     if hasattr(mrandom, "_get_cuda_rng_state"):
-        mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+        _replace(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
 
 
 def _fix_grad_clipping():
@@ -184,9 +215,9 @@ def _fix_grad_clipping():
         if coeff < 1.0 and grads:
             torch._foreach_mul_(grads, coeff)
 
-    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    _replace(clip_grads, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
     if hasattr(optimizer, "clip_grad_by_total_norm_fp32"):
-        optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+        _replace(optimizer, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
 
 
 _CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -225,14 +256,18 @@ def _fix_param_type_checks():
                 _init(self, *args, **kwargs)
 
         __init__._nemo_minitron_cpu = True
-        cls.__init__ = __init__
+        _replace(cls, "__init__", __init__)
 
 
 def _fix_checkpoint_queue():
     """A fork manager for dist_checkpointing's write results (spawn re-imports __main__), which
     dies with this process (nemo_minitron/lifecycle.py)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
     from nemo_minitron import lifecycle
 
+    if hasattr(fa, "_get_write_results_queue"):  # recorded for deactivate(), then replaced
+        _replace(fa, "_get_write_results_queue", fa._get_write_results_queue)
     lifecycle.tie_megatron_writer_queue("fork")
 
 
@@ -256,7 +291,7 @@ def _fix_config_defaults():
         original(self)
 
     __post_init__._nemo_minitron_cpu = True
-    TransformerConfig.__post_init__ = __post_init__
+    _replace(TransformerConfig, "__post_init__", __post_init__)
 
 
 def extend_to(package: str) -> None:
@@ -279,8 +314,10 @@ def activate() -> bool:
     if torch.cuda.is_available():
         return False
     if not _state["active"]:
-        sys.meta_path.insert(0, _RetargetOnImport())
-        torch.Tensor.cuda = lambda self, *args, **kwargs: self  # raises on a CPU build otherwise
+        finder = _RetargetOnImport()
+        sys.meta_path.insert(0, finder)
+        _undo.append((None, "meta_path", finder))
+        _replace(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)  # raises on a CPU build
         _state["active"] = True
     for name, module in list(sys.modules.items()):
         if (name + ".").startswith(_state["prefixes"]):
@@ -294,3 +331,39 @@ def activate() -> bool:
             # needs NVIDIA apex), so there is nothing to fix; remembered for diagnostics.
             SKIPPED[fix.__name__] = repr(e)
     return True
+
+
+def deactivate() -> None:
+    """Undo :func:`activate`: Megatron's modules get the real ``torch`` back, every replaced
+    function and method its original, the import hook is removed. Megatron objects built while
+    active (models, optimizers) keep CPU tensors and may not work on afterwards."""
+    if not _state["active"]:
+        return
+    _state["active"] = False
+    while _undo:
+        owner, name, original = _undo.pop()
+        if owner is None:  # the import hook
+            if original in sys.meta_path:
+                sys.meta_path.remove(original)
+        elif original is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if (name + ".").startswith(_state["prefixes"]) and namespace is not None \
+                and namespace.get("torch") is _TORCH:
+            namespace["torch"] = torch
+    SKIPPED.clear()
+
+
+@contextlib.contextmanager
+def active():
+    """The shim for the block only (unless it was already active: then it stays)."""
+    was = _state["active"]
+    activate()
+    try:
+        yield
+    finally:
+        if not was:
+            deactivate()
