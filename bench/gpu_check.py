@@ -144,7 +144,7 @@ def part_convert(s, work, smoke):
     """Tiny random HF -> .nemo (the CLI), then the library's verify on CUDA (fp32 both sides)."""
     from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
     from nemo_minitron.cli import main as cli
-    from nemo_minitron.convert.verify import verify
+    from nemo_minitron.inference.verify import verify
 
     hf, nemo = os.path.join(work, "tiny_hf"), os.path.join(work, "tiny.nemo")
     write_tiny_hf_checkpoint(hf, "tiny_minitron_width", seed=0, overwrite=True)
@@ -174,14 +174,14 @@ def _greedy_ours(hf_dir, prompts, new):
 
 
 def part_generate(s, work, smoke):
-    """Greedy KV-cache decoding of the Megatron model (forked one-rank child, CUDA) against
+    """Greedy KV-cache decoding of the Megatron model (one-rank world, CUDA) against
     transformers' generate on CUDA, fp32, real tokenizer, pydoc prompts: token ids must agree."""
     import torch
     import transformers
     from pydoc_data.topics import topics
 
     from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
-    from nemo_minitron.convert.dist_ckpt import run_with_process_group
+    from nemo_minitron.dist import one_rank_world
     from nemo_minitron.tokenizer import load_tokenizer
 
     hf = os.path.join(work, "gen_hf")
@@ -189,7 +189,8 @@ def part_generate(s, work, smoke):
     tok = load_tokenizer(hf)
     prompts = [tok.encode(topics[k][:n]) for k, n in (("assert", 40), ("if", 150), ("with", 400))]
     new = 16
-    ours = run_with_process_group(_greedy_ours, hf, prompts, new)  # before CUDA is touched here
+    with one_rank_world(megatron=True):
+        ours = _greedy_ours(hf, prompts, new)
     dev = "cpu" if smoke else "cuda"
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).to(dev).eval()
     theirs = []
@@ -235,7 +236,7 @@ def part_genspeed(s, work, smoke):
     import transformers
     from pydoc_data.topics import topics
 
-    from nemo_minitron.convert.dist_ckpt import run_with_process_group
+    from nemo_minitron.dist import one_rank_world
     from nemo_minitron.tokenizer import load_tokenizer
 
     hf = os.path.join(work, "student")
@@ -245,7 +246,8 @@ def part_genspeed(s, work, smoke):
     prompts = [tok.encode(t)[:n] for t in texts[:max(s["gen_batches"])]]
     cases = [(b, new) for b in s["gen_batches"] for new in s["gen_new"]]
     dtype = "float32" if smoke else "bfloat16"
-    ours = run_with_process_group(_timed_ours, hf, prompts, cases, dtype)  # before CUDA here
+    with one_rank_world(megatron=True):
+        ours = _timed_ours(hf, prompts, cases, dtype)
     dev = "cpu" if smoke else "cuda"
     model = transformers.AutoModelForCausalLM.from_pretrained(
         hf, dtype=getattr(torch, dtype)).to(dev).eval()

@@ -176,7 +176,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from nemo_minitron.convert.verify import report, verify
+    from nemo_minitron.inference.verify import report, verify
 
     results = verify(args.hf_dir, args.nemo, args.prompts)
     print(report(results, args.atol))

@@ -289,7 +289,7 @@ def transformers_missing() -> str:
 
 
 def stage_verify(ctx: Context) -> StageResult:
-    from nemo_minitron.convert.verify import verify
+    from nemo_minitron.inference.verify import verify
 
     if not ctx.tty:  # transformers' weight-loading bar would go to a log or a pipe
         from transformers.utils import logging as hf_logging
@@ -336,15 +336,15 @@ STAGES: List[Stage] = [
 # ---- tasks: stage work that runs in a fresh process -----------------------------------------
 def task_generate(model: str, prompt: str, max_new_tokens: int) -> dict:
     """Greedy completion; only the generation itself is timed (not loading)."""
-    from nemo_minitron.convert.io import as_hf_dir
     from nemo_minitron.inference import job
     from nemo_minitron.inference.generate import generate
     from nemo_minitron.inference.sampling import SamplingParams
+    from nemo_minitron.model.source import ModelSource
     from nemo_minitron.tokenizer import load_tokenizer
 
-    with as_hf_dir(model) as hf_dir:
-        tokenizer = load_tokenizer(hf_dir)
-        runner = job.setup(hf_dir, tp=1, pp=1, dtype="float32")
+    with ModelSource(model) as source:  # an HF directory or a .nemo, read natively
+        tokenizer = load_tokenizer(source.tokenizer_dir)
+        runner = job.setup(source, tp=1, pp=1, dtype="float32")
         try:
             start = time.perf_counter()
             out = generate(runner, [tokenizer.encode(prompt)],

@@ -179,3 +179,70 @@ def destroy_megatron() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def one_rank_world(megatron: bool = False, seed: int = 1234):
+    """torch.distributed as a world of one, in this process, for a tool that runs Megatron code
+    alone (a converter's ``dist_checkpointing.save``, verify's model): a gloo group over a
+    ``FileStore`` in a temporary directory (no port to pick, nothing forked), destroyed on exit.
+    Where CUDA is absent, Megatron's CPU shim is active for the block (``compat/cpu.py``).
+    ``megatron=True`` also sets up Megatron's parallel state at TP=PP=1 for a model (NCCL where
+    CUDA is, as :func:`init_megatron`). A process that already has a group of one (a single-rank
+    job) keeps it; a group of several ranks is an error: a one-rank collective inside it would
+    hang."""
+    import gc
+    import tempfile
+
+    import torch.distributed as dist
+
+    own_group = not dist.is_initialized()
+    if not own_group and dist.get_world_size() != 1:
+        raise MinitronError(
+            f"this step runs as a world of one, but this process is rank {dist.get_rank()} of a "
+            f"{dist.get_world_size()}-rank process group; run it outside the job (e.g. "
+            "`nemo-minitron convert hf-to-nemo` in a plain process)")
+    with contextlib.ExitStack() as stack:
+        if own_group:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="nemo-minitron-world-"))
+            # after the group is destroyed, free what still refers to it (reference cycles in
+            # the checkpoint code) here: freed later in a forked child, the group's destructor
+            # joins threads the child does not have and aborts it (measured on torch 2.3)
+            stack.callback(gc.collect)
+            backend = "nccl" if megatron and torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, store=dist.FileStore(os.path.join(tmp, "store"), 1),
+                                    rank=0, world_size=1)
+            stack.callback(dist.destroy_process_group)
+        from nemo_minitron import lifecycle
+        from nemo_minitron.compat import cpu
+
+        if not torch.cuda.is_available():
+            # Megatron's CUDA calls (e.g. its checkpoint writer's torch.cuda.synchronize) land
+            # on the CPU, for the block (a shim that was already active stays)
+            with lazy_torch_compile() if megatron else contextlib.nullcontext():
+                stack.enter_context(cpu.active())
+        # Megatron's checkpoint writers and result-queue manager die with this process (kill -9
+        # included); the queue is this world's: a process forked later makes its own
+        lifecycle.tie_megatron_job("fork" if cpu.is_active() else "spawn")
+        stack.callback(lifecycle.drop_megatron_writer_queue)
+        if megatron:
+            with lazy_torch_compile():
+                from megatron.core import parallel_state, tensor_parallel
+            if not parallel_state.model_parallel_is_initialized():
+                parallel_state.initialize_model_parallel(1, 1)
+                stack.callback(_forget_groups, parallel_state)
+                stack.callback(parallel_state.destroy_model_parallel)
+                tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        yield
+
+
+def _forget_groups(parallel_state) -> None:
+    """After ``destroy_model_parallel``: drop the process groups it leaves behind (megatron-core
+    0.16.1 keeps ``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP``), so they are freed in this process.
+    Freed later in a forked child (the next job's rank), a gloo group's destructor waits for
+    threads the child does not have: the rank hangs (measured)."""
+    import torch.distributed as dist
+
+    for name, value in list(vars(parallel_state).items()):
+        if name.isupper() and isinstance(value, dist.ProcessGroup):
+            setattr(parallel_state, name, None)

@@ -146,13 +146,30 @@ def tie_megatron_writer_queue(method: str) -> None:
     if not hasattr(fa, "_get_write_results_queue"):
         return
 
+    owner = {}
+
     def _get_write_results_queue():
-        if fa._results_queue is None:
+        # a queue inherited through fork is the parent's: ranks forked from one process would
+        # share it and read each other's write results (measured: "Incomplete worker results")
+        if fa._results_queue is None or owner.get("pid") != os.getpid():
             fa._results_queue = start_manager(multiprocessing.get_context(method)).Queue()
+            owner["pid"] = os.getpid()
         return fa._results_queue
 
     _get_write_results_queue.start_method = method
     fa._get_write_results_queue = _get_write_results_queue
+
+
+def drop_megatron_writer_queue() -> None:
+    """Forget Megatron's write-results queue (its manager stops when the proxy is freed): for a
+    tool that saved in a world of its own (``dist.one_rank_world``), so a job this process runs
+    or forks later starts its own."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        return
+    if getattr(fa, "_results_queue", None) is not None:
+        fa._results_queue = None
 
 
 def tie_megatron_job(manager_start: str = "spawn") -> None:

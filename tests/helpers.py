@@ -29,7 +29,11 @@ def launcher_env(launcher: str, rank: int, world_size: int, port: int) -> dict:
     raise ValueError(launcher)
 
 
-def _worker(fn, rank, world_size, port, tp, pp, args, queue, launcher):
+def _worker(fn, rank, world_size, port, tp, pp, args, queue, launcher, timeout):
+    import faulthandler
+
+    # a rank that hangs prints every thread's stack before the parent gives up on it
+    faulthandler.dump_traceback_later(max(timeout - 5, 1), exit=False)
     for var in LAUNCHER_VARS:
         os.environ.pop(var, None)
     os.environ.update(launcher_env(launcher, rank, world_size, port))
@@ -69,7 +73,7 @@ def run_ranks(fn, world_size: int = 1, tp: int = 1, pp: int = 1, args=(), timeou
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, tp, pp, args, queue,
-                                                        launcher))
+                                                        launcher, timeout))
              for r in range(world_size)]
     for p in procs:
         p.start()

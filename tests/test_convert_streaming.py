@@ -1,9 +1,9 @@
-"""The streaming pieces of the converters (issue 3): safetensors reads without mmap, the .nemo tar
-written member by member, torch_dist data read in place from the tar. Checked against independent
-readers: the safetensors library, GNU tar and Python's tarfile, torch DCP's own FileSystemReader."""
-import contextlib
+"""The streaming pieces of the converters (issue 3): safetensors read tensor by tensor, the .nemo
+tar written member by member, torch_dist written chunk by chunk through Megatron's
+dist_checkpointing.save in a one-rank world of this process and read in place from the tar.
+Checked against independent readers: the safetensors library, GNU tar and Python's tarfile, torch
+DCP's own FileSystemReader, torch.save."""
 import inspect
-import io
 import os
 import shutil
 import subprocess
@@ -212,23 +212,30 @@ def test_read_weight_map_used_by_reader(tiny_hf_dir):
             assert torch.equal(reader(name), ref), name
 
 
-def test_one_rank_child_survives_a_taken_port(monkeypatch):
-    """The converter's one-rank child picks a free port; another process can bind it first (seen
-    under load). The child retries with a new port instead of failing the conversion."""
-    import socket
+def _one_rank_world_in_a_group(rank):
+    from nemo_minitron.dist import one_rank_world
+    from nemo_minitron.errors import MinitronError
 
+    try:
+        with one_rank_world():
+            return "entered"
+    except MinitronError as e:
+        return str(e)
+
+
+@pytest.mark.megatron
+def test_one_rank_world_refuses_a_multi_rank_group(tmp_path, tiny_hf_dir):
+    """hf-to-nemo sets up (and tears down) its own one-rank gloo group in the calling process;
+    inside a process group of several ranks it is a clear error, not a hang."""
     import torch.distributed as dist
 
-    from nemo_minitron import dist as nm_dist
-    from nemo_minitron.convert.dist_ckpt import run_with_process_group
+    from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
+    from tests.helpers import run_ranks
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        ports = iter([taken.getsockname()[1]])
-        real = nm_dist.free_port
-        monkeypatch.setattr(nm_dist, "free_port", lambda: next(ports, None) or real())
-        assert run_with_process_group(lambda: dist.get_world_size() + 41) == 42
+    hf_to_nemo(tiny_hf_dir, str(tmp_path / "m.nemo"), progress=False)
+    assert not dist.is_initialized()
+    for message in run_ranks(_one_rank_world_in_a_group, 2):
+        assert "2-rank process group" in message and "outside the job" in message
 
 
 def _golden_chunks(cfg, tp=1):
@@ -247,10 +254,10 @@ def _golden_chunks(cfg, tp=1):
 
 @pytest.mark.megatron
 @pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
-def test_megatron_data_files_streamed_into_tar_are_megatrons_bytes(tmp_path):
-    """hf-to-nemo has Megatron's writer write each chunk's data file straight into a .nemo tar
-    member (no scratch copy). The members hold exactly the bytes Megatron's writer puts in the
-    file when left alone, the merged .metadata is the same, and GNU tar reads the archive."""
+def test_megatron_data_files_packed_into_tar_are_megatrons_bytes(tmp_path):
+    """hf-to-nemo copies each chunk's data file into its .nemo tar member as Megatron wrote it:
+    the members hold exactly the files of a save into a plain directory, the merged .metadata is
+    the same, and GNU tar reads the archive."""
     import pickle
 
     from nemo_minitron.convert.dist_ckpt import save_torch_dist
@@ -259,14 +266,14 @@ def test_megatron_data_files_streamed_into_tar_are_megatrons_bytes(tmp_path):
     chunks = _golden_chunks(GOLDEN_CFG)
     assert len(chunks) >= 3  # embedding, layers, ..., output layer
     plain = tmp_path / "plain"
-    save_torch_dist(GOLDEN_CFG, iter(chunks), str(plain))  # Megatron writes the files itself
-    out = tmp_path / "streamed.nemo"
+    save_torch_dist(GOLDEN_CFG, iter(chunks), str(plain))
+    out = tmp_path / "packed.nemo"
     (tmp_path / "scratch").mkdir()
     with NemoTarWriter(str(out)) as tar:
         tar.add_dir("./model_weights")
         save_torch_dist(GOLDEN_CFG, iter(chunks), str(tmp_path / "rest"),
-                        member=lambda name: tar.member(f"./model_weights/{name}"),
-                        scratch=str(tmp_path / "scratch"))
+                        scratch=str(tmp_path / "scratch"), on_data_file=lambda path, name:
+                        tar.add_file(path, f"./model_weights/{name}"))
     data_files = sorted(f for f in os.listdir(plain) if f.endswith(".distcp"))
     assert len(data_files) == len(chunks)
     assert sorted(os.listdir(tmp_path / "rest")) == [".metadata", "common.pt", "metadata.json"]
@@ -282,174 +289,11 @@ def test_megatron_data_files_streamed_into_tar_are_megatrons_bytes(tmp_path):
     assert os.listdir(tmp_path / "scratch") == []  # per-chunk scratch dirs removed
 
 
-@pytest.mark.megatron
-def test_hf_to_nemo_data_path_writes_megatrons_bytes(tmp_path):
-    """The tensors as hf-to-nemo hands them over: mapped straight from the HF shards (copied file
-    to file by the writer, ``file_region``) or merged into reused pool buffers (recycled once their
-    chunk is written, while the next chunk is produced). Every data file is byte for byte what
-    Megatron writes for the same tensors held in ordinary memory; a buffer reused too early or a
-    wrong file offset would change the bytes."""
-    from safetensors.torch import save_file
-
-    from nemo_minitron.convert import mapping
-    from nemo_minitron.convert.dist_ckpt import save_torch_dist
-    from nemo_minitron.convert.hf_to_nemo import _BufferPool, _chunks
-    from tests.convert_helpers import GOLDEN_CFG, golden_hf_state
-
-    state = golden_hf_state()
-    names = sorted(state)
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    # two shards, so file offsets differ between tensors of different files
-    save_file({n: state[n] for n in names[::2]}, str(hf / "a.safetensors"), metadata={"format": "pt"})
-    save_file({n: state[n] for n in names[1::2]}, str(hf / "b.safetensors"), metadata={"format": "pt"})
-    weight_map = {n: ("a" if i % 2 == 0 else "b") + ".safetensors" for i, n in enumerate(names)}
-    per_layer = sum(t.numel() * t.element_size() for n, t in mapping.hf_to_megatron(
-        GOLDEN_CFG, lambda name: state[name]) if mapping.stacked_key(n)[1] == 0)
-    plain = tmp_path / "plain"
-    save_torch_dist(GOLDEN_CFG, _chunks(mapping.hf_to_megatron(GOLDEN_CFG, lambda n: state[n]),
-                                        per_layer, per_layer), str(plain))
-    reader, pool = SafetensorsDir(str(hf), weight_map), _BufferPool()
-    assert reader.file_region(reader(names[0])) is not None  # mapped tensors know their file
-    assert reader.file_region(torch.zeros(3)) is None
-    out = tmp_path / "o.nemo"
-    (tmp_path / "scratch").mkdir()
-    with NemoTarWriter(str(out)) as tar:
-        save_torch_dist(GOLDEN_CFG, _chunks(mapping.hf_to_megatron(GOLDEN_CFG, reader,
-                                                                   alloc=pool.take),
-                                            per_layer, per_layer),
-                        str(tmp_path / "rest"),
-                        member=lambda name: tar.member(f"./model_weights/{name}"),
-                        scratch=str(tmp_path / "scratch"), file_region=reader.file_region,
-                        on_saved=lambda chunk: pool.recycle(t for _, t in chunk))
-    data_files = sorted(f for f in os.listdir(plain) if f.endswith(".distcp"))
-    assert len(data_files) >= GOLDEN_CFG.num_layers + 2  # one layer per chunk: buffers reused
-    with tarfile.open(out) as t:
-        assert sorted(os.path.basename(m) for m in t.getnames() if m.endswith(".distcp")) \
-            == data_files
-        for name in data_files:
-            assert t.extractfile(f"./model_weights/{name}").read() == (plain / name).read_bytes()
-
-
-def test_redirected_data_file_defers_writes_and_copies_file_bytes_in_the_kernel(tmp_path,
-                                                                               monkeypatch):
-    """Megatron's data file, redirected into a tar member: writes return at once and a writer
-    thread appends them in order. Bytes inside a chunk tensor are read later, by reference;
-    bytes of a tensor mapped from a file are copied from that file (sendfile); any other buffer
-    is copied before ``write`` returns (the caller may reuse it). A failed write is raised."""
-    import mmap
-
-    from nemo_minitron.convert import nemo_file
-    from nemo_minitron.convert.dist_ckpt import _RedirectedDataFile
-
-    src = tmp_path / "src.bin"
-    src.write_bytes(os.urandom(3 << 20))
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        mapped = torch.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
-        anon = torch.randint(0, 255, (2 << 20,), dtype=torch.uint8)
-        regions = [(mapped.data_ptr(), mapped.numel(), (fd, 0)), (anon.data_ptr(), anon.numel(),
-                                                                   None)]
-        copied = []
-        real_copy = nemo_file.MemberStream.copy_from
-        monkeypatch.setattr(nemo_file.MemberStream, "copy_from",
-                            lambda self, f, o, n: (copied.append((o, n)), real_copy(self, f, o, n)))
-        scratch_buf = bytearray(os.urandom(1 << 20))
-        expect = b"head" + bytes(mapped[1000:(2 << 20)].numpy()) + bytes(scratch_buf) \
-            + bytes(anon.numpy())
-        out = tmp_path / "o.nemo"
-        with NemoTarWriter(str(out)) as tar:
-            with tar.member("./x.distcp") as stream:
-                f = _RedirectedDataFile(stream, str(tmp_path / "placeholder"), regions)
-                assert f.write(b"head") == 4
-                f.write(memoryview(mapped.numpy())[1000:2 << 20])
-                f.write(scratch_buf)
-                scratch_buf[:] = bytes(len(scratch_buf))  # reused by the caller at once
-                f.write(memoryview(anon.numpy()))
-                assert f.tell() == len(expect)
-                f.flush()
-                f.close()
-        assert copied == [(1000, (2 << 20) - 1000)]
-        with tarfile.open(out) as t:
-            assert t.extractfile("./x.distcp").read() == expect
-
-        class Full(io.RawIOBase):
-            def writable(self):
-                return True
-
-            def tell(self):
-                return 0
-
-            def write(self, data):
-                raise OSError(28, "No space left on device")
-
-        f = _RedirectedDataFile(Full(), str(tmp_path / "placeholder2"))
-        f.write(b"x")
-        with pytest.raises(OSError, match="No space"):
-            f.close()
-    finally:
-        os.close(fd)
-
-
-def test_buffer_pool_reuses_recycled_buffers():
-    """Merged tensors land in pool buffers; a recycled buffer is handed out again for the same
-    shape and dtype, others are new; tensors not from the pool are ignored."""
-    from nemo_minitron.convert.hf_to_nemo import _BufferPool
-
-    pool = _BufferPool()
-    a = pool.take((4, 8), torch.bfloat16)
-    b = pool.take((4, 8), torch.bfloat16)
-    assert a.data_ptr() != b.data_ptr() and a.shape == (4, 8) and a.dtype == torch.bfloat16
-    pool.recycle([a.view(-1), torch.zeros(2)])
-    assert pool.take((4, 8), torch.bfloat16).data_ptr() == a.data_ptr()
-    assert pool.take((4, 8), torch.float32).data_ptr() not in (a.data_ptr(), b.data_ptr())
-
-
-def test_tar_member_stream_header_and_padding(tmp_path):
-    """A member written through the stream gets its size in the header afterwards and is padded
-    to a whole block; members before and after it are intact."""
-    out = tmp_path / "o.nemo"
-    payload = os.urandom(3 * tarfile.BLOCKSIZE + 17)
-    (tmp_path / "after.bin").write_bytes(b"after")
-    with NemoTarWriter(str(out)) as tar:
-        tar.add_dir("./d")
-        with tar.member("./d/streamed.distcp") as stream:
-            assert stream.write(payload[:100]) == 100 and stream.tell() == 100
-            stream.write(memoryview(payload)[100:])
-            assert stream.tell() == len(payload)
-        tar.add_file(str(tmp_path / "after.bin"), "./d/after.bin")
-    with tarfile.open(out) as t:
-        assert t.extractfile("./d/streamed.distcp").read() == payload
-        assert t.extractfile("./d/after.bin").read() == b"after"
-
-
-@pytest.mark.parametrize("splice", [True, False])
-def test_write_all_writes_every_byte_at_the_position(tmp_path, monkeypatch, splice):
-    """fsutil.write_all (vmsplice + splice for large buffers, os.write otherwise or as fallback)
-    appends exactly the given bytes at the descriptor's position, from read-only buffers and
-    tensors alike."""
-    from nemo_minitron.checkpoint import fsutil
-
-    if not splice:
-        monkeypatch.setattr(fsutil._SPLICER, "write", lambda fd, view: False)
-    blobs = [b"head", os.urandom(3 * (1 << 20) + 123), b"", os.urandom(100),
-             torch.arange(600_000, dtype=torch.int32).numpy()]
-    path = tmp_path / "out"
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY)
-    try:
-        for blob in blobs:
-            assert fsutil.write_all(fd, blob) == memoryview(blob).nbytes
-        assert os.lseek(fd, 0, os.SEEK_CUR) == sum(memoryview(b).nbytes for b in blobs)
-    finally:
-        os.close(fd)
-    assert path.read_bytes() == b"".join(bytes(memoryview(b).cast("B")) for b in blobs)
-
-
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
-def test_legacy_files_streamed_are_torch_save_bytes(tmp_path, tp, pp):
-    """--format legacy writes each rank file one tensor at a time, through torch.save's own code
-    over placeholders; every file is byte for byte what torch.save writes for the same state
-    dict of real tensors (and what torch.load reads back)."""
+def test_legacy_files_are_torch_save_of_each_ranks_state_dict(tmp_path, tp, pp):
+    """--format legacy writes each rank file as torch.save of that rank's state dict (TP shards,
+    stage-local layer numbers, no _extra_state): byte for byte torch.save of the reference state
+    dict, each full tensor made once per rank file, and torch.load reads it back."""
     from nemo_minitron.convert import mapping
     from nemo_minitron.convert.legacy import write_legacy
     from nemo_minitron.convert.nemo_file import rank_file
@@ -515,48 +359,3 @@ def test_drop_mapped_pages_keeps_data_and_frees_resident_pages(tmp_path):
     after = _mapped_rss_kb(path)
     assert before >= 8 * 1024 - 8 and after < before - 7 * 1024, (before, after)
     assert torch.equal(t, ref)
-
-
-@pytest.mark.megatron
-def test_unredirected_data_file_is_still_packed(tmp_path, monkeypatch):
-    """A megatron-core whose writer does not open its data file through the redirected name writes
-    it into the scratch dir itself; the converter then copies it into the tar member, so the
-    .nemo is the same either way."""
-    import tarfile as tf
-
-    from nemo_minitron.convert import dist_ckpt
-    from nemo_minitron.convert.dist_ckpt import save_torch_dist
-    from tests.convert_helpers import GOLDEN_CFG
-
-    chunks = _golden_chunks(GOLDEN_CFG)
-    plain = tmp_path / "plain"
-    save_torch_dist(GOLDEN_CFG, iter(chunks), str(plain))
-    monkeypatch.setattr(dist_ckpt, "_data_file_into", lambda *a: contextlib.nullcontext())
-    out = tmp_path / "o.nemo"
-    (tmp_path / "scratch").mkdir()
-    with NemoTarWriter(str(out)) as tar:
-        save_torch_dist(GOLDEN_CFG, iter(chunks), str(tmp_path / "rest"),
-                        member=lambda name: tar.member(f"./model_weights/{name}"),
-                        scratch=str(tmp_path / "scratch"))
-    with tf.open(out) as t:
-        for name in sorted(f for f in os.listdir(plain) if f.endswith(".distcp")):
-            assert t.extractfile(f"./model_weights/{name}").read() == (plain / name).read_bytes()
-
-
-def test_bytes_only_child_hides_the_gpu_and_skips_compiling():
-    """The converter's child that only moves checkpoint bytes never touches a GPU (CUDA hidden
-    before anything initializes it: gloo over the CPU shim, as on a CPU-only machine) and does
-    not import torch's compiler for Megatron's fused kernels; an ordinary child does both as the
-    machine allows."""
-    from nemo_minitron.convert.dist_ckpt import run_with_process_group
-
-    def probe():
-        def f(x):
-            return x
-
-        return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available(), \
-            torch.compile(f) is f
-
-    assert run_with_process_group(probe, bytes_only=True) == ("", False, True)
-    env, _, unchanged = run_with_process_group(probe)
-    assert env == os.environ.get("CUDA_VISIBLE_DEVICES") and not unchanged

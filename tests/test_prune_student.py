@@ -35,10 +35,12 @@ def _identity(rank, teacher_dir, out_dir, ids):
     from nemo_minitron.model.build import build_gpt_model
     from nemo_minitron.model.load import load_hf_into_model
     from nemo_minitron.prune.importance import compute_scores
-    from nemo_minitron.prune.prune import prune_tensors, rankings, read_teacher, write_student
+    from nemo_minitron.model.source import ModelSource
+    from nemo_minitron.prune.prune import prune_tensors, rankings, write_student
     from nemo_minitron.prune.targets import resolve_target
 
-    cfg, reader, _ = read_teacher(teacher_dir)
+    source = ModelSource(teacher_dir)
+    cfg, reader = source.config, source.hf_getter()
     model = build_gpt_model(cfg, dtype="float32", use_te=False)
     load_hf_into_model(model, cfg, teacher_dir)
     scores = compute_scores(model, cfg, ids[:, :17])

@@ -55,6 +55,9 @@ def test_cli_errors_before_training(tiny_hf_dir, train_jsonl, tmp_path, capsys):
     assert cli_main(["finetune", "--model", tiny_hf_dir, "--data", train_jsonl, "--out",
                      str(tmp_path / "o"), "trainer.nonsense=1"]) == 2
     assert "unknown config key 'trainer.nonsense'" in capsys.readouterr().err
+    assert cli_main(["finetune", "--model", tiny_hf_dir, "--data", train_jsonl, "--out",
+                     str(tmp_path / "o"), "out_format=zip"]) == 2
+    assert "out_format='zip' must be one of auto, nemo_dir" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "x"}\n')
     pytest.importorskip("tokenizers")
@@ -77,12 +80,14 @@ def _read_hf(path):
     return dict(iter_tensors(path))
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2), dict(tp=2, nemo=True)],
-                         ids=["tp2", "pp2", "tp2-nemo"])
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2), dict(tp=2, nemo=True),
+                                    dict(pp=2, nemo=True, nemo_dir=True)],
+                         ids=["tp2", "pp2", "tp2-nemo", "pp2-nemo-dir"])
 def test_export_gathers_tp_and_pp_bit_exactly(tiny_hf_dir, train_jsonl, tmp_path, layout):
     """Zero steps: the written HF checkpoint must be the base checkpoint, bit for bit."""
     pytest.importorskip("tokenizers", reason="needs the tokenizers library")
-    out = str(tmp_path / ("out.nemo" if layout.get("nemo") else "out"))
+    out = str(tmp_path / ("out.nemo" if layout.get("nemo") and not layout.get("nemo_dir")
+                          else "out"))
     base = tiny_hf_dir
     if layout.get("nemo"):  # .nemo in, .nemo out
         from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
@@ -92,9 +97,15 @@ def test_export_gathers_tp_and_pp_bit_exactly(tiny_hf_dir, train_jsonl, tmp_path
             "--data", train_jsonl, "--out", out, "trainer.max_steps=0",
             f"trainer.tensor_model_parallel_size={layout.get('tp', 1)}",
             f"trainer.pipeline_model_parallel_size={layout.get('pp', 1)}"]
+    if layout.get("nemo_dir"):  # an extracted .nemo directory: the tar's tree, unpacked
+        argv.append("out_format=nemo_dir")
     assert run_ranks(lambda r: _run_recipe(r, argv), world_size=2) == [0, 0]
     if layout.get("nemo"):  # written as .nemo: read it back through the converter
         from nemo_minitron.convert.nemo_to_hf import nemo_to_hf
+
+        if layout.get("nemo_dir"):
+            assert os.path.isfile(os.path.join(out, "model_config.yaml"))
+            assert os.path.isfile(os.path.join(out, "model_weights", ".metadata"))
 
         out, _ = nemo_to_hf(out, str(tmp_path / "back"), progress=False)
     base, new = _read_hf(tiny_hf_dir), _read_hf(out)

@@ -163,9 +163,6 @@ def _commands(nemo, inp, out):
     cmds = {
         "inspect": ["inspect", nemo],
         "nemo-to-hf": ["convert", "nemo-to-hf", nemo, out],
-        "generate": ["generate", "--model", nemo, "--prompt", "Hello", "--max-new-tokens", "2"],
-        "eval-ppl": ["eval-ppl", "--model", nemo, "--data", inp.text],
-        "serve": ["serve", "--model", nemo, "--port", "0"],
         "prune": ["prune", "--config", "conf/prune/tiny.yaml", "--model", nemo, "--out", out],
         "finetune": ["finetune", "--config", "conf/finetune/tiny_sft.yaml", "--model", nemo,
                      "--data", inp.sft, "--out", out, "trainer.max_steps=1"],
@@ -177,8 +174,15 @@ def _commands(nemo, inp, out):
                             "trainer.max_steps=1"],
         "lora-merge": ["lora", "merge", "--base", nemo, "--adapter", inp.adapter, "--out", out],
     }
-    if HAS_TRANSFORMERS:  # verify's reference is transformers
-        cmds["verify"] = ["verify", inp.hf, nemo]
+    if HAS_TRANSFORMERS:  # text jobs tokenize first (without transformers they stop there,
+        # before any weight); verify's reference is transformers
+        cmds.update({
+            "generate": ["generate", "--model", nemo, "--prompt", "Hello", "--max-new-tokens",
+                         "2"],
+            "eval-ppl": ["eval-ppl", "--model", nemo, "--data", inp.text, "window=64",
+                         "stride=32"],
+            "serve": ["serve", "--model", nemo, "--port", "0"],
+            "verify": ["verify", inp.hf, nemo]})
     return cmds
 
 

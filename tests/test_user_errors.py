@@ -251,6 +251,17 @@ def _forbid(*_args, **_kwargs):
     raise AssertionError("expensive work started before the input error was found")
 
 
+def _forbid_weight_reads(monkeypatch):
+    """Reading a model's weights fails the test (a job's native reads, and any .nemo weights
+    reader: no conversion either); its config and tokenizer (small files) may be read."""
+    import nemo_minitron.convert.nemo_to_hf as nemo_to_hf
+    from nemo_minitron.model.source import ModelSource
+
+    for name in ("load_into", "hf_getter", "full_tensors"):
+        monkeypatch.setattr(ModelSource, name, _forbid)
+    monkeypatch.setattr(nemo_to_hf, "weights_reader", _forbid)
+
+
 def _one_line_error(capsys, argv):
     code = main(argv)
     out, err = capsys.readouterr()
@@ -263,13 +274,12 @@ def _one_line_error(capsys, argv):
 # ---- the table -------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,setup,fragment", [r[1:] for r in ERRORS], ids=[r[0] for r in ERRORS])
 def test_user_error(argv, setup, fragment, models, tmp_path, capsys, monkeypatch):
-    import nemo_minitron.convert.io as io
     import nemo_minitron.dist as dist
     import nemo_minitron.inference.job as job
 
-    # anything expensive fails the test: a process group, a .nemo conversion, loading a model
+    # anything expensive fails the test: a process group, reading weights, loading a model
     monkeypatch.setattr(dist, "init_megatron", _forbid)
-    monkeypatch.setattr(io, "as_hf_dir", _forbid)
+    _forbid_weight_reads(monkeypatch)
     monkeypatch.setattr(job, "setup", _forbid)
     tmp = str(tmp_path / "row")
     os.makedirs(tmp)
@@ -390,11 +400,10 @@ def _fake_checkpoint(recipe_name, argv, ckpt_dir):
 def test_resume_identity_lora_and_distill(case, models, tmp_path, capsys, monkeypatch):
     """LoRA (whose checkpoints hold only the adapters: the base is read again) and distillation
     (teacher and student) refuse another input the same way, before anything is built."""
-    import nemo_minitron.convert.io as io
     import nemo_minitron.dist as dist
 
     monkeypatch.setattr(dist, "init_megatron", _forbid)
-    monkeypatch.setattr(io, "as_hf_dir", _forbid)
+    _forbid_weight_reads(monkeypatch)
     data = _sft(str(tmp_path))
     out = str(tmp_path / "out")
     if case == "lora-base":

@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import weakref
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from nemo_minitron.checkpoint.fsutil import send_all, write_all
 from nemo_minitron.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -186,16 +184,13 @@ class SafetensorsDir(OpenFiles):
     shards' JSON headers: no copy, the pages are file-backed (clean page cache the kernel can
     reclaim), and they leave the process when the tensor is freed. (``safe_open`` maps every shard
     whole; every page a conversion touches then stays in its RSS until the handle closes: 5.7 GB
-    of the 9 GB 4B-Width measured.) :meth:`file_region` tells where a mapped tensor's bytes lie in
-    its shard, so a writer can copy them file to file in the kernel.
+    of the 9 GB 4B-Width measured.)
     """
 
     def __init__(self, hf_dir: str, weight_map: Optional[Dict[str, str]] = None):
         self.hf_dir = hf_dir
         self.weight_map = weight_map or read_weight_map(hf_dir)
         self._fds: Dict[str, int] = {}
-        # storage address of a live mapped tensor -> (shard descriptor, file offset, bytes)
-        self._regions: Dict[int, Tuple[int, int, int]] = {}
         self._headers: Dict[str, Tuple[int, Dict[str, dict]]] = {}
         for shard in sorted(set(self.weight_map.values())):
             path = os.path.join(hf_dir, shard)
@@ -229,78 +224,11 @@ class SafetensorsDir(OpenFiles):
         # unmapped when the tensor is freed
         skew = where % mmap.ALLOCATIONGRANULARITY
         mm = mmap.mmap(fd, end - begin + skew, access=mmap.ACCESS_COPY, offset=where - skew)
-        tensor = torch.frombuffer(mm, dtype=dtype, count=count, offset=skew).view(spec["shape"])
-        address = tensor.untyped_storage().data_ptr()
-        self._regions[address] = (fd, where, end - begin)
-        weakref.finalize(tensor, self._regions.pop, address, None)
-        return tensor
-
-    def file_region(self, tensor: torch.Tensor) -> Optional[Tuple[int, int]]:
-        """(shard descriptor, file offset) of the bytes of ``tensor``'s storage if it is one this
-        reader mapped and still alive, else None. Valid while the reader is open, for tensors
-        nobody wrote to (a private mapping: a write would change the memory, not the file)."""
-        storage = tensor.untyped_storage()
-        region = self._regions.get(storage.data_ptr())
-        if region is None or region[2] != storage.nbytes():
-            return None
-        return region[0], region[1]
-
-    def close(self) -> None:
-        self._regions = {}
-        super().close()
-
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=skew).view(spec["shape"])
 
 # torch dtype -> safetensors name, for the dtypes the converters write
 _ST_DTYPES = {t: n for n, t in _ST_TORCH.items() if t in (torch.bfloat16, torch.float16,
                                                            torch.float32)}
-
-
-class FileSlices(NamedTuple):
-    """A tensor that is not in memory: its C-order bytes are ``runs`` of ``(fd, offset, nbytes)``
-    in open files, in order (e.g. rows of a stored checkpoint record). Writers copy them file to
-    file in the kernel."""
-    shape: Tuple[int, ...]
-    dtype: torch.dtype
-    runs: Tuple[Tuple[int, int, int], ...]
-
-    def nbytes(self) -> int:
-        return sum(run[2] for run in self.runs)
-
-
-class FileRows(NamedTuple):
-    """A stored C-order tensor of ``shape``/``dtype`` whose bytes start at ``offset`` of ``fd``.
-    A transform that only selects and reorders rows (dim 0) can run on :meth:`row_index` instead
-    of the data; :meth:`select` turns each result back into the matching :class:`FileSlices`."""
-    fd: int
-    offset: int
-    shape: Tuple[int, ...]
-    dtype: torch.dtype
-
-    def row_index(self) -> torch.Tensor:
-        """Row numbers shaped ``[rows, 1, ...]`` (the data's rank, ones after dim 0)."""
-        return torch.arange(self.shape[0]).view((self.shape[0],) + (1,) * (len(self.shape) - 1))
-
-    def select(self, rows: torch.Tensor) -> FileSlices:
-        """The bytes of the rows ``rows`` (a result of a row transform of :meth:`row_index`), as
-        runs of consecutive rows."""
-        row_bytes = int(torch.Size(self.shape[1:]).numel()) * self.dtype.itemsize
-        order = rows.reshape(-1).tolist()
-        runs: List[Tuple[int, int, int]] = []
-        for r in order:
-            start = self.offset + r * row_bytes
-            if runs and runs[-1][1] + runs[-1][2] == start:
-                runs[-1] = (self.fd, runs[-1][1], runs[-1][2] + row_bytes)
-            else:
-                runs.append((self.fd, start, row_bytes))
-        return FileSlices((len(order),) + tuple(self.shape[1:]), self.dtype, tuple(runs))
-
-
-def _copy_runs(out_fd: int, slices: FileSlices) -> None:
-    """Append a :class:`FileSlices`' bytes to ``out_fd`` (sendfile: page cache to page cache)."""
-    for fd, offset, count in slices.runs:
-        copied = send_all(out_fd, fd, offset, count)
-        if copied != count:
-            raise CheckpointError(f"source file ends {count - copied} bytes early (truncated?)")
 
 
 def plan_shards(specs: List[Tuple[str, tuple, torch.dtype]], max_shard_bytes: int
@@ -321,7 +249,7 @@ def plan_shards(specs: List[Tuple[str, tuple, torch.dtype]], max_shard_bytes: in
 
 
 def write_safetensors_streaming(specs: List[Tuple[str, tuple, torch.dtype]],
-                                tensors: Iterable[Tuple[str, Union[torch.Tensor, FileSlices]]],
+                                tensors: Iterable[Tuple[str, torch.Tensor]],
                                 out_dir: str, *,
                                 max_shard_bytes: int = 5 * 10**9,
                                 on_tensor=None) -> Dict[str, str]:
@@ -330,8 +258,7 @@ def write_safetensors_streaming(specs: List[Tuple[str, tuple, torch.dtype]],
     Every name, shape and dtype is known up front (``specs``, in the order ``tensors`` yields
     them), so each shard's header (JSON: name -> dtype, shape, byte offsets; padded to 8 bytes as
     the safetensors library pads it) is written first and the tensors' bytes are appended as they
-    arrive. A tensor that disagrees with its spec is an error. A :class:`FileSlices` instead of a
-    tensor is copied from its files by the kernel, never through memory.
+    arrive. A tensor that disagrees with its spec is an error.
     """
     import json as _json
 
@@ -362,15 +289,8 @@ def write_safetensors_streaming(specs: List[Tuple[str, tuple, torch.dtype]],
                     raise CheckpointError(f"produced {got_name} {list(tensor.shape)} {tensor.dtype}, "
                                           f"expected {name} {list(shape)} {dtype}")
                 nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
-                f.flush()
-                if isinstance(tensor, FileSlices):
-                    if tensor.nbytes() != nbytes:
-                        raise CheckpointError(f"{name}: {tensor.nbytes()} stored bytes for "
-                                              f"{list(shape)} {dtype}")
-                    _copy_runs(f.fileno(), tensor)
-                else:
-                    data = tensor.contiguous().view(torch.uint8).numpy() if tensor.numel() else b""
-                    write_all(f.fileno(), data)
+                if tensor.numel():
+                    f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy())
                 weight_map[name] = final
                 total += nbytes
                 if on_tensor is not None:

@@ -115,3 +115,16 @@ def fingerprint(path: str) -> str:
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     return "sha256:" + h.hexdigest()
+
+
+OUT_FORMATS = ("auto", "nemo_dir")
+
+
+def check_output_path(out: str, out_format: str = "auto") -> None:
+    """Called before training, so a bad output path fails first, not after hours. ``out_format``:
+    auto (a path ending in .nemo is a .nemo file, any other an HF directory) or nemo_dir (an
+    extracted .nemo directory, the tar's tree unpacked)."""
+    if not out:
+        raise ConfigError("no output path given (--out)")
+    if out_format not in OUT_FORMATS:
+        raise ConfigError(f"out_format={out_format!r} must be one of {', '.join(OUT_FORMATS)}")

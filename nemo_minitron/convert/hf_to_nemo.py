@@ -4,27 +4,20 @@
         [--tp N --pp M] [--tokenizer-type ID_OR_PATH] [--overwrite]
 
 Strict: config.json, tensor names and shapes are checked before anything is written; every HF tensor
-is consumed by the mapping (``convert/mapping.py``), every Megatron tensor filled. Streaming: HF
-tensors are read one at a time (each through its own mmap, released with it) and written out chunk
-by chunk (torch_dist: one to two layers, or one embedding, per ``dist_checkpointing.save``) or rank
-file by rank file (legacy: one tensor at a time too, see ``legacy.write_legacy``). The .nemo tar
-is written member by member under a temporary name next to the output and renamed into place at
-the end; Megatron's writer writes each chunk's data file straight into its tar member
-(``dist_ckpt.save_torch_dist``).
-
-torch_dist, where the time goes: a forked process writes chunk k while chunk k+1 is produced
-(two chunks alive at most); inside it, ``torch.save``'s CRC-32 of one record overlaps the copy of
-the previous one (a writer thread); tensors the mapping passes through unchanged (embeddings,
-linear_proj, fc2, norms: 4.2 of 4B-Width's 9 GB) are copied from the HF shard into the tar by
-``sendfile``, never through a user mapping; merged ones (qkv, fc1) are built in shared buffers
-reused from chunk to chunk (:class:`_BufferPool`).
+is consumed by the mapping (``convert/mapping.py``), every Megatron tensor filled. Memory is bounded:
+HF tensors are read one at a time (each through its own mmap, released with it) and written out
+chunk by chunk (torch_dist: a few layers, or one embedding, per synchronous
+``dist_checkpointing.save`` in a one-rank world in this process, ``dist_ckpt.save_torch_dist``)
+or rank file by rank file (legacy: ``torch.save`` of one rank's state dict, see
+``legacy.write_legacy``). The .nemo tar is written member by member under a temporary name next
+to the output and renamed into place at the end; each chunk's data file is copied into the tar as
+Megatron wrote it, then deleted.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -71,41 +64,6 @@ def _chunks(tensors: Iterator[Tuple[str, torch.Tensor]], layer_bytes: int, budge
         yield chunk
 
 
-class _BufferPool:
-    """Memory for the merged tensors (fused qkv, fc1), reused from chunk to chunk: once a chunk is
-    saved (``recycle``), its buffers receive a later chunk's tensors. A fresh allocation per
-    tensor costs the kernel a page fault and a zeroed page for every 4 KiB before the copy (about
-    0.17 s/GiB on the CI VM; 4.8 of 4B-Width's 9 GB are merged); reused pages are only copied into.
-
-    The buffers are shared anonymous mappings, not private ones: the chunk writers are forked
-    processes (:mod:`dist_ckpt`), and filling a private buffer that a still-running writer
-    inherited would copy every page (copy-on-write; measured: 11% of the conversion's CPU time).
-    Holds the buffers of the chunks alive at once: the one being written, the one being produced."""
-
-    def __init__(self):
-        self.free: Dict[Tuple[tuple, torch.dtype], List[torch.Tensor]] = {}
-        self.issued: Dict[int, Tuple[Tuple[tuple, torch.dtype], torch.Tensor]] = {}
-
-    def take(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        key = (tuple(shape), dtype)
-        free = self.free.get(key)
-        if free:
-            t = free.pop()
-        else:
-            count = int(torch.Size(shape).numel())
-            memory = mmap.mmap(-1, max(1, count * dtype.itemsize))  # MAP_SHARED | MAP_ANONYMOUS
-            t = torch.frombuffer(memory, dtype=dtype, count=count).view(shape)
-        self.issued[t.untyped_storage().data_ptr()] = (key, t)
-        return t
-
-    def recycle(self, tensors) -> None:
-        """These tensors' buffers (any not from this pool are ignored) are free again."""
-        for t in tensors:
-            hit = self.issued.pop(t.untyped_storage().data_ptr(), None)
-            if hit is not None:
-                self.free.setdefault(hit[0], []).append(hit[1])
-
-
 def _tokenizer_section(hf_dir: str, tokenizer_type: Optional[str], staging: str) -> dict:
     """Copy the HF tokenizer files into ``tokenizer/`` of the .nemo; the config names
     ``tokenizer_type`` or, by default, a non-gated hub repo with the same Llama-3 tokenizer (NeMo 24.05
@@ -130,7 +88,7 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
                overwrite: bool = False, chunk_bytes: int = 512 << 20,
                progress: Optional[bool] = None) -> str:
     """Convert; return the .nemo path. See the module docstring."""
-    from nemo_minitron.model.load import HFReader
+    from nemo_minitron.checkpoint.hf_io import SafetensorsDir as HFReader
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -167,14 +125,9 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
                 f.write(dump_yaml(nemo_cfg))
             tar.add_tree(staging)  # config and tokenizer files; the weights follow as written
 
-            pool = _BufferPool() if fmt == "torch_dist" else None
-
             def mapped(names=None, count=True):
-                for name, full in mapping.hf_to_megatron(cfg, reader, tp=tp, names=names,
-                                                         alloc=pool.take if pool else None):
+                for name, full in mapping.hf_to_megatron(cfg, reader, tp=tp, names=names):
                     t = full.to(store)
-                    if pool is not None and t.data_ptr() != full.data_ptr():
-                        pool.recycle([full])  # converted to another dtype: the buffer is free
                     if tuple(t.shape) != shapes[name]:
                         raise CheckpointError(f"{name}: mapped shape {list(t.shape)} != expected "
                                               f"{list(shapes[name])}")
@@ -188,18 +141,18 @@ def hf_to_nemo(hf_dir: str, out_path: str, *, dtype: str = "bf16", fmt: str = "t
 
                 layer_bytes = sum(int(torch.Size(s).numel()) for n, s in shapes.items()
                                   if mapping.stacked_key(n)[1] == 0) * store.itemsize
+                # the largest data file: a chunk of layers or one non-layer tensor (embedding)
+                largest = max([chunk_bytes, layer_bytes] + [
+                    int(torch.Size(s).numel()) * store.itemsize for n, s in shapes.items()
+                    if mapping.stacked_key(n)[1] is None])
                 tar.add_dir(f"./{WEIGHTS_DIR}")
-                # each chunk's data file is written by Megatron straight into the tar; the
-                # scratch dir holds its .metadata, common.pt and an empty placeholder (in memory:
-                # Megatron fsyncs every file it writes)
+                # Megatron saves each chunk into a scratch dir (in memory where /dev/shm has room:
+                # Megatron fsyncs every file it writes); its data file is then copied into the tar
                 scratch_dir = scratch.make_dir(".nemo-minitron-scratch-",
-                                               memory_scratch_dir(64 << 20, staging))
-                # tensors mapped from the HF shards unchanged are copied file to file by the
-                # kernel; merged ones come from the pool, recycled once their chunk is saved
+                                               memory_scratch_dir(largest + (64 << 20), staging))
                 save_torch_dist(out_cfg, _chunks(mapped(), layer_bytes, chunk_bytes), weights,
-                                member=lambda name: tar.member(f"./{WEIGHTS_DIR}/{name}"),
-                                scratch=scratch_dir, file_region=reader.file_region,
-                                on_saved=lambda chunk: pool.recycle(t for _, t in chunk))
+                                scratch=scratch_dir, on_data_file=lambda path, name: tar.add_file(
+                                    path, f"./{WEIGHTS_DIR}/{name}"))
                 tar.add_tree(weights, f"./{WEIGHTS_DIR}")  # common.pt, .metadata, metadata.json
             else:
                 from nemo_minitron.convert.legacy import write_legacy

@@ -9,7 +9,6 @@ model; the converter reassembles full tensors from any layout.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Callable, Dict, List, Set, Tuple
 
@@ -30,39 +29,35 @@ def write_legacy(cfg: ModelConfig, get_full: Callable[[str], torch.Tensor], root
                  pp: int, dtype: torch.dtype, on_tensor=None, on_file=None) -> None:
     """Write every rank's file under ``root`` from full Megatron tensors (``get_full(name)``, vocab
     padded for ``tp``, in ``dtype``); ``on_file(path, relative path)`` takes each finished file,
-    ``on_tensor(bytes, tensors)`` counts each shard written (tensors: 1 for TP rank 0's shards,
+    ``on_tensor(bytes, tensors)`` counts each shard made (tensors: 1 for TP rank 0's shards,
     else 0, so the counts add up to the model's tensors).
 
-    Streaming: each file is written by ``torch.save``'s own code (``torch.serialization._save``:
-    its pickle, records, alignment and CRC32s) over a state dict of placeholders, untouched
-    ``torch.empty`` tensors of the right shapes (address space, no memory); when torch writes a
-    placeholder's data record, that tensor is made (``get_full`` + this rank's TP shard), written
-    and freed. One tensor is in memory at a time; at TP>1 a full tensor is made once per rank
-    file."""
+    Each file is ``torch.save`` of that rank's state dict, built tensor by tensor: memory holds
+    one rank file's tensors (the whole model at TP=PP=1; tensors the mapping passes through
+    unchanged stay mappings of the HF shards). At TP>1 a full tensor is made once per rank file."""
     per = cfg.num_layers // pp
     shapes = mapping.megatron_shapes(cfg, tp)
     for pp_rank in range(pp):
         names = mapping.stage_names(cfg, pp_rank, pp)
         offset = mapping.layer_offset(cfg, pp_rank, pp)
         for tp_rank in range(tp):
-            state, makers = {}, {}
-            for name, _, layer in names:
-                local = mapping.to_local_layer(name, offset)
+            state = {}
+            for name, _, _ in names:
                 shape = mapping.tp_shard(name, torch.empty(shapes[name], device="meta"),
                                          tp_rank, tp).shape
-                placeholder = torch.empty(shape, dtype=dtype)
-                state["model." + local] = placeholder
-                makers[placeholder.data_ptr()] = (name, functools.partial(
-                    _shard_of, get_full, name, tp_rank, tp, shape, dtype), int(tp_rank == 0))
+                shard = _shard_of(get_full, name, tp_rank, tp, shape, dtype)
+                state["model." + mapping.to_local_layer(name, offset)] = shard
+                if on_tensor is not None:
+                    on_tensor(shard.numel() * shard.element_size(), int(tp_rank == 0))
             for local_layer in range(per):  # TE modules' FP8 state: none
                 for module in mapping.EXTRA_STATE_MODULES:
                     state[f"model.decoder.layers.{local_layer}.{module}._extra_state"] = None
             path = rank_file(root, tp_rank, pp_rank, tp, pp)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            _save_streaming(state, makers, path, on_tensor)
+            torch.save(state, path)
+            del state
             if on_file is not None:  # takes the finished file (e.g. into the .nemo tar)
                 on_file(path, os.path.relpath(path, root))
-            del state, makers
 
 
 def _shard_of(get_full, name: str, tp_rank: int, tp: int, shape, dtype) -> torch.Tensor:
@@ -72,48 +67,8 @@ def _shard_of(get_full, name: str, tp_rank: int, tp: int, shape, dtype) -> torch
                               f"{list(shape)} {dtype}")
     if not shard.is_contiguous() or shard.storage_offset() \
             or shard.untyped_storage().nbytes() != shard.numel() * shard.element_size():
-        shard = shard.clone()  # a view: write only its own bytes
+        shard = shard.clone()  # a view: torch.save would write its whole storage
     return shard
-
-
-class _MadeOnWrite:
-    """``torch.save``'s zip writer, except that a placeholder's data record is written from the
-    tensor its maker makes at that moment (then dropped)."""
-
-    def __init__(self, writer, makers, on_tensor=None):
-        self.writer, self.makers, self.on_tensor = writer, makers, on_tensor
-
-    def write_record(self, name, data, size):
-        entry = None
-        if name.startswith("data/") and isinstance(data, torch.UntypedStorage):
-            entry = self.makers.pop(data.data_ptr(), None)
-        if entry is None:
-            return self.writer.write_record(name, data, size)
-        key, make, count = entry
-        tensor = make()
-        if tensor.numel() * tensor.element_size() != size:
-            raise CheckpointError(f"{key}: {tensor.numel() * tensor.element_size()} bytes made "
-                                  f"for a {size}-byte record")
-        self.writer.write_record(name, tensor.untyped_storage(), size)
-        if self.on_tensor is not None:
-            self.on_tensor(size, count)
-
-    def __getattr__(self, attr):
-        return getattr(self.writer, attr)
-
-
-def _save_streaming(state: dict, makers: dict, path: str, on_tensor=None) -> None:
-    """``torch.save(state, path)`` with the placeholders' data made on write."""
-    import pickle
-
-    from torch import serialization
-
-    with serialization._open_zipfile_writer(path) as writer:
-        serialization._save(state, _MadeOnWrite(writer, makers, on_tensor), pickle,
-                            serialization.DEFAULT_PROTOCOL, False)
-    if makers:  # torch wrote no record for them (e.g. two placeholders sharing memory)
-        missing = sorted(entry[0] for entry in makers.values())
-        raise CheckpointError(f"{path}: no data written for {missing[:3]}")
 
 
 def _load(path: str) -> Tuple[dict, bool]:

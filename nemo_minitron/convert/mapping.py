@@ -182,20 +182,11 @@ def hf_to_megatron(cfg: ModelConfig, get_hf: Callable[[str], torch.Tensor], tp: 
         yield name, rule.transform.merge(cfg, hf, padded, alloc)
 
 
-def megatron_to_hf(cfg: ModelConfig, get_megatron: Callable[[str], torch.Tensor],
-                   locate: Optional[Callable[[str], object]] = None) -> Iterator[Tuple[str, object]]:
-    """Yield (HF name, tensor) for the whole model in HF order (embeddings sliced to the vocab).
-
-    ``locate(name)``: where a stored tensor lies in a file, as ``hf_io.FileRows``, or None. Every
-    split only selects rows (qkv by head blocks, fc1 by halves, vocab by a prefix), so for a
-    located tensor the same split runs on its row numbers and the part comes back as the
-    ``hf_io.FileSlices`` holding its bytes (nothing is read)."""
+def megatron_to_hf(cfg: ModelConfig, get_megatron: Callable[[str], torch.Tensor]
+                   ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for the whole model in HF order (embeddings sliced to the vocab)."""
     for name, rule, layer in megatron_names(cfg):
-        where = locate(name) if locate is not None else None
-        if where is None:
-            parts = rule.transform.split(cfg, get_megatron(name))
-        else:
-            parts = [where.select(rows) for rows in rule.transform.split(cfg, where.row_index())]
+        parts = rule.transform.split(cfg, get_megatron(name))
         yield from zip(hf_names_for(rule, layer), parts)
 
 

@@ -7,9 +7,8 @@ Writes sharded safetensors (<= 5 GB shards) with ``model.safetensors.index.json`
 tokenizer files; transformers loads the directory as is. The padded vocabulary (any padding) is
 sliced back to the tokenizer's. One tensor (one layer for distributed checkpoints) is in memory at
 a time; the output is built under a temporary name and renamed into place. A .nemo tar is not
-extracted for torch_dist weights: each stored chunk is read from its byte range in the tar, and a
-chunk stored whole in the output dtype is not read at all: the rows each HF tensor takes from it
-are copied from the tar into the shard by the kernel (sendfile).
+extracted for torch_dist weights: each stored chunk is ``torch.load``ed from its byte range in the
+tar.
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from nemo_minitron.checkpoint.fsutil import atomic_output_dir
-from nemo_minitron.checkpoint.hf_io import FileSlices, write_safetensors_streaming
+from nemo_minitron.checkpoint.hf_io import write_safetensors_streaming
 from nemo_minitron.config.arch import ModelConfig
 from nemo_minitron.config.hf import expected_hf_shapes, write_hf_config
 from nemo_minitron.config.megatron import torch_dtype
@@ -103,24 +102,6 @@ def checked_getter(cfg: ModelConfig, reader):
     return get
 
 
-def file_locator(cfg: ModelConfig, reader, store: torch.dtype):
-    """For readers that can tell where a stored tensor lies (torch_dist: ``file_rows``): its
-    ``FileRows`` when stored in the output dtype (shape checked as :func:`checked_getter` does),
-    so the export copies its bytes file to file; None for the rest, which are read into memory."""
-    if not hasattr(reader, "file_rows"):
-        return None
-    want = mapping.megatron_shapes(cfg)
-
-    def locate(name: str):
-        where = reader.file_rows(name)
-        if where is None or where.dtype != store:
-            return None
-        _check_stored_shape(cfg, want, name, tuple(where.shape))
-        return where
-
-    return locate
-
-
 def check_stored_keys(cfg: ModelConfig, reader) -> None:
     """Distributed checkpoints: stored keys equal the mapping's (none missing, none unmapped)."""
     if not hasattr(reader, "shapes"):
@@ -164,11 +145,7 @@ def nemo_to_hf(nemo_path: str, out_dir: str, *, dtype: Optional[str] = None,
         bar = Progress(f"nemo-to-hf {os.path.basename(out_dir)}", len(specs), total, progress)
         tok = tokenizer_dir(root)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            # tensors stored in the output dtype are copied from the .nemo by the kernel (rows of
-            # their records: no read into memory); the others are read, converted and written
-            tensors = ((n, t if isinstance(t, FileSlices) else t.to(store))
-                       for n, t in mapping.megatron_to_hf(cfg, get,
-                                                          file_locator(cfg, reader, store)))
+            tensors = ((n, t.to(store)) for n, t in mapping.megatron_to_hf(cfg, get))
             write_safetensors_streaming(specs, tensors, tmp, max_shard_bytes=max_shard_bytes,
                                         on_tensor=bar.update)
             if hasattr(reader, "check_all_used"):

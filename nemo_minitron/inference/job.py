@@ -8,20 +8,19 @@ torch.distributed or any weight is touched, and fails as one :class:`MinitronErr
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from nemo_minitron.data.jsonl import iter_jsonl
-from nemo_minitron.errors import ConfigError, MinitronError
+from nemo_minitron.errors import CheckpointError, ConfigError, MinitronError
 from nemo_minitron.tokenizer import load_tokenizer
 
 
 @dataclass
 class GenerateJobConfig:
-    model: str = ""  # HF checkpoint directory (config.json, safetensors, tokenizer.json)
+    model: str = ""  # HF checkpoint directory (config.json, safetensors, tokenizer.json) or .nemo
     tp: int = 1
     pp: int = 1
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
@@ -67,17 +66,14 @@ class EvalHarnessJobConfig:
 
 
 # ---- checks before any expensive work ----------------------------------------------------------
-def _model_config(path: str, tp: int, pp: int):
+def _model_config(source, tp: int, pp: int):
+    """The model's architecture (``source``: a ``model.source.ModelSource``), checked against
+    the parallel layout and the launched world, and its tokenizer's presence: no weight read."""
     import torch.distributed  # noqa: F401 - only to fail early if torch is broken
 
     from nemo_minitron.config import validate_parallel
-    from nemo_minitron.config.hf import read_hf_config
 
-    if not path:
-        raise ConfigError("model=PATH (an HF checkpoint directory) is required")
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"model={path}: not an HF checkpoint directory (no config.json)")
-    cfg = read_hf_config(path)
+    cfg = source.config
     from nemo_minitron.dist import launched_world_size
 
     world = launched_world_size()
@@ -85,8 +81,8 @@ def _model_config(path: str, tp: int, pp: int):
     if layout.dp != 1:
         raise ConfigError(f"world size {world} != tp*pp = {tp * pp}: launch exactly tp*pp ranks "
                           "(data-parallel generation is not supported)")
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise ConfigError(f"model={path}: no tokenizer.json")
+    if not os.path.isfile(os.path.join(source.tokenizer_dir, "tokenizer.json")):
+        raise ConfigError(f"model={source.path}: no tokenizer.json")
     return cfg
 
 
@@ -129,9 +125,10 @@ def _dtype(name: str) -> str:
 
 
 # ---- setup / cleanup -------------------------------------------------------------------------
-def setup(model: str, tp: int, pp: int, dtype: str, seed: int = 1234):
-    """Initialize Megatron at TP/PP and load this rank's part of the model: built without
-    Megatron's random init (every weight is loaded right after; the load is strict)."""
+def setup(model, tp: int, pp: int, dtype: str, seed: int = 1234):
+    """Initialize Megatron at TP/PP and load this rank's part of ``model`` (a path or a
+    ``model.source.ModelSource``): built without Megatron's random init (every weight is loaded
+    right after; the load is strict)."""
     from nemo_minitron.dist import init_megatron
     from nemo_minitron.inference.runner import ModelRunner
 
@@ -146,18 +143,23 @@ def cleanup() -> None:
 
 
 # ---- the jobs --------------------------------------------------------------------------------
-def _with_hf_model(run):
-    """Jobs read HF directories; a .nemo model is converted to a temporary HF copy first."""
+def _with_model_source(run):
+    """``run(job, ..., source=...)`` with ``job.model`` opened as a ``model.source.ModelSource``
+    (an HF directory or a .nemo, read natively; ``job.model`` stays the path the user gave)."""
     import functools
 
     @functools.wraps(run)
     def wrapper(job, *args, **kwargs):
-        from nemo_minitron.convert.io import as_hf_dir, is_nemo
+        from nemo_minitron.model.source import ModelSource
 
-        if not (job.model and is_nemo(job.model)):
-            return run(job, *args, **kwargs)
-        with as_hf_dir(job.model) as hf_dir:
-            return run(dataclasses.replace(job, model=hf_dir), *args, **kwargs)
+        if not job.model:
+            raise ConfigError("model=PATH (an HF checkpoint directory or a .nemo) is required")
+        try:
+            source = ModelSource(job.model)
+        except CheckpointError as e:  # "model=PATH: ..." as the other job fields are named
+            raise ConfigError(f"model={e}") from None
+        with source:
+            return run(job, *args, source=source, **kwargs)
 
     return wrapper
 
@@ -188,12 +190,12 @@ def _check_generate(job: GenerateJobConfig) -> None:
 
 def run_generate(job: GenerateJobConfig, stdout=None) -> Optional[list]:
     """Generate for ``job``; returns the completions (on every rank)."""
-    _check_generate(job)  # before a .nemo model is converted
+    _check_generate(job)  # before the model is opened
     return _run_generate(job, stdout)
 
 
-@_with_hf_model
-def _run_generate(job: GenerateJobConfig, stdout=None) -> Optional[list]:
+@_with_model_source
+def _run_generate(job: GenerateJobConfig, stdout=None, *, source) -> Optional[list]:
     import sys
 
     from nemo_minitron.dist import is_rank0
@@ -201,14 +203,14 @@ def _run_generate(job: GenerateJobConfig, stdout=None) -> Optional[list]:
 
     stdout = stdout or sys.stdout
     params = sampling_params(job)
-    cfg = _model_config(job.model, job.tp, job.pp)
+    cfg = _model_config(source, job.tp, job.pp)
     _dtype(job.dtype)
     texts = [job.prompt] if job.prompt else read_prompts(job.prompts)
-    tokenizer = load_tokenizer(job.model)
+    tokenizer = load_tokenizer(source.tokenizer_dir)
     ids = [tokenizer.encode(t) for t in texts]  # adds <|begin_of_text|> as HF does
     validate_request(cfg, ids, params, tokenizer)  # lengths vs max positions, before any weight
 
-    runner = setup(job.model, job.tp, job.pp, job.dtype, job.seed)
+    runner = setup(source, job.tp, job.pp, job.dtype, job.seed)
     try:
         completions = []
         for start in range(0, len(ids), job.batch_size):
@@ -240,31 +242,32 @@ def _write_jsonl(path: str, texts, completions) -> None:
 
 def run_perplexity(job: PerplexityJobConfig, stdout=None):
     """Sliding-window perplexity of ``job.data``; rank 0 prints one JSON line."""
-    read_documents(job.data)  # readable UTF-8, before a .nemo model is converted
+    read_documents(job.data)  # readable UTF-8, before the model is opened
     return _run_perplexity(job, stdout)
 
 
-@_with_hf_model
-def _run_perplexity(job: PerplexityJobConfig, stdout=None):
+@_with_model_source
+def _run_perplexity(job: PerplexityJobConfig, stdout=None, *, source):
     import sys
 
     from nemo_minitron.dist import is_rank0
     from nemo_minitron.inference.score import perplexity, sliding_windows
 
     stdout = stdout or sys.stdout
-    cfg = _model_config(job.model, job.tp, job.pp)
+    cfg = _model_config(source, job.tp, job.pp)
     sliding_windows(2, job.window, job.stride)  # validates window/stride
     if job.window > cfg.max_position_embeddings:
         raise ConfigError(f"window={job.window} exceeds the model's max_position_embeddings="
                           f"{cfg.max_position_embeddings}")
     _dtype(job.dtype)
     docs = read_documents(job.data)
-    ids = [load_tokenizer(job.model).encode(d) for d in docs]
+    tokenizer = load_tokenizer(source.tokenizer_dir)
+    ids = [tokenizer.encode(d) for d in docs]
     short = [i for i, d in enumerate(ids) if len(d) < 2]
     if short:
         raise MinitronError(f"data={job.data}: document {short[0]} has fewer than 2 tokens")
 
-    runner = setup(job.model, job.tp, job.pp, job.dtype)
+    runner = setup(source, job.tp, job.pp, job.dtype)
     try:
         result = perplexity(runner, ids, job.window, job.stride, job.batch_size)
         if is_rank0():
@@ -285,13 +288,13 @@ def run_eval_harness(job: EvalHarnessJobConfig, stdout=None):
     harness_lm_class()  # first: a clear error when lm-eval is missing
     if not job.tasks:
         raise ConfigError("tasks=[...] (or --tasks a,b) is required")
-    if job.out:  # before a .nemo model is converted
+    if job.out:  # before the model is opened
         check_output_file(job.out, "out", {"model": job.model})
     return _run_eval_harness(job, stdout)
 
 
-@_with_hf_model
-def _run_eval_harness(job: EvalHarnessJobConfig, stdout=None):
+@_with_model_source
+def _run_eval_harness(job: EvalHarnessJobConfig, stdout=None, *, source):
     import sys
 
     from nemo_minitron.dist import is_rank0
@@ -302,13 +305,13 @@ def _run_eval_harness(job: EvalHarnessJobConfig, stdout=None):
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table
 
-    cfg = _model_config(job.model, job.tp, job.pp)
+    cfg = _model_config(source, job.tp, job.pp)
     if job.max_gen_toks >= cfg.max_position_embeddings:
         raise ConfigError(f"max_gen_toks={job.max_gen_toks} must be below the model's "
                           f"max_position_embeddings={cfg.max_position_embeddings}")
-    runner = setup(job.model, job.tp, job.pp, job.dtype)
+    runner = setup(source, job.tp, job.pp, job.dtype)
     try:
-        lm = lm_class(runner, load_tokenizer(job.model), batch_size=job.batch_size,
+        lm = lm_class(runner, load_tokenizer(source.tokenizer_dir), batch_size=job.batch_size,
                       max_gen_toks=job.max_gen_toks)
         results = simple_evaluate(model=lm, tasks=list(job.tasks), num_fewshot=job.num_fewshot,
                                   limit=job.limit)

@@ -209,20 +209,24 @@ def harness_lm_class():
 def from_pretrained(cls, pretrained: str, tp: int = 1, pp: int = 1, dtype: str = "auto",
                     batch_size=8, max_length=None, max_gen_toks=DEFAULT_MAX_GEN_TOKS, seed=1234,
                     **unknown):
-    """Initialize Megatron at TP/PP (if not yet) and build ``cls`` on the HF checkpoint."""
+    """Initialize Megatron at TP/PP (if not yet) and build ``cls`` on the checkpoint ``pretrained``
+    (an HF directory or a .nemo)."""
     if unknown:
         raise MinitronError(f"unknown model_args {sorted(unknown)} for nemo_minitron; known: "
                             "pretrained, tp, pp, dtype, batch_size, max_length, max_gen_toks, seed")
     from megatron.core import parallel_state as ps
 
     from nemo_minitron.inference.job import _dtype
+    from nemo_minitron.model.source import ModelSource
     from nemo_minitron.tokenizer import load_tokenizer
 
     if not ps.model_parallel_is_initialized():
         from nemo_minitron.dist import init_megatron
 
         init_megatron(tp=int(tp), pp=int(pp), seed=int(seed))
-    runner = ModelRunner.from_hf(pretrained, dtype=_dtype(dtype))
+    with ModelSource(pretrained) as source:  # an HF directory or a .nemo, read natively
+        runner = ModelRunner.from_hf(source, dtype=_dtype(dtype))
+        tokenizer = load_tokenizer(source.tokenizer_dir)
     batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
-    return cls(runner, load_tokenizer(pretrained), batch_size=batch_size,
+    return cls(runner, tokenizer, batch_size=batch_size,
                max_length=max_length and int(max_length), max_gen_toks=int(max_gen_toks))

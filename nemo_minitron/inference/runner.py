@@ -57,20 +57,25 @@ class ModelRunner:
         self.device = compute_device()
 
     @classmethod
-    def from_hf(cls, hf_dir: str, dtype: str = "float32", use_te=None) -> "ModelRunner":
-        """Build this rank's part of the model in ``hf_dir``'s config.json and load its weights
-        (Megatron's parallel state must be initialized: ``nemo_minitron.dist.init_megatron``).
-        Built without Megatron's random init: the load that follows is strict (every weight).
-        Loaded with ``assign=True``: inference only reads the weights, so those stored as the
-        model wants them are the checkpoint's mapped pages, not copies (start-up time)."""
-        from nemo_minitron.config.hf import read_hf_config
+    def from_hf(cls, model, dtype: str = "float32", use_te=None) -> "ModelRunner":
+        """Build this rank's part of ``model`` (an HF directory, a .nemo, or an open
+        ``model.source.ModelSource``) and load its weights (Megatron's parallel state must be
+        initialized: ``nemo_minitron.dist.init_megatron``). Built without Megatron's random
+        init: the load that follows is strict (every weight). Loaded with ``assign=True``:
+        inference only reads the weights, so those an HF checkpoint stores as the model wants
+        them are the checkpoint's mapped pages, not copies (start-up time)."""
         from nemo_minitron.model.build import build_gpt_model
-        from nemo_minitron.model.load import load_hf_into_model
+        from nemo_minitron.model.source import ModelSource
 
-        cfg = read_hf_config(hf_dir)
-        model = build_gpt_model(cfg, dtype=dtype, use_te=use_te, init_weights=False)
-        load_hf_into_model(model, cfg, hf_dir, assign=True)
-        return cls(model, cfg)
+        source = model if isinstance(model, ModelSource) else ModelSource(model)
+        try:
+            cfg = source.config
+            built = build_gpt_model(cfg, dtype=dtype, use_te=use_te, init_weights=False)
+            source.load_into(built, assign=True)
+        finally:
+            if source is not model:
+                source.close()
+        return cls(built, cfg)
 
     @property
     def is_sampler(self) -> bool:

@@ -64,7 +64,7 @@ from nemo_minitron.inference.openai_format import (TOKENIZER_LOCK, TextStream, c
                                                    error_body, finish_reason, logprobs_object,
                                                    usage)
 from nemo_minitron.inference.sampling import MAX_TOP_LOGPROBS, SamplingParams, is_seed
-from nemo_minitron.inference.job import _with_hf_model
+from nemo_minitron.inference.job import _with_model_source
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_BODY_BYTES = 1 << 20
@@ -499,7 +499,7 @@ def _bind(job: ServeJobConfig) -> CompletionServer:
 
 def run_serve(job: ServeJobConfig) -> None:
     """The serve job: checks, rank 0 binds its port, setup on every rank (a .nemo model is
-    converted first), serve until SIGINT/SIGTERM, cleanup."""
+    read natively), serve until SIGINT/SIGTERM, cleanup."""
     from nemo_minitron.dist import is_rank0
 
     if isinstance(job.port, bool) or not 0 <= job.port < 65536:
@@ -517,17 +517,17 @@ def run_serve(job: ServeJobConfig) -> None:
             server._httpd.server_close()  # already closed after serving; a no-op then
 
 
-@_with_hf_model
-def _serve(job: ServeJobConfig, server: Optional[CompletionServer]) -> None:
+@_with_model_source
+def _serve(job: ServeJobConfig, server: Optional[CompletionServer], *, source) -> None:
     import signal
 
     from nemo_minitron.inference.job import _dtype, _model_config, cleanup, setup
     from nemo_minitron.tokenizer import load_tokenizer
 
-    _model_config(job.model, job.tp, job.pp)
+    _model_config(source, job.tp, job.pp)
     _dtype(job.dtype)
-    tokenizer = load_tokenizer(job.model)
-    runner = setup(job.model, job.tp, job.pp, job.dtype, job.seed)
+    tokenizer = load_tokenizer(source.tokenizer_dir)
+    runner = setup(source, job.tp, job.pp, job.dtype, job.seed)
     try:
         rank0 = server is not None
         if rank0:

@@ -1,9 +1,11 @@
 """Load an HF checkpoint directory straight into a built Megatron GPTModel, on any TP/PP rank.
 
 Each rank reads only the HF tensors its own stage needs (safetensors reads lazily), maps them
-through ``nemo_minitron.convert.mapping`` (the same table the converter uses), takes its TP shard
-and copies it into the parameter. Strict: the checkpoint's tensor names and shapes are checked
-against config.json first; every parameter of the model must be filled.
+through ``nemo_minitron.convert.mapping`` (the same table the converter uses) and copies its TP
+shard into the parameter; at TP>1 the shard is built from the same part of each HF tensor (its
+rows of q/k/v, gate/up, the vocabulary: only those pages are read), not cut from the merged one.
+Strict: the checkpoint's tensor names and shapes are checked against config.json first; every
+parameter of the model must be filled.
 
 Start-up cost (bench/startup.py): a plain ``copy_`` made each weight cross memory twice (mapped
 shard -> merged tensor -> parameter). At TP=1 the merged tensors (fused QKV, gate/up, padded
@@ -12,7 +14,6 @@ maps as it is becomes the parameter's data (no copy at all), as transformers' lo
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -51,20 +52,49 @@ def load_hf_into_model(model, cfg: ModelConfig, hf_dir: str, reader: Optional[HF
         for entry in names:
             name = entry[0]
             param = params[mapping.to_local_layer(name, offset)]
-            alloc = _into(param) if tp == 1 else None  # at TP>1 the merged tensor is the full one
-            [(_, full)] = mapping.hf_to_megatron(cfg, reader, tp=tp, names=[entry], alloc=alloc)
-            shard = mapping.tp_shard(name, full, tp_rank, tp)
+            if tp == 1:  # merged straight into the parameter
+                [(_, shard)] = mapping.hf_to_megatron(cfg, reader, tp=1, names=[entry],
+                                                      alloc=_into(param))
+            else:  # this rank's rows/columns of each HF tensor, merged
+                shard = _hf_tp_shard(cfg, reader, entry, tp_rank, tp)
             if tuple(shard.shape) != tuple(param.shape):
                 raise CheckpointError(f"{name}: mapped shard {list(shard.shape)} does not fit the "
                                       f"model parameter {list(param.shape)} (TP={tp})")
             if shard.data_ptr() == param.data_ptr() and shard.dtype == param.dtype:
                 continue  # merged straight into the parameter by alloc
             if (assign and shard.dtype == param.dtype and shard.device == param.device
-                    and shard.is_contiguous() and reader.file_region(shard) is not None):
+                    and shard.is_contiguous()
+                    and isinstance(entry[1].transform, mapping.Identity)):
                 param.data = shard  # the reader's mapping itself (a row block of it at TP>1)
             else:
                 param.copy_(shard.to(param.dtype))
     return model
+
+
+def _hf_tp_shard(cfg: ModelConfig, reader, entry, tp_rank: int, tp: int) -> torch.Tensor:
+    """This TP rank's part of one Megatron tensor (``mapping.tp_shard`` of the merged tensor),
+    built from the same part of each HF tensor: slices of the reader's lazy mappings, so only
+    the pages of this rank's rows (row-parallel) are read. Column-parallel weights are sliced
+    too (every row's pages are touched then)."""
+    name, rule, layer = entry
+    parts = [reader(n) for n in mapping.hf_names_for(rule, layer)]
+    if rule.tp_dim is None:
+        return parts[0]
+    if rule.transform is mapping.VOCAB:  # rows of the vocabulary padded for this TP
+        rows = cfg.padded_vocab_size(tp) // tp
+        start = tp_rank * rows
+        real = parts[0][start:min(start + rows, cfg.vocab_size)]
+        return mapping.VOCAB.merge(cfg, [real], rows)  # zero rows after the real ones
+    for part in parts:
+        if part.shape[rule.tp_dim] % tp:
+            raise CheckpointError(f"{name}: dimension {rule.tp_dim} of {list(part.shape)} is not "
+                                  f"divisible by TP={tp}")
+    parts = [torch.chunk(p, tp, dim=rule.tp_dim)[tp_rank] for p in parts]
+    if rule.transform is mapping.QKV_T:  # whole query groups per rank: q, k, v rows of them
+        local = cfg.replace(num_attention_heads=cfg.num_attention_heads // tp,
+                            num_query_groups=cfg.num_query_groups // tp)
+        return mapping.QKV_T.merge(local, parts, 0)
+    return rule.transform.merge(cfg, parts, 0)  # gate/up: [gate_r ; up_r]; identity: the part
 
 
 def _into(param: torch.Tensor):
@@ -81,47 +111,9 @@ def _into(param: torch.Tensor):
 
 def load_nemo_into_model(model, cfg: ModelConfig, nemo_path: str):
     """Fill ``model`` (this rank's part, at Megatron's current TP/PP) from a .nemo file or extracted
-    directory, whatever its weight layout.
+    directory, whatever its weight layout (``nemo_minitron.model.source.ModelSource.load_into``:
+    torch_dist through Megatron's ``dist_checkpointing.load``, tar members read in place)."""
+    from nemo_minitron.model.source import ModelSource
 
-    torch_dist: Megatron's ``dist_checkpointing.load`` into ``model.sharded_state_dict(prefix=...)``
-    (what NeMo's restore does; reshards to any TP/PP). zarr and legacy files (any TP/PP): full
-    tensors from the converter's readers, this rank's TP shard copied in, like load_hf_into_model.
-    """
-    from megatron.core import parallel_state as ps
-
-    from nemo_minitron.convert.nemo_file import WEIGHTS_DIR, opened_nemo
-    from nemo_minitron.convert.nemo_to_hf import check_stored_keys, checked_getter, weights_reader
-
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    with opened_nemo(nemo_path) as root:
-        layout, reader = weights_reader(root, cfg)
-        check_stored_keys(cfg, reader)
-        padded = cfg.padded_vocab_size(tp)
-        if layout == "torch_dist" and reader.shapes()["embedding.word_embeddings.weight"][0][0] == padded:
-            from megatron.core import dist_checkpointing
-
-            sharded = model.sharded_state_dict(prefix=reader.prefix)
-            loaded = dist_checkpointing.load(sharded, os.path.join(root, WEIGHTS_DIR))
-            missing, unexpected = model.load_state_dict(
-                {k[len(reader.prefix):]: v for k, v in loaded.items()}, strict=False)
-            if missing or [k for k in unexpected if not k.endswith("_extra_state")]:
-                raise CheckpointError(f"{nemo_path}: model parameters not filled: {missing[:4]}")
-            return model
-        get = checked_getter(cfg, reader)
-        offset = mapping.layer_offset(cfg, pp_rank, pp)
-        names = mapping.stage_names(cfg, pp_rank, pp)
-        params = mapping.model_params(model)
-        mapping.check_model_names(model, {mapping.to_local_layer(n, offset) for n, _, _ in names})
-        with torch.no_grad():
-            for name, rule, _ in names:
-                full = get(name)
-                if name in mapping.VOCAB_NAMES:  # stored padding -> this TP's padding
-                    full = rule.transform.merge(cfg, rule.transform.split(cfg, full), padded)
-                shard = mapping.tp_shard(name, full, tp_rank, tp)
-                param = params[mapping.to_local_layer(name, offset)]
-                if tuple(shard.shape) != tuple(param.shape):
-                    raise CheckpointError(f"{name}: stored shard {list(shard.shape)} does not fit "
-                                          f"the model parameter {list(param.shape)} (TP={tp})")
-                param.copy_(shard.to(param.dtype))
-    return model
+    with ModelSource(nemo_path) as source:
+        return source.load_into(model, cfg)

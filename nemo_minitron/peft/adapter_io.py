@@ -115,10 +115,9 @@ def merge_into(full: Dict[str, torch.Tensor], cfg: ModelConfig, meta: dict,
 
 def merge_lora(base: str, adapter_dir: str, out: str, overwrite: bool = False) -> str:
     """Base (HF dir or .nemo) + adapter directory -> merged model ``out`` (HF dir or .nemo)."""
-    from nemo_minitron.config.hf import read_hf_config
-    from nemo_minitron.convert.io import as_hf_dir
-    from nemo_minitron.model.load import HFReader
-    from nemo_minitron.train.export import check_output_path, write_output
+    from nemo_minitron.model.save import save_full_model
+    from nemo_minitron.model.source import ModelSource
+    from nemo_minitron.checkpoint.paths import check_output_path
 
     from nemo_minitron.checkpoint.paths import check_disjoint, check_output
 
@@ -128,14 +127,12 @@ def merge_lora(base: str, adapter_dir: str, out: str, overwrite: bool = False) -
     meta, tensors = read_adapter(adapter_dir)
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
-    with as_hf_dir(base) as hf_dir:
-        cfg = read_hf_config(hf_dir)
+    with ModelSource(base) as source:  # an HF directory or a .nemo, read natively
+        cfg = source.config
         check_tensors(cfg, meta, tensors)  # the adapter belongs to this architecture
-        reader = HFReader(hf_dir)
-        mapping.check_hf_names(cfg, reader.weight_map)
-        full = dict(mapping.hf_to_megatron(cfg, reader, tp=1))
-        merge_into(full, cfg, meta, tensors)
-        return write_output(full, cfg, out, base_dir=hf_dir, overwrite=overwrite)
+        full = source.full_tensors()
+    merge_into(full, cfg, meta, tensors)
+    return save_full_model(full, cfg, out, base=base, overwrite=overwrite)
 
 
 # ---- HF-PEFT -------------------------------------------------------------------------------------
@@ -182,7 +179,7 @@ def export_peft(adapter_dir: str, out_dir: str, base_model: Optional[str] = None
     ``base_model_name_or_path`` to record, default the one the adapter was trained on).
 
     What is recorded must be loadable by transformers: an HF directory or a hub id. An adapter
-    trained on a .nemo records that .nemo (the HF copy it was read through was temporary), so
+    trained on a .nemo records that .nemo (which transformers cannot load), so
     then ``base_model`` is required (the hub id, e.g. nvidia/Llama-3.1-Minitron-4B-Width-Base,
     or the directory ``nemo-minitron convert nemo-to-hf`` wrote): a one-line error says so."""
     from nemo_minitron.checkpoint.fsutil import atomic_output_dir
@@ -205,27 +202,46 @@ def export_peft(adapter_dir: str, out_dir: str, base_model: Optional[str] = None
 
 
 # ---- the end of a LoRA training run --------------------------------------------------------------
+def merged_weights(model):
+    """``model.save.Adjust`` that adds each targeted weight's LoRA update ``(alpha/r) B A`` to this
+    rank's shard of it, in fp32, stored in the weight's dtype (as :func:`merge_into` does on full
+    tensors). Each rank's own factors give its shard of the update: column-parallel ``B_r A``
+    (rows), row-parallel ``B A_r`` (columns). The model itself is not changed."""
+    deltas = {}
+    for name, module in model.named_modules():
+        adapter = getattr(module, lora.ADAPTER, None)
+        if isinstance(adapter, lora.LoRAAdapter):
+            deltas[mapping.te_spec_name(f"{name}.weight")] = adapter
+
+    def adjust(name: str, weight: torch.Tensor) -> torch.Tensor:
+        adapter = deltas.get(name)
+        if adapter is None:
+            return weight
+        delta = adapter.lora_b.detach().float() @ adapter.lora_a.detach().float()
+        return (weight.float() + adapter.scale * delta).to(weight.dtype)
+    return adjust
+
+
 def save_lora_outputs(model, cfg: ModelConfig, spec, adapter_dir: str, out: Optional[str],
                       base_dir: Optional[str] = None, base_name: Optional[str] = None,
-                      overwrite: bool = False) -> Tuple[Optional[str], Optional[str]]:
-    """Collective. Write the adapter directory and, if ``out``, the merged model; returns the two
-    paths on rank 0 (None elsewhere)."""
+                      overwrite: bool = False, nemo_dir: bool = False
+                      ) -> Tuple[Optional[str], Optional[str]]:
+    """Collective. Write the adapter directory and, if ``out``, the merged model (written like any
+    job's model: ``model.save.save_model``); returns the two paths on rank 0 (None elsewhere)."""
     import torch.distributed as dist
 
-    from nemo_minitron.train.export import gather_megatron_state, write_output
+    from nemo_minitron.model.save import save_model
 
     adapters = lora.gather_adapters(model)
-    full = gather_megatron_state(model, cfg) if out else None
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    paths = (None, None)
+    adapter_path = None
     if rank0:
-        meta = adapter_meta(cfg, spec, base_name)
-        adapter_path = save_adapter(adapters, meta, adapter_dir, overwrite=overwrite)
-        merged = None
-        if out:
-            merge_into(full, cfg, meta, adapters)
-            merged = write_output(full, cfg, out, base_dir=base_dir, overwrite=overwrite)
-        paths = (adapter_path, merged)
+        adapter_path = save_adapter(adapters, adapter_meta(cfg, spec, base_name), adapter_dir,
+                                    overwrite=overwrite)
+    merged = None
+    if out:
+        merged = save_model(model, cfg, out, base=base_dir, overwrite=overwrite,
+                            nemo_dir=nemo_dir, adjust=merged_weights(model))
     if dist.is_initialized():
         dist.barrier()
-    return paths
+    return (adapter_path, merged) if rank0 else (None, None)

@@ -239,7 +239,7 @@ def gather_adapters(model) -> Dict[str, torch.Tensor]:
     from megatron.core import parallel_state as ps
 
     from nemo_minitron.convert import mapping
-    from nemo_minitron.train.export import collect_on_rank0
+    from nemo_minitron.model.save import collect_on_rank0
 
     tp = ps.get_tensor_model_parallel_world_size()
     stage = {}

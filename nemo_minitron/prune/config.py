@@ -8,7 +8,7 @@ from typing import List, Optional
 
 @dataclass
 class PruneConfig:
-    model: str  # teacher: HF checkpoint directory or .nemo (converted to a temporary HF copy)
+    model: str  # teacher: HF checkpoint directory or .nemo (read in place)
     out: str  # student: a directory (HF checkpoint) or a .nemo file
     target: Optional[str] = None  # a preset: minitron_4b_width, minitron_4b_depth, tiny_minitron_*
     hidden_size: Optional[int] = None  # explicit targets override the preset's

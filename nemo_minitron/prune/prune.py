@@ -156,30 +156,33 @@ def write_hf_student(out_dir: str, target: ModelConfig, tensors, teacher_dir: Op
 
 
 def write_student(out: str, target: ModelConfig, tensors, teacher_dir: Optional[str], **kwargs
-                  ) -> str:
-    """The student writer: an HF directory, or a ``.nemo`` file (the HF student converted)."""
-    if out.endswith(".nemo"):
-        from nemo_minitron.checkpoint import scratch
-        from nemo_minitron.convert.io import hf_dir_to_nemo
+                  ) -> Optional[str]:
+    """The student writer: an HF directory (rank 0 alone, streamed), or a ``.nemo`` written
+    natively (``model.save.save_full_model``: Megatron's dist_checkpointing save, at TP=1), with
+    ``extra`` files beside it (``OUT.nemo.pruning.json``, ...). The .nemo save is collective where
+    a process group of several ranks exists: every rank calls, ``tensors`` None except on rank 0.
+    Rank 0 holds the student in memory once for it (the HF output streams)."""
+    if not out.endswith(".nemo"):
+        return write_hf_student(out, target, tensors, teacher_dir, **kwargs)
+    from nemo_minitron.model.save import save_full_model
+    from nemo_minitron.convert import mapping
 
-        # named after this process: a later run removes it if this one is killed (scratch.sweep)
-        tmp = scratch.make_dir(".hf-", os.path.dirname(os.path.abspath(out)),
-                               stem="." + os.path.basename(out))
-        try:
-            hf_dir = write_hf_student(os.path.join(tmp, "hf"), target, tensors, teacher_dir,
-                                      **kwargs)
-            path = hf_dir_to_nemo(hf_dir, out, dtype=_nemo_dtype(target.dtype),
-                                  overwrite=kwargs.get("overwrite", False))
-            for name in kwargs.get("extra") or {}:  # pruning.json, importance.pt beside the .nemo
-                shutil.copy(os.path.join(hf_dir, name), f"{path}.{name}")
-            return path
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return write_hf_student(out, target, tensors, teacher_dir, **kwargs)
+    import torch.distributed as dist
 
-
-def _nemo_dtype(dtype: str) -> str:
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+    if tensors is None and not dist.is_initialized():
+        return None  # not rank 0 of a launch without a process group: nothing to save here
+    full = None
+    if tensors is not None:
+        hf = dict(tensors)
+        check_hf_shapes(target, {n: tuple(t.shape) for n, t in hf.items()})
+        mapping.check_hf_names(target, hf)
+        full = dict(mapping.hf_to_megatron(target, hf.pop))  # each HF tensor freed once merged
+    path = save_full_model(full, target, out, base=teacher_dir,
+                           overwrite=kwargs.get("overwrite", False))
+    if path is not None:
+        for name, write in (kwargs.get("extra") or {}).items():
+            write(f"{path}.{name}")  # pruning.json, importance.pt beside the .nemo
+    return path
 
 
 def write_json(obj) -> Callable[[str], None]:
@@ -188,15 +191,3 @@ def write_json(obj) -> Callable[[str], None]:
             json.dump(obj, f, indent=1)
             f.write("\n")
     return write
-
-
-def read_teacher(path: str):
-    """(config, lazy tensor reader, tokenizer directory) of an HF teacher checkpoint directory
-    (a .nemo teacher is converted to one first: nemo_minitron.convert.io.as_hf_dir)."""
-    from nemo_minitron.config.hf import read_hf_config
-    from nemo_minitron.errors import CheckpointError
-    from nemo_minitron.model.load import HFReader
-
-    if not os.path.isdir(path):
-        raise CheckpointError(f"model={path}: not an HF checkpoint directory")
-    return read_hf_config(path), HFReader(path), path

@@ -31,7 +31,6 @@ checkpoints hold the student and its optimizer only, the teacher is never writte
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from typing import List, Optional
 
@@ -50,11 +49,11 @@ def validate(cfg, overwrite: bool = False) -> None:
     from nemo_minitron.errors import ConfigError
     from nemo_minitron.model.attention import check_attention_backend
     from nemo_minitron.train.distill import check_kd
-    from nemo_minitron.train.export import check_output_path
+    from nemo_minitron.checkpoint.paths import check_output_path
     from nemo_minitron.data.pretrain import check_data_source
     from nemo_minitron.train.optim import check_optim
 
-    check_output_path(cfg.out)
+    check_output_path(cfg.out, cfg.out_format)
     if not cfg.teacher.restore_from_path:
         raise ConfigError("no teacher given (--teacher / teacher.restore_from_path)")
     if not cfg.model.restore_from_path:
@@ -107,16 +106,17 @@ def check_resume(cfg, ident: dict) -> None:
     check(outputs(cfg)["trainer.ckpt_dir"], ident, cfg.trainer.resume)
 
 
-def setup_data(cfg, model_cfg):
+def setup_data(cfg, model_cfg, tokenizer_dir: Optional[str] = None):
     """Tokenize train (and validation) data with the student's tokenizer (checked equal to the
     teacher's); all data errors surface here, before training."""
     from nemo_minitron.data.training import build_datasets
 
-    return build_datasets(cfg.data, cfg.model.restore_from_path, model_cfg, seed=cfg.trainer.seed)
+    return build_datasets(cfg.data, tokenizer_dir or cfg.model.restore_from_path, model_cfg,
+                          seed=cfg.trainer.seed)
 
 
-def setup(cfg, ident: Optional[dict] = None):
-    from nemo_minitron.config.hf import read_hf_config
+def setup(cfg, teacher_src, student_src, ident: Optional[dict] = None):
+    """``teacher_src``, ``student_src``: open ``model.source.ModelSource``s (HF dirs or .nemo)."""
     from nemo_minitron.config.parallel import validate_parallel
     from nemo_minitron.config.recipe import to_dict
     from nemo_minitron.dist import init_megatron, launched_world_size
@@ -128,9 +128,8 @@ def setup(cfg, ident: Optional[dict] = None):
     from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp
 
     t, m = cfg.trainer, cfg.model
-    student_cfg = read_hf_config(m.restore_from_path)
-    teacher_cfg = read_hf_config(cfg.teacher.restore_from_path)
-    check_same_tokenizer(cfg.teacher.restore_from_path, teacher_cfg, m.restore_from_path,
+    student_cfg, teacher_cfg = student_src.config, teacher_src.config  # no weight read yet
+    check_same_tokenizer(teacher_src.tokenizer_dir, teacher_cfg, student_src.tokenizer_dir,
                          student_cfg)
     world = launched_world_size()  # python, torchrun or srun
     for c in (teacher_cfg, student_cfg):
@@ -139,12 +138,12 @@ def setup(cfg, ident: Optional[dict] = None):
     check_hidden(cfg.kd, student_layers=student_cfg.num_layers,
                  teacher_layers=teacher_cfg.num_layers,
                  pp=t.pipeline_model_parallel_size, recompute=m.activations_checkpoint_granularity)
-    fmt, train_data, val_data = setup_data(cfg, student_cfg)
+    fmt, train_data, val_data = setup_data(cfg, student_cfg, student_src.tokenizer_dir)
     init_megatron(tp=t.tensor_model_parallel_size, pp=t.pipeline_model_parallel_size, seed=t.seed)
-    teacher = build_teacher(teacher_cfg, cfg.teacher.restore_from_path,
+    teacher = build_teacher(teacher_cfg, teacher_src,
                             precision=cfg.teacher.precision or t.precision, seed=t.seed,
                             attention_backend=m.attention_backend)
-    student = build_train_model(student_cfg, precision=t.precision, hf_dir=m.restore_from_path,
+    student = build_train_model(student_cfg, precision=t.precision, hf_dir=student_src,
                                 seed=t.seed, recompute=m.activations_checkpoint_granularity,
                                 recompute_num_layers=m.activations_checkpoint_num_layers,
                                 attention_backend=m.attention_backend)
@@ -178,31 +177,35 @@ def run(cfg, overwrite: bool = False, before_fit=None, ident: Optional[dict] = N
     ``ident``: the run's identity, already checked by :func:`main` (else checked here)."""
     from nemo_minitron.dist import destroy_megatron
     from nemo_minitron.losses.hidden import without_projection
+    from nemo_minitron.model.source import ModelSource
     from nemo_minitron.train.export import save_final_output
 
     if ident is None:
         validate(cfg, overwrite)
         ident = identity(cfg)
         check_resume(cfg, ident)
-    trainer, student, student_cfg, logger = setup(cfg, ident)
-    try:
-        if before_fit is not None:
-            before_fit(trainer)
-        state = trainer.fit()
-        state.val_metrics = trainer.last_val_metrics
-        with without_projection(student):  # a hidden-loss projection is training state only
-            path = save_final_output(student, student_cfg, cfg.out,
-                                     base_dir=cfg.model.restore_from_path, overwrite=overwrite)
-        if path:
-            logger.info(f"wrote {path}")
-    finally:
-        logger.close()
-        destroy_megatron()
+    # HF directories or .nemo files, read natively (each rank its own part)
+    with ModelSource(cfg.teacher.restore_from_path) as teacher_src, \
+            ModelSource(cfg.model.restore_from_path) as student_src:
+        trainer, student, student_cfg, logger = setup(cfg, teacher_src, student_src, ident)
+        try:
+            if before_fit is not None:
+                before_fit(trainer)
+            state = trainer.fit()
+            state.val_metrics = trainer.last_val_metrics
+            with without_projection(student):  # a hidden-loss projection is training state only
+                path = save_final_output(student, student_cfg, cfg.out,
+                                         base_dir=student_src.files_dir, overwrite=overwrite,
+                                         nemo_dir=cfg.out_format == "nemo_dir")
+            if path:
+                logger.info(f"wrote {path}")
+        finally:
+            logger.close()
+            destroy_megatron()
     return state
 
 
 def main(argv: Optional[List[str]] = None, before_fit=None) -> int:
-    from nemo_minitron.convert.io import hf_view_of
     from nemo_minitron.config.recipe import without_none
     from nemo_minitron.errors import MinitronError
 
@@ -224,13 +227,10 @@ def main(argv: Optional[List[str]] = None, before_fit=None) -> int:
              "data": {"train_ds": {"file_path": args.data}}, "out": args.out}
     try:
         cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
-        validate(cfg, args.overwrite)  # before a .nemo teacher or student is converted
-        ident = identity(cfg)  # the paths as given, not a .nemo's temporary HF view
+        validate(cfg, args.overwrite)  # before the teacher or student is opened
+        ident = identity(cfg)  # the paths as given
         check_resume(cfg, ident)
-        with contextlib.ExitStack() as stack:  # .nemo teacher/student: read through HF views
-            hf_view_of(stack, cfg.teacher, "restore_from_path")
-            hf_view_of(stack, cfg.model, "restore_from_path")
-            run(cfg, overwrite=args.overwrite, before_fit=before_fit, ident=ident)
+        run(cfg, overwrite=args.overwrite, before_fit=before_fit, ident=ident)
     except MinitronError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

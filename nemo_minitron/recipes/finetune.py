@@ -27,7 +27,6 @@ else refuses: ``trainer.resume=false`` starts over.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from typing import List, Optional
@@ -46,11 +45,11 @@ def validate(cfg, overwrite: bool = False) -> None:
     the data (UTF-8 JSONL with the fields its format needs)."""
     from nemo_minitron.errors import ConfigError
     from nemo_minitron.model.attention import check_attention_backend
-    from nemo_minitron.train.export import check_output_path
+    from nemo_minitron.checkpoint.paths import check_output_path
     from nemo_minitron.data.pretrain import check_data_source
     from nemo_minitron.train.optim import check_optim
 
-    check_output_path(cfg.out)
+    check_output_path(cfg.out, cfg.out_format)
     if not cfg.model.restore_from_path:
         raise ConfigError("no base model given (--model / model.restore_from_path)")
     check_data_source(cfg.data)
@@ -101,7 +100,7 @@ def check_paths(cfg, overwrite: bool = False) -> None:
 
 def identity(cfg) -> dict:
     """What this run starts from (nemo_minitron/train/resume.py): recorded with its checkpoints,
-    compared on resume. Call it with the paths as the user gave them (before any .nemo view)."""
+    compared on resume: the paths as the user gave them."""
     from nemo_minitron.train.resume import run_identity
 
     return run_identity("finetune", cfg, inputs(cfg))
@@ -119,17 +118,18 @@ def adapter_dir(cfg) -> str:
     return cfg.lora.adapter_dir or (out[:-len(".nemo")] if out.endswith(".nemo") else out) + ".lora"
 
 
-def setup_data(cfg, model_cfg):
+def setup_data(cfg, model_cfg, tokenizer_dir: Optional[str] = None):
     """Tokenize train (and validation) data: SFT JSONL (``data.format: sft``, loss on the answer)
     or pretraining-style text (``text``: pydoc, .txt, JSONL ``text``; loss on every token, as in
     teacher correction), or the indexed datasets of ``data.data_prefix``; all data errors surface here, before training."""
     from nemo_minitron.data.training import build_datasets
 
-    return build_datasets(cfg.data, cfg.model.restore_from_path, model_cfg, seed=cfg.trainer.seed)
+    return build_datasets(cfg.data, tokenizer_dir or cfg.model.restore_from_path, model_cfg,
+                          seed=cfg.trainer.seed)
 
 
-def setup(cfg, ident: Optional[dict] = None):
-    from nemo_minitron.config.hf import read_hf_config
+def setup(cfg, base, ident: Optional[dict] = None):
+    """``base``: the base model, an open ``model.source.ModelSource`` (HF directory or .nemo)."""
     from nemo_minitron.config.parallel import validate_parallel
     from nemo_minitron.dist import init_megatron, launched_world_size
     from nemo_minitron.config.recipe import to_dict
@@ -138,14 +138,14 @@ def setup(cfg, ident: Optional[dict] = None):
     from nemo_minitron.train.optim import build_optimizer, build_scheduler, wrap_ddp
 
     t, m = cfg.trainer, cfg.model
-    model_cfg = read_hf_config(m.restore_from_path)
+    model_cfg = base.config  # no weight read yet
     world = launched_world_size()  # python, torchrun or srun
     validate_parallel(model_cfg, t.tensor_model_parallel_size, t.pipeline_model_parallel_size,
                       world_size=world)
-    fmt, train_data, val_data = setup_data(cfg, model_cfg)
+    fmt, train_data, val_data = setup_data(cfg, model_cfg, base.tokenizer_dir)
     init_megatron(tp=t.tensor_model_parallel_size, pp=t.pipeline_model_parallel_size, seed=t.seed)
     lora = cfg.peft == "lora"
-    model = build_train_model(model_cfg, precision=t.precision, hf_dir=m.restore_from_path,
+    model = build_train_model(model_cfg, precision=t.precision, hf_dir=base,
                               seed=t.seed, recompute=m.activations_checkpoint_granularity,
                               recompute_num_layers=m.activations_checkpoint_num_layers,
                               use_te=False if lora else None,
@@ -180,37 +180,40 @@ def run(cfg, overwrite: bool = False, base_name: Optional[str] = None,
     the base model as the user named it (recorded in a LoRA adapter's config). ``ident``: the
     run's identity, already checked by :func:`main` (else validated and checked here)."""
     from nemo_minitron.dist import destroy_megatron
+    from nemo_minitron.model.source import ModelSource
     from nemo_minitron.train.export import save_final_output
 
     if ident is None:
         validate(cfg, overwrite)
         ident = identity(cfg)
         check_resume(cfg, ident)
-    trainer, model, model_cfg, logger = setup(cfg, ident)
-    try:
-        state = trainer.fit()
-        if cfg.peft == "lora":
-            from nemo_minitron.peft.adapter_io import save_lora_outputs
+    with ModelSource(cfg.model.restore_from_path) as base:  # HF directory or .nemo, read natively
+        trainer, model, model_cfg, logger = setup(cfg, base, ident)
+        try:
+            state = trainer.fit()
+            if cfg.peft == "lora":
+                from nemo_minitron.peft.adapter_io import save_lora_outputs
 
-            paths = save_lora_outputs(model, model_cfg, cfg.lora, adapter_dir(cfg),
-                                      cfg.out if cfg.lora.merge else None,
-                                      base_dir=cfg.model.restore_from_path,
-                                      base_name=base_name or cfg.model.restore_from_path,
-                                      overwrite=overwrite)
-        else:
-            paths = (save_final_output(model, model_cfg, cfg.out,
-                                       base_dir=cfg.model.restore_from_path, overwrite=overwrite),)
-        for path in paths:
-            if path:
-                logger.info(f"wrote {path}")
-    finally:
-        logger.close()
-        destroy_megatron()
+                paths = save_lora_outputs(model, model_cfg, cfg.lora, adapter_dir(cfg),
+                                          cfg.out if cfg.lora.merge else None,
+                                          base_dir=base.files_dir,
+                                          base_name=base_name or cfg.model.restore_from_path,
+                                          overwrite=overwrite,
+                                          nemo_dir=cfg.out_format == "nemo_dir")
+            else:
+                paths = (save_final_output(model, model_cfg, cfg.out,
+                                           base_dir=base.files_dir, overwrite=overwrite,
+                                           nemo_dir=cfg.out_format == "nemo_dir"),)
+            for path in paths:
+                if path:
+                    logger.info(f"wrote {path}")
+        finally:
+            logger.close()
+            destroy_megatron()
     return state
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from nemo_minitron.convert.io import hf_view_of
     from nemo_minitron.errors import MinitronError
     from nemo_minitron.config.recipe import without_none
 
@@ -231,15 +234,13 @@ def main(argv: Optional[List[str]] = None) -> int:
              "out": args.out, "peft": args.peft}
     try:
         cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
-        validate(cfg, args.overwrite)  # before a .nemo base is converted
-        ident = identity(cfg)  # the paths as given, not a .nemo's temporary HF view
+        validate(cfg, args.overwrite)  # before the base model is opened
+        ident = identity(cfg)  # the paths as given
         check_resume(cfg, ident)
         base_name = cfg.model.restore_from_path  # as recorded in a LoRA adapter's config
         if base_name and os.path.exists(base_name):
             base_name = os.path.abspath(base_name)
-        with contextlib.ExitStack() as stack:  # a .nemo base model: read through an HF view
-            hf_view_of(stack, cfg.model, "restore_from_path")
-            run(cfg, overwrite=args.overwrite, base_name=base_name, ident=ident)
+        run(cfg, overwrite=args.overwrite, base_name=base_name, ident=ident)
     except MinitronError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,16 +15,13 @@ target, calibration samples: every input error happens here, before any model is
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 import time
 from typing import List, Optional
 
 from nemo_minitron.config.recipe import load_config, to_dict
-from nemo_minitron.convert.io import as_hf_dir, is_nemo
 from nemo_minitron.dist import is_rank0, launched_world_size
-from nemo_minitron.errors import ConfigError, MinitronError
+from nemo_minitron.errors import CheckpointError, ConfigError, MinitronError
 from nemo_minitron.prune.config import PruneConfig
 
 
@@ -43,34 +40,25 @@ def _target_overrides(cfg: PruneConfig) -> dict:
 
 # ---- setup: every input error before any model is built ----------------------------------------
 def setup(cfg: PruneConfig) -> dict:
-    """Check the output, make an HF view of the teacher, then :func:`_setup_teacher`. A .nemo
-    teacher is converted by every rank to its own temporary HF copy next to the output (simple,
-    but N copies at N ranks: for large teachers convert once with `nemo-minitron convert
-    nemo-to-hf` and pass the directory)."""
+    """Check the output, open the teacher (an HF directory or a .nemo, read natively: each rank
+    reads its own stage, nothing converted), then :func:`_setup_teacher`."""
+    from nemo_minitron.model.source import ModelSource
     from nemo_minitron.prune.depth import DEPTH_METRICS
 
     if cfg.depth_metric not in DEPTH_METRICS:
         raise ConfigError(f"depth_metric={cfg.depth_metric!r} is not one of "
                           f"{', '.join(DEPTH_METRICS)}")
     check_paths(cfg)
-    teacher_dir = cfg.model
-    if is_nemo(cfg.model):  # every rank converts its own temporary HF copy (see the docstring)
-        from nemo_minitron.config.resolve import resolve_config
-
-        # layout and target from model_config.yaml alone, before the weights are converted
-        _check_target(cfg, resolve_config(cfg.model)[0])
-        state_dirs = contextlib.ExitStack()
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-        teacher_dir = state_dirs.enter_context(
-            as_hf_dir(cfg.model, workdir=os.path.dirname(os.path.abspath(cfg.out))))
-        log(f"teacher {cfg.model} (.nemo) converted to {teacher_dir}")
     try:
-        state = _setup_teacher(cfg, teacher_dir)
+        source = ModelSource(cfg.model)
+    except CheckpointError as e:
+        raise CheckpointError(f"model={e}") from None
+    try:
+        state = _setup_teacher(cfg, source)
     except BaseException:
-        if teacher_dir != cfg.model:
-            state_dirs.close()  # the temporary HF copy of a .nemo teacher
+        source.close()
         raise
-    state["temp_dirs"] = state_dirs if teacher_dir != cfg.model else None
+    state["source"] = source
     return state
 
 
@@ -99,20 +87,20 @@ def _check_target(cfg: PruneConfig, teacher):
     return layout, resolve_target(teacher, cfg.target, _target_overrides(cfg), tp=cfg.tp)
 
 
-def _setup_teacher(cfg: PruneConfig, teacher_dir: str) -> dict:
+def _setup_teacher(cfg: PruneConfig, source) -> dict:
     from nemo_minitron.data.calibration import calibration_samples
     from nemo_minitron.prune.importance import load_scores
-    from nemo_minitron.prune.prune import read_teacher
 
-    teacher, reader, tokenizer_dir = read_teacher(teacher_dir)
+    teacher = source.config  # layout and target from the config alone, before any weight
     layout, target = _check_target(cfg, teacher)
+    reader = source.hf_getter()
     log(f"teacher {cfg.model}: {teacher.num_params():,} parameters; target: layers "
         f"{target.config.num_layers}, hidden {target.config.hidden_size}, ffn "
         f"{target.config.ffn_hidden_size}, heads {target.config.num_attention_heads} "
         f"({target.config.num_query_groups} groups), head_dim {target.config.head_dim}: "
         f"{target.config.num_params():,} parameters")
     state = dict(teacher=teacher, reader=reader, target=target, layout=layout, samples=None,
-                 scores=None, teacher_dir=teacher_dir)
+                 scores=None)
     depth_by_loss = (target.drop_layers is None and cfg.depth_metric == "loss"
                      and target.config.num_layers < teacher.num_layers)
     state["block_lengths"] = [teacher.num_layers - target.config.num_layers] if depth_by_loss else []
@@ -120,7 +108,7 @@ def _setup_teacher(cfg: PruneConfig, teacher_dir: str) -> dict:
         state["scores"] = load_scores(cfg.scores, teacher)
         log(f"scores from {cfg.scores} (no forward pass)")
         return state
-    samples = calibration_samples(cfg.data, cfg.tokenizer or tokenizer_dir, cfg.calib_samples,
+    samples = calibration_samples(cfg.data, cfg.tokenizer or source.tokenizer_dir, cfg.calib_samples,
                                   cfg.seq_length, teacher.bos_token_id,
                                   teacher.eos_token_id if isinstance(teacher.eos_token_id, int)
                                   else teacher.eos_token_id[0])
@@ -138,7 +126,6 @@ def run(cfg: PruneConfig, state: dict) -> dict:
 
     from nemo_minitron.dist import init_megatron
     from nemo_minitron.model.build import build_gpt_model
-    from nemo_minitron.model.load import load_hf_into_model
     from nemo_minitron.prune.importance import compute_scores, scores_file_content
 
     if state["scores"] is not None:
@@ -153,7 +140,7 @@ def run(cfg: PruneConfig, state: dict) -> dict:
     teacher = state["teacher"]
     # local spec (use_te=False): its RMSNorms are modules whose outputs the hooks can see
     model = build_gpt_model(teacher, dtype=cfg.dtype, use_te=False)
-    load_hf_into_model(model, teacher, state["teacher_dir"], reader=state["reader"])
+    state["source"].load_into(model, teacher)  # this rank's stage and TP shard
     log(f"teacher loaded at TP={cfg.tp} PP={cfg.pp} DP={state['layout'].dp}, dtype {cfg.dtype}")
     scores = compute_scores(model, teacher, state["samples"], micro_batch_size=cfg.micro_batch_size,
                             block_lengths=state["block_lengths"], progress=log)
@@ -169,17 +156,19 @@ def save(cfg: PruneConfig, state: dict, scores: dict) -> Optional[str]:
     from nemo_minitron.prune.importance import save_scores
     from nemo_minitron.prune.prune import prune_tensors, rankings, write_json, write_student
 
-    path = None
+    path, tensors, extra, target = None, None, None, state["target"]
     if is_rank0():
-        teacher, target = state["teacher"], state["target"]
+        teacher = state["teacher"]
         plan = rankings(scores, teacher, target, cfg.depth_metric)
         log(f"keeping layers {plan['layers']}" if plan["dropped_layers"] else "keeping all layers")
         tensors = prune_tensors(state["reader"], teacher, target.config, plan)
         meta = dict(plan, config=to_dict(cfg), student=target.config.to_dict())
-        path = write_student(cfg.out, target.config, tensors, state["teacher_dir"],
-                             overwrite=cfg.overwrite,
-                             extra={"pruning.json": write_json(meta),
-                                    "importance.pt": lambda p: save_scores(p, scores)})
+        extra = {"pruning.json": write_json(meta),
+                 "importance.pt": lambda p: save_scores(p, scores)}
+    if is_rank0() or cfg.out.endswith(".nemo"):  # every rank saves a .nemo (tensors on rank 0)
+        path = write_student(cfg.out, target.config, tensors, state["source"].files_dir,
+                             overwrite=cfg.overwrite, extra=extra)
+    if path is not None:
         log(f"wrote {path}: {target.config.num_params():,} parameters")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank leaves before the student exists
@@ -187,8 +176,8 @@ def save(cfg: PruneConfig, state: dict, scores: dict) -> Optional[str]:
 
 
 def cleanup(state: dict) -> None:
-    if state.get("temp_dirs") is not None:
-        state["temp_dirs"].close()
+    if state.get("source") is not None:
+        state["source"].close()
     if state.get("owns_megatron"):
         from nemo_minitron.dist import destroy_megatron
 

@@ -114,6 +114,7 @@ class FinetuneConfig:
     peft: str = "none"  # none: full SFT | lora: train adapters only (the base stays frozen)
     lora: LoRASection = field(default_factory=LoRASection)
     out: Optional[str] = None  # the final model: HF checkpoint directory, or a .nemo file
+    out_format: str = "auto"  # auto: .nemo file if out ends in .nemo, else HF | nemo_dir: extracted .nemo
 
 
 # ---- distillation (recipes/distill.py) ----------------------------------------------------------
@@ -153,4 +154,5 @@ class DistillConfig:
     kd: KDSection = field(default_factory=KDSection)
     data: DistillDataSection = field(default_factory=DistillDataSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    out: Optional[str] = None  # the distilled student as an HF checkpoint directory
+    out: Optional[str] = None  # the distilled student: HF checkpoint directory, or a .nemo file
+    out_format: str = "auto"  # auto: .nemo file if out ends in .nemo, else HF | nemo_dir: extracted .nemo

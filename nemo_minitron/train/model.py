@@ -35,16 +35,22 @@ def build_train_model(cfg: ModelConfig, *, precision: str = "bf16", hf_dir: Opti
                       seed: int = 1234, recompute: Optional[str] = None,
                       recompute_num_layers: int = 1, use_te: Optional[bool] = None,
                       attention_backend: str = "auto"):
-    """GPTModel for this rank (TP/PP from Megatron's parallel state), weights from ``hf_dir``.
-    ``use_te``: Transformer Engine spec (default: where usable; LoRA needs the local spec).
-    ``attention_backend``: ``model.attention_backend`` (nemo_minitron/model/attention.py)."""
+    """GPTModel for this rank (TP/PP from Megatron's parallel state), weights from ``hf_dir``:
+    an HF directory, a .nemo, or an open ``model.source.ModelSource`` (read natively: this rank's
+    part only). ``use_te``: Transformer Engine spec (default: where usable; LoRA needs the local
+    spec). ``attention_backend``: ``model.attention_backend`` (nemo_minitron/model/attention.py)."""
     from nemo_minitron.model.build import build_gpt_model
-    from nemo_minitron.model.load import load_hf_into_model
+    from nemo_minitron.model.source import open_source
 
     torch.manual_seed(seed)  # CPU init draws the full weight from this generator, then splits it
     model = build_gpt_model(cfg, dtype=params_dtype(precision), parallel_output=True, use_te=use_te,
                             config_overrides=recompute_overrides(recompute, recompute_num_layers),
                             attention_backend=attention_backend)
     if hf_dir:
-        load_hf_into_model(model, cfg, hf_dir)
+        source = open_source(hf_dir)
+        try:
+            source.load_into(model, cfg)
+        finally:
+            if source is not hf_dir:
+                source.close()
     return model

@@ -6,8 +6,8 @@ the HF directory's tokenizer, BOS first). Reported per prompt and overall: max |
 lowest cosine similarity of two logit vectors at a position, and top-1 agreement. Exit status 1
 when max |delta| exceeds ``--atol``.
 
-The Megatron side runs in a forked one-rank process (Megatron's parallel state, the CPU shim and
-dist_checkpointing live there; this process never initializes torch.distributed).
+The Megatron side runs in this process, in a one-rank world set up for it and torn down after
+(``dist.one_rank_world``; an error inside a multi-rank process group).
 """
 from __future__ import annotations
 
@@ -75,10 +75,9 @@ def verify(hf_dir: str, nemo_path: str, prompts: Optional[str] = None) -> List[P
         raise ConfigError("verify needs transformers >= 4.45 (pip install 'transformers>=4.45')") \
             from None
     from nemo_minitron.config.hf import read_hf_config
-    from nemo_minitron.convert.dist_ckpt import run_with_process_group
     from nemo_minitron.convert.nemo_file import opened_nemo
     from nemo_minitron.convert.nemo_to_hf import read_config
-    from nemo_minitron.dist import compute_device
+    from nemo_minitron.dist import compute_device, one_rank_world
 
     hf_cfg = read_hf_config(hf_dir)
     with opened_nemo(nemo_path) as root:
@@ -89,8 +88,8 @@ def verify(hf_dir: str, nemo_path: str, prompts: Optional[str] = None) -> List[P
         raise CheckpointError(f"{hf_dir}: no tokenizer.json to tokenize the prompts")
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     ids = [tokenizer(p)["input_ids"][: cfg.max_position_embeddings] for p in _prompts(prompts)]
-    # Megatron first: its forked child needs a parent that has not touched CUDA yet
-    megatron = run_with_process_group(_megatron_logits, cfg, nemo_path, ids)
+    with one_rank_world(megatron=True):
+        megatron = _megatron_logits(cfg, nemo_path, ids)
     device = compute_device()
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model = model.to(device).eval()
