@@ -54,3 +54,17 @@ def test_errors_name_the_key(overrides, message):
 def test_required_key():
     with pytest.raises(ConfigError, match="required key.*model"):
         load_config(Job)
+
+
+def test_a_shipped_name_is_found_next_to_a_directory_of_that_name(tmp_path, monkeypatch):
+    """`--config tiny` in a directory holding a `tiny/` output (the documented pipeline) names the
+    shipped config; a file of that name would win."""
+    from nemo_minitron.config.recipe import CONF_DIR, find_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert find_config("tiny", "prune") == f"{CONF_DIR}/prune/tiny.yaml"
+    (tmp_path / "mine.yaml").write_text("tp: 1\n")
+    assert find_config("mine.yaml", "prune") == "mine.yaml"
+    with pytest.raises(ConfigError, match="no shipped config of that name"):
+        find_config("nonesuch", "prune")

@@ -151,7 +151,7 @@ def shipped_configs(kind: Optional[str] = None) -> Dict[str, str]:
 def find_config(name_or_path: str, kind: Optional[str] = None) -> str:
     """The YAML file ``name_or_path`` names: an existing path, else a shipped config by name
     (``tiny_sft``; among ``kind``'s first), or by its path in a checkout (``conf/prune/tiny.yaml``)."""
-    if os.path.exists(name_or_path):
+    if os.path.isfile(name_or_path):  # not a directory: `--config tiny` next to a tiny/ output
         return name_or_path
     path = name_or_path.replace(os.sep, "/")
     if path.startswith("conf/") and os.path.isfile(os.path.join(CONF_DIR, path[len("conf/"):])):
