@@ -6,6 +6,8 @@ import multiprocessing
 import multiprocessing.util
 import os
 import pickle
+import sys
+import time
 import traceback
 
 
@@ -33,7 +35,7 @@ def _worker(fn, rank, world_size, port, tp, pp, args, queue, launcher, timeout):
     import faulthandler
 
     # a rank that hangs prints every thread's stack before the parent gives up on it
-    faulthandler.dump_traceback_later(max(timeout - 5, 1), exit=False)
+    faulthandler.dump_traceback_later(max(timeout - 5, 1), exit=False, file=sys.__stderr__)
     for var in LAUNCHER_VARS:
         os.environ.pop(var, None)
     os.environ.update(launcher_env(launcher, rank, world_size, port))
@@ -69,6 +71,12 @@ def run_ranks(fn, world_size: int = 1, tp: int = 1, pp: int = 1, args=(), timeou
     by rank, or raise with the failing ranks' tracebacks."""
     from nemo_minitron.dist import free_port
 
+    import faulthandler
+    import signal
+
+    # inherited through fork: a rank stuck before _worker runs (e.g. in an at-fork handler) still
+    # prints its stacks when the parent signals it on timeout
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
@@ -80,7 +88,14 @@ def run_ranks(fn, world_size: int = 1, tp: int = 1, pp: int = 1, args=(), timeou
     results, errors = {}, []
     try:
         for _ in procs:
-            rank, status, payload = queue.get(timeout=timeout)
+            try:
+                rank, status, payload = queue.get(timeout=timeout)
+            except Exception:  # queue.Empty: a rank hangs; its stacks go to the captured stderr
+                for p in procs:
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGUSR1)
+                time.sleep(2)
+                raise
             if status == "ok":
                 results[rank] = pickle.loads(payload)
             else:
