@@ -207,7 +207,7 @@ def run(cfg, overwrite: bool = False, before_fit=None, ident: Optional[dict] = N
 
 def main(argv: Optional[List[str]] = None, before_fit=None) -> int:
     from nemo_minitron.config.recipe import without_none
-    from nemo_minitron.errors import MinitronError
+    from nemo_minitron.errors import exit_status
 
     parser = argparse.ArgumentParser(prog="nemo-minitron distill",
                                      description=__doc__.split("\n")[0])
@@ -225,16 +225,14 @@ def main(argv: Optional[List[str]] = None, before_fit=None) -> int:
     flags = {"teacher": {"restore_from_path": args.teacher},
              "model": {"restore_from_path": args.student},
              "data": {"train_ds": {"file_path": args.data}}, "out": args.out}
-    try:
+
+    def body():
         cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
         validate(cfg, args.overwrite)  # before the teacher or student is opened
         ident = identity(cfg)  # the paths as given
         check_resume(cfg, ident)
         run(cfg, overwrite=args.overwrite, before_fit=before_fit, ident=ident)
-    except MinitronError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(body)
 
 
 if __name__ == "__main__":

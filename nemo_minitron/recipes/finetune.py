@@ -214,7 +214,7 @@ def run(cfg, overwrite: bool = False, base_name: Optional[str] = None,
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from nemo_minitron.errors import MinitronError
+    from nemo_minitron.errors import exit_status
     from nemo_minitron.config.recipe import without_none
 
     parser = argparse.ArgumentParser(prog="nemo-minitron finetune",
@@ -232,7 +232,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # --model/--data/--out are overrides too, kept as strings (a path is never YAML-typed)
     flags = {"model": {"restore_from_path": args.model}, "data": {"train_ds": {"file_path": args.data}},
              "out": args.out, "peft": args.peft}
-    try:
+
+    def body():
         cfg = load_recipe_config(args.config, args.overrides, values=without_none(flags))
         validate(cfg, args.overwrite)  # before the base model is opened
         ident = identity(cfg)  # the paths as given
@@ -241,10 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if base_name and os.path.exists(base_name):
             base_name = os.path.abspath(base_name)
         run(cfg, overwrite=args.overwrite, base_name=base_name, ident=ident)
-    except MinitronError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(body)
 
 
 if __name__ == "__main__":

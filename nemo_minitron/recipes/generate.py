@@ -12,7 +12,7 @@ nemo_minitron.inference.job, shared with `nemo-minitron generate`.
 import argparse
 import sys
 
-from nemo_minitron.errors import MinitronError
+from nemo_minitron.errors import exit_status
 from nemo_minitron.inference.job import GenerateJobConfig, run_generate
 from nemo_minitron.config.recipe import load_config
 
@@ -23,13 +23,8 @@ def main(argv=None) -> int:
                                            "generate)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    try:
-        job = load_config(GenerateJobConfig, args.config, args.overrides, kind="generate")  # load config
-        run_generate(job)  # setup, run, write, cleanup
-    except MinitronError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run_generate(  # load config; setup, run, write, cleanup
+        load_config(GenerateJobConfig, args.config, args.overrides, kind="generate")))
 
 
 if __name__ == "__main__":

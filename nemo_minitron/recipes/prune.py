@@ -21,7 +21,7 @@ from typing import List, Optional
 
 from nemo_minitron.config.recipe import load_config, to_dict
 from nemo_minitron.dist import is_rank0, launched_world_size
-from nemo_minitron.errors import CheckpointError, ConfigError, MinitronError
+from nemo_minitron.errors import CheckpointError, ConfigError, exit_status
 from nemo_minitron.prune.config import PruneConfig
 
 
@@ -205,17 +205,15 @@ def parse_args(argv: Optional[List[str]] = None) -> PruneConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     state = {}
-    try:
+
+    def body():
         cfg = parse_args(argv)
-        state = setup(cfg)
-        scores = run(cfg, state)
-        save(cfg, state, scores)
-    except MinitronError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        state.update(setup(cfg))
+        save(cfg, state, run(cfg, state))
+    try:
+        return exit_status(body)
     finally:
         cleanup(state)
-    return 0
 
 
 if __name__ == "__main__":
