@@ -37,7 +37,7 @@ CPU_KEYS = {"transformer_engine": False, "use_cpu_initialization": True}  # what
 
 
 @pytest.fixture(scope="module")
-def nemo():
+def nemo(files):  # after `files`: its job-saved .nemo is written by forked ranks before NeMo loads
     sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
     import nemo_cpu
 
@@ -56,11 +56,29 @@ def files(tmp_path_factory):
     from nemo_minitron.checkpoint.tiny import write_tiny_hf_checkpoint
     from nemo_minitron.convert.hf_to_nemo import hf_to_nemo
 
+    from tests.helpers import run_ranks
+
     root = tmp_path_factory.mktemp("nemo_real")
     hf = write_tiny_hf_checkpoint(str(root / "hf"), preset="tiny_llama31", seed=1, dtype="float32")
     default = hf_to_nemo(hf, str(root / "default.nemo"), progress=False)
     fp32 = hf_to_nemo(hf, str(root / "fp32.nemo"), dtype="fp32", progress=False)
-    return dict(hf=hf, default=default, fp32=fp32, root=root)
+    job = str(root / "job.nemo")
+    run_ranks(_save_as_a_job, world_size=2, tp=2, args=(hf, job))
+    return dict(hf=hf, default=default, fp32=fp32, job=job, root=root)
+
+
+def _save_as_a_job(rank, hf_dir, out):
+    """The model saved the way every job writes its .nemo output (model/save.py: all ranks through
+    Megatron's dist_checkpointing.save, rank 0 packing the archive), here by a TP=2 job."""
+    from nemo_minitron.model.build import build_gpt_model
+    from nemo_minitron.model.save import save_model
+    from nemo_minitron.model.source import ModelSource
+
+    with ModelSource(hf_dir) as source:
+        cfg = source.config.replace(dtype="float32")
+        model = build_gpt_model(cfg, dtype="float32", use_te=False)
+        source.load_into(model, cfg)
+        return save_model(model, cfg, out, base=hf_dir)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +178,15 @@ def test_logits_equal_transformers(fp32_model, reference):
     got = _logits(fp32_model, torch.tensor(IDS))
     assert got.shape == reference["logits"].shape
     diff = (got - reference["logits"]).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_a_jobs_nemo_restores_with_transformers_logits(nemo, files, reference):
+    """A .nemo a job wrote (TP=2, saved by both ranks) restores in NeMo at TP=1 with only the eval
+    script's overrides and the CPU keys, and gives transformers' logits (fp32, <= 1e-4)."""
+    model = nemo.after_restore(restore_as_eval_script(files["job"], nemo.cpu_trainer(),
+                                                      CPU_KEYS)).eval()
+    diff = (_logits(model, torch.tensor(IDS)) - reference["logits"]).abs().max().item()
     assert diff <= 1e-4, diff
 
 
