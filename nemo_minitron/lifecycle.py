@@ -143,12 +143,13 @@ def tie_megatron_writer_queue(method: str) -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
 
-    if not hasattr(fa, "_get_write_results_queue"):
+    name = writer_queue_factory_name(fa)
+    if name is None:
         return
 
     owner = {}
 
-    def _get_write_results_queue():
+    def _get_write_results_queue(*_args, **_kwargs):  # 0.19: (mp_mode='spawn'), ignored
         # a queue inherited through fork is the parent's: ranks forked from one process would
         # share it and read each other's write results (measured: "Incomplete worker results")
         if fa._results_queue is None or owner.get("pid") != os.getpid():
@@ -157,7 +158,15 @@ def tie_megatron_writer_queue(method: str) -> None:
         return fa._results_queue
 
     _get_write_results_queue.start_method = method
-    fa._get_write_results_queue = _get_write_results_queue
+    setattr(fa, name, _get_write_results_queue)
+
+
+def writer_queue_factory_name(fa):
+    """The name of ``filesystem_async``'s results-queue factory (the module ``fa``) or None:
+    ``_get_write_results_queue`` (megatron-core 0.8 - 0.16), ``get_write_results_queue``
+    (0.19: ``(mp_mode='spawn')``)."""
+    return next((n for n in ("_get_write_results_queue", "get_write_results_queue")
+                 if callable(getattr(fa, n, None))), None)
 
 
 def drop_megatron_writer_queue() -> None:
@@ -181,6 +190,7 @@ def tie_megatron_job(manager_start: str = "spawn") -> None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
     except ImportError:  # no async filesystem writer in this megatron-core: no manager either
         return
-    current = getattr(fa, "_get_write_results_queue", None)
+    name = writer_queue_factory_name(fa)
+    current = getattr(fa, name, None) if name is not None else None
     if current is not None and getattr(current, "start_method", None) is None:
         tie_megatron_writer_queue(manager_start)

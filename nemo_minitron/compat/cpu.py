@@ -266,8 +266,9 @@ def _fix_checkpoint_queue():
 
     from nemo_minitron import lifecycle
 
-    if hasattr(fa, "_get_write_results_queue"):  # recorded for deactivate(), then replaced
-        _replace(fa, "_get_write_results_queue", fa._get_write_results_queue)
+    name = lifecycle.writer_queue_factory_name(fa)
+    if name is not None:  # recorded for deactivate(), then replaced
+        _replace(fa, name, getattr(fa, name))
     lifecycle.tie_megatron_writer_queue("fork")
 
 

@@ -134,8 +134,15 @@ def torch23_metadata(md):
 def make_torch23_readable(weights_dir: str) -> None:
     """Rewrite the ``.metadata`` of a checkpoint that ``dist_checkpointing.save`` wrote on this
     torch (e.g. a job's .nemo output) so NeMo 24.05's torch 2.3 loads it (:func:`torch23_metadata`);
-    atomic (written beside it, then renamed)."""
-    md = torch23_metadata(read_dcp_metadata(weights_dir, torch_classes=True))
+    atomic (written beside it, then renamed). Where Megatron (0.19) wrote no ``common.pt``, it is
+    written from the ``common_state`` object, which leaves the metadata (:func:`_legacy_common`)."""
+    md = read_dcp_metadata(weights_dir, torch_classes=True)
+    common = _legacy_common(weights_dir, md)
+    if common is not None:
+        torch.save(common, os.path.join(weights_dir, "common.pt.tmp"))
+        os.replace(os.path.join(weights_dir, "common.pt.tmp"),
+                   os.path.join(weights_dir, "common.pt"))
+    md = torch23_metadata(md)
     path = os.path.join(weights_dir, ".metadata")
     with open(path + ".tmp", "wb") as f:
         pickle.dump(md, f)
@@ -199,6 +206,7 @@ def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, scratch_root: str, on_d
                                         "torch_dist", 1, thread_count=1))
             del sharded
             md = read_dcp_metadata(chunk_dir, torch_classes=True)
+            common = _legacy_common(chunk_dir, md)
             _shift(md, base, cfg.num_layers)
             files = sorted({info.relative_path for info in md.storage_data.values()})
             if len(files) != 1:
@@ -211,8 +219,11 @@ def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, scratch_root: str, on_d
                 shutil.move(os.path.join(chunk_dir, files[0]), os.path.join(out_dir, name))
             parts.append((md, {files[0]: name}))
             if k == 0:
-                shutil.move(os.path.join(chunk_dir, "common.pt"),
-                            os.path.join(out_dir, "common.pt"))
+                if common is None:
+                    shutil.move(os.path.join(chunk_dir, "common.pt"),
+                                os.path.join(out_dir, "common.pt"))
+                else:
+                    torch.save(common, os.path.join(out_dir, "common.pt"))
         finally:
             shutil.rmtree(chunk_dir, ignore_errors=True)
     merged = _merge_metadata(parts)
@@ -221,6 +232,29 @@ def _save_chunks(cfg: ModelConfig, chunks, out_dir: str, scratch_root: str, on_d
         pickle.dump(merged, f)
     with open(os.path.join(out_dir, "metadata.json"), "w") as f:
         json.dump(METADATA_JSON, f)
+
+
+def _legacy_common(weights_dir: str, md):
+    """None where Megatron wrote ``common.pt`` (megatron-core <= 0.16). Newer Megatron (0.19)
+    stores the common (non-sharded) state as a ``common_state`` ShardedObject inside the data
+    file instead; then that object is read back (Megatron's ``load_common_state_dict``), dropped
+    from ``md`` (every chunk has one; the merged checkpoint would hold it several times) and
+    returned, to be written as ``common.pt``: the layout megatron-core 0.7 / 0.16 read, and that
+    0.19 still reads (its legacy branch)."""
+    if os.path.exists(os.path.join(weights_dir, "common.pt")):
+        return None
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    key = ShardedObject("common_state", None, (1,), (0,)).unique_key
+    if key not in md.state_dict_metadata:
+        raise CheckpointError(f"{weights_dir}: Megatron wrote neither common.pt nor {key}")
+    common = load_common_state_dict(weights_dir)
+    del md.state_dict_metadata[key]
+    md.storage_data = {i: info for i, info in md.storage_data.items() if i.fqn != key}
+    if isinstance(md.planner_data, dict):
+        md.planner_data.pop(key, None)
+    return common
 
 
 def _check_coverage(cfg: ModelConfig, md, written) -> None:

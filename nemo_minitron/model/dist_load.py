@@ -164,13 +164,15 @@ def megatron_load(model, weights_dir: str, in_place, prefix: str, label: str, sk
                     {"_files": files, "_metadata": pickle.dumps(metadata)})
 
     class _InPlaceStrategy(TorchDistLoadShardedStrategy):
-        def load(self, sharded_state_dict, checkpoint_dir):
-            with _region_reader(path_cls):
-                return super().load(sharded_state_dict, path_cls(os.fspath(checkpoint_dir)))
+        # megatron-core 0.19 passes async_strategy too
+        def load(self, sharded_state_dict, checkpoint_dir, *args, **kwargs):
+            return super().load(sharded_state_dict, path_cls(os.fspath(checkpoint_dir)),
+                                *args, **kwargs)
 
     sharded = {k: v for k, v in model.sharded_state_dict(prefix=prefix).items()
                if k[len(prefix):] not in skip}
-    loaded = dist_checkpointing.load(sharded, weights_dir, sharded_strategy=_InPlaceStrategy())
+    with _region_reader(path_cls):
+        loaded = dist_checkpointing.load(sharded, weights_dir, sharded_strategy=_InPlaceStrategy())
     missing, unexpected = model.load_state_dict(
         {k[len(prefix):]: v for k, v in loaded.items()}, strict=False)
     missing = [k for k in missing if k not in skip]
@@ -188,22 +190,29 @@ def _region_reader(path_cls) -> Iterator[None]:
     name ``FileSystemReader`` in that module), so the name is rebound for the duration of the
     load. A megatron-core with neither keeps its own reader, which reads through ``path_cls`` all
     the same (whole stored items: correct, more bytes). See :func:`_region_reader_class`."""
+    from megatron.core.dist_checkpointing import serialization
     from megatron.core.dist_checkpointing.strategies import torch as strategy
 
     def make(checkpoint_dir, *_args, **_kwargs):
         return _region_reader_class()(path_cls(os.fspath(checkpoint_dir)))
 
+    rebound = []
     name = next((n for n in ("_get_filesystem_reader", "FileSystemReader")
                  if callable(vars(strategy).get(n))), None)
-    if name is None:
-        yield
-        return
-    saved = vars(strategy)[name]
-    setattr(strategy, name, make)
+    if name is not None:
+        rebound.append((strategy, name))
+    # megatron-core 0.19: load_common_state_dict reads a checkpoint without common.pt (the common
+    # state is a byte object in the data file) through serialization's own import of the factory
+    if callable(vars(serialization).get("_get_filesystem_reader")):
+        rebound.append((serialization, "_get_filesystem_reader"))
+    saved = [(module, n, vars(module)[n]) for module, n in rebound]
+    for module, n in rebound:
+        setattr(module, n, make)
     try:
         yield
     finally:
-        setattr(strategy, name, saved)
+        for module, n, old in saved:
+            setattr(module, n, old)
 
 
 @functools.lru_cache(maxsize=None)
