@@ -186,20 +186,8 @@ class ModelSource:
 
         cfg = self.config
         if self.kind == HF:
-            from nemo_minitron.checkpoint.hf_io import read_shapes
-            from nemo_minitron.config.hf import check_hf_shapes
-            from nemo_minitron.model.load import HFReader
-
-            reader = HFReader(self.path)
-            check_hf_shapes(cfg, read_shapes(self.path, reader.weight_map))
-            mapping.check_hf_names(cfg, reader.weight_map)
-            return reader
-        from nemo_minitron.convert.nemo_to_hf import (check_stored_keys, checked_getter,
-                                                      weights_reader)
-
-        _, reader = weights_reader(self.root, cfg, self._in_place)
-        check_stored_keys(cfg, reader)
-        get = checked_getter(cfg, reader)
+            return self._checked_hf_reader()
+        get = self._checked_stored_getter()
         owner = {hf: (name, rule, layer) for name, rule, layer in mapping.megatron_names(cfg)
                  for hf in mapping.hf_names_for(rule, layer)}
         parts: Dict[str, torch.Tensor] = {}
@@ -216,6 +204,28 @@ class ModelSource:
 
         return get_hf
 
+    def _checked_hf_reader(self):
+        """The HF directory's safetensors reader, its names and shapes checked against the
+        config."""
+        from nemo_minitron.checkpoint.hf_io import read_shapes
+        from nemo_minitron.config.hf import check_hf_shapes
+        from nemo_minitron.convert import mapping
+        from nemo_minitron.model.load import HFReader
+
+        reader = HFReader(self.path)
+        check_hf_shapes(self.config, read_shapes(self.path, reader.weight_map))
+        mapping.check_hf_names(self.config, reader.weight_map)
+        return reader
+
+    def _checked_stored_getter(self):
+        """``get(megatron_name)``: a full stored tensor of the .nemo, its keys checked first."""
+        from nemo_minitron.convert.nemo_to_hf import (check_stored_keys, checked_getter,
+                                                      weights_reader)
+
+        _, reader = weights_reader(self.root, self.config, self._in_place)
+        check_stored_keys(self.config, reader)
+        return checked_getter(self.config, reader)
+
     def full_tensors(self) -> Dict[str, torch.Tensor]:
         """Every weight as a full Megatron tensor (checkpoint names, global layers, the vocabulary
         padded for TP=1), read in this process (no process group): for offline tools that hold
@@ -224,20 +234,8 @@ class ModelSource:
 
         cfg = self.config
         if self.kind == HF:
-            from nemo_minitron.checkpoint.hf_io import read_shapes
-            from nemo_minitron.config.hf import check_hf_shapes
-            from nemo_minitron.model.load import HFReader
-
-            reader = HFReader(self.path)
-            check_hf_shapes(cfg, read_shapes(self.path, reader.weight_map))
-            mapping.check_hf_names(cfg, reader.weight_map)
-            return dict(mapping.hf_to_megatron(cfg, reader, tp=1))
-        from nemo_minitron.convert.nemo_to_hf import (check_stored_keys, checked_getter,
-                                                      weights_reader)
-
-        _, reader = weights_reader(self.root, cfg, self._in_place)
-        check_stored_keys(cfg, reader)
-        get = checked_getter(cfg, reader)
+            return dict(mapping.hf_to_megatron(cfg, self._checked_hf_reader(), tp=1))
+        get = self._checked_stored_getter()
         out = {}
         for name, rule, _ in mapping.megatron_names(cfg):
             full = get(name)
