@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tarfile
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
@@ -64,48 +63,15 @@ def is_nemo_output(out: str, nemo_dir: bool = False) -> bool:
 
 
 # ---- the base model's tokenizer ------------------------------------------------------------------
-def _nemo_member(name: str) -> Optional[str]:
-    """``model_config.yaml`` or ``tokenizer/<file>`` for a .nemo tar member (``./`` and one
-    top-level folder allowed), else None."""
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    for start in (0, 1):
-        rest = parts[start:]
-        if rest == ["model_config.yaml"] or (len(rest) == 2 and rest[0] == "tokenizer"):
-            return "/".join(rest)
-    return None
+def _nemo_tree(source) -> str:
+    """The tree of a .nemo opened as every job opens it (``model.source.ModelSource``: only the
+    small members are extracted, the weights are never read), its model_config.yaml checked."""
+    from nemo_minitron.convert.nemo_file import CONFIG_NAME
 
-
-def _copy_nemo_tokenizer(nemo: str, dest: str) -> dict:
-    """Copy a .nemo's (file or directory) ``model_config.yaml`` and packed ``tokenizer/`` files into
-    ``dest`` (the weights are never read); return its tokenizer section."""
-    from nemo_minitron.config.nemo import DEFAULT_TOKENIZER, load_yaml
-    from nemo_minitron.convert.nemo_file import opened_nemo
-
-    if os.path.isdir(nemo):
-        with opened_nemo(nemo) as root:
-            shutil.copyfile(os.path.join(root, "model_config.yaml"),
-                            os.path.join(dest, "model_config.yaml"))
-            tok = os.path.join(root, "tokenizer")
-            if os.path.isdir(tok):
-                shutil.copytree(tok, os.path.join(dest, "tokenizer"))
-    else:
-        try:
-            with tarfile.open(nemo, "r:*") as tar:
-                for member in tar:  # headers only: the weights' bytes are skipped
-                    rel = _nemo_member(member.name) if member.isfile() else None
-                    if rel is None:
-                        continue
-                    os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
-                    with tar.extractfile(member) as src, open(os.path.join(dest, rel), "wb") as f:
-                        shutil.copyfileobj(src, f)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise CheckpointError(f"{nemo}: not a readable .nemo ({e})") from None
-    config = os.path.join(dest, "model_config.yaml")
-    if not os.path.isfile(config):
-        raise CheckpointError(f"{nemo}: no model_config.yaml")
-    section = load_yaml(config).get("tokenizer") or dict(DEFAULT_TOKENIZER)
-    os.unlink(config)
-    return dict(section)
+    root = source.small_root
+    if not os.path.isfile(os.path.join(root, CONFIG_NAME)):
+        raise CheckpointError(f"{source.path}: no {CONFIG_NAME}")
+    return root
 
 
 def stage_tokenizer(base: Optional[str], staging: str) -> dict:
@@ -113,21 +79,30 @@ def stage_tokenizer(base: Optional[str], staging: str) -> dict:
     model_config ``tokenizer`` section. ``base``: an HF directory (its tokenizer files, packed as
     the converter packs them; tokenizer.json required), a .nemo (its section and packed files), or
     None (the family's default hub id, no files)."""
-    from nemo_minitron.config.nemo import DEFAULT_TOKENIZER
+    from nemo_minitron.config.nemo import DEFAULT_TOKENIZER, load_yaml
     from nemo_minitron.convert.hf_to_nemo import _tokenizer_section
     from nemo_minitron.convert.io import is_nemo
+    from nemo_minitron.convert.nemo_file import CONFIG_NAME
+    from nemo_minitron.model.source import ModelSource
 
     if base is None:
         return dict(DEFAULT_TOKENIZER)
-    if is_nemo(base):
-        return _copy_nemo_tokenizer(base, staging)
-    return _tokenizer_section(base, None, staging)
+    if not is_nemo(base):
+        return _tokenizer_section(base, None, staging)
+    with ModelSource(base) as source:
+        root = _nemo_tree(source)
+        section = load_yaml(os.path.join(root, CONFIG_NAME)).get("tokenizer") \
+            or dict(DEFAULT_TOKENIZER)
+        if os.path.isdir(os.path.join(root, "tokenizer")):
+            shutil.copytree(os.path.join(root, "tokenizer"), os.path.join(staging, "tokenizer"))
+    return dict(section)
 
 
 def copy_hf_tokenizer(base: Optional[str], out_dir: str) -> None:
     """The base model's tokenizer files into an HF output: an HF base's files as they are, a
     .nemo's packed ones (the family's Llama-3.1 tokenizer where a NeMo-written .nemo has none)."""
     from nemo_minitron.convert.io import is_nemo
+    from nemo_minitron.model.source import ModelSource
 
     if base is None:
         return
@@ -136,22 +111,16 @@ def copy_hf_tokenizer(base: Optional[str], out_dir: str) -> None:
             if os.path.isfile(os.path.join(base, name)):
                 shutil.copyfile(os.path.join(base, name), os.path.join(out_dir, name))
         return
-    from nemo_minitron.checkpoint import scratch
-
-    tmp = scratch.make_dir(".tokenizer-", out_dir)
-    try:
-        _copy_nemo_tokenizer(base, tmp)
-        packed = os.path.join(tmp, "tokenizer")
+    with ModelSource(base) as source:
+        packed = os.path.join(_nemo_tree(source), "tokenizer")
         if os.path.isfile(os.path.join(packed, "tokenizer.json")):
             for name in os.listdir(packed):
                 if name.startswith("tokenizer") or name in TOKENIZER_FILES:
                     shutil.copyfile(os.path.join(packed, name), os.path.join(out_dir, name))
-        else:
-            from nemo_minitron.tokenizer import write_tokenizer_files
+            return
+    from nemo_minitron.tokenizer import write_tokenizer_files
 
-            write_tokenizer_files(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_tokenizer_files(out_dir)
 
 
 # ---- .nemo ---------------------------------------------------------------------------------------
@@ -170,6 +139,26 @@ def _agree(rank0_value, multi: bool):
     return box[0]
 
 
+def _on_rank0(work: Callable[[], object], out: str, then: Callable[[], None] = lambda: None):
+    """Collective where a process group exists: ``work()`` on global rank 0, ``then()`` on every
+    rank, and rank 0's result (None if it failed) on every rank. An error in ``work`` reaches every
+    rank: rank 0 raises it, the others a :class:`MinitronError` naming it."""
+    multi, rank0 = _world()
+    value, error = None, None
+    if rank0:
+        try:
+            value = work()
+        except Exception as e:  # noqa: BLE001 - every rank must learn it, then rank 0 raises
+            error = e
+    then()
+    value, message = _agree((value, None if error is None else str(error)), multi)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise MinitronError(f"writing {out} failed on rank 0: {message}")
+    return value
+
+
 def write_nemo(out: str, cfg: ModelConfig, save_weights: Callable[[str], None], *,
                base: Optional[str] = None, overwrite: bool = False, nemo_dir: bool = False,
                tp: int = 1, pp: int = 1) -> Optional[str]:
@@ -183,51 +172,39 @@ def write_nemo(out: str, cfg: ModelConfig, save_weights: Callable[[str], None], 
     from nemo_minitron.config.nemo import dump_yaml, to_nemo_dict
     from nemo_minitron.convert.nemo_file import CONFIG_NAME, WEIGHTS_DIR, pack_nemo
 
+    from nemo_minitron.convert.dist_ckpt import make_torch23_readable
+
     out = os.path.abspath(out)
-    multi, rank0 = _world()
     with contextlib.ExitStack() as stack:
-        staging, error = None, None
-        if rank0:
-            try:
-                if os.path.lexists(out) and not overwrite:
-                    raise MinitronError(f"{out} exists; pass --overwrite to replace it")
-                parent = os.path.dirname(out)
-                os.makedirs(parent, exist_ok=True)
-                if nemo_dir:  # the staging directory is the output, renamed into place on success
-                    staging = stack.enter_context(atomic_output_dir(out, overwrite=overwrite))
-                else:
-                    staging = scratch.make_dir(".save-", parent, stem="." + os.path.basename(out))
-                    stack.callback(shutil.rmtree, staging, ignore_errors=True)
-                tokenizer = stage_tokenizer(base, staging)
-                with open(os.path.join(staging, CONFIG_NAME), "w") as f:
-                    f.write(dump_yaml(to_nemo_dict(cfg, tp=tp, pp=pp, tokenizer=tokenizer,
-                                                   dist_ckpt_format="torch_dist")))
-                os.makedirs(os.path.join(staging, WEIGHTS_DIR))
-            except Exception as e:  # noqa: BLE001 - every rank must learn it, then rank 0 raises
-                error = e
-        staging, message = _agree((staging, None if error is None else str(error)), multi)
-        if error is not None:
-            raise error
-        if message is not None:
-            raise MinitronError(f"writing {out} failed on rank 0: {message}")
+
+        def stage() -> str:
+            if os.path.lexists(out) and not overwrite:
+                raise MinitronError(f"{out} exists; pass --overwrite to replace it")
+            parent = os.path.dirname(out)
+            os.makedirs(parent, exist_ok=True)
+            if nemo_dir:  # the staging directory is the output, renamed into place on success
+                staging = stack.enter_context(atomic_output_dir(out, overwrite=overwrite))
+            else:
+                staging = scratch.make_dir(".save-", parent, stem="." + os.path.basename(out))
+                stack.callback(shutil.rmtree, staging, ignore_errors=True)
+            tokenizer = stage_tokenizer(base, staging)
+            with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+                f.write(dump_yaml(to_nemo_dict(cfg, tp=tp, pp=pp, tokenizer=tokenizer,
+                                               dist_ckpt_format="torch_dist")))
+            os.makedirs(os.path.join(staging, WEIGHTS_DIR))
+            return staging
+
+        staging = _on_rank0(stage, out)  # named by rank 0, known to all
         weights = os.path.join(staging, WEIGHTS_DIR)
         save_weights(weights)
-        error = None
-        if rank0:
-            try:
-                from nemo_minitron.convert.dist_ckpt import make_torch23_readable
 
-                make_torch23_readable(weights)
-                if not nemo_dir:
-                    pack_nemo(staging, out, overwrite=overwrite)
-            except Exception as e:  # noqa: BLE001
-                error = e
-        message = _agree(None if error is None else str(error), multi)
-        if error is not None:
-            raise error
-        if message is not None:
-            raise MinitronError(f"writing {out} failed on rank 0: {message}")
-    return out if rank0 else None
+        def finish() -> None:
+            make_torch23_readable(weights)
+            if not nemo_dir:
+                pack_nemo(staging, out, overwrite=overwrite)
+
+        _on_rank0(finish, out)
+    return out if _world()[1] else None
 
 
 def _torch_dist_save(sharded: dict, weights_dir: str) -> None:
@@ -382,22 +359,14 @@ def save_model(model, cfg: ModelConfig, out: str, *, base: Optional[str] = None,
                           base=base, overwrite=overwrite, nemo_dir=nemo_dir,
                           tp=ps.get_tensor_model_parallel_world_size(),
                           pp=ps.get_pipeline_model_parallel_world_size())
-    multi, rank0 = _world()
     tensors = stream_model_tensors(model, cfg, store, adjust)
-    path, error = None, None
-    if rank0:
-        try:
-            path = write_hf(out, cfg, tensors, base=base, overwrite=overwrite)
-        except Exception as e:  # noqa: BLE001 - the other ranks are told below
-            error = e
-    for _ in tensors:  # other ranks: their part of every fetch (rank 0: drained on error)
-        pass
-    message = _agree(None if error is None else str(error), multi)
-    if error is not None:
-        raise error
-    if message is not None:
-        raise MinitronError(f"writing {out} failed on rank 0: {message}")
-    return path
+
+    def drain() -> None:  # other ranks: their part of every fetch (rank 0: the rest, on error)
+        for _ in tensors:
+            pass
+    path = _on_rank0(lambda: write_hf(out, cfg, tensors, base=base, overwrite=overwrite), out,
+                     then=drain)
+    return path if _world()[1] else None
 
 
 def save_full_model(tensors: Optional[Dict[str, torch.Tensor]], cfg: ModelConfig, out: str, *,
