@@ -58,8 +58,7 @@ def check_tensor_records(weights_dir: str, metadata, in_place) -> None:
     2.3's ``FileSystemReader`` loads these records without ``weights_only``; a record that is not
     a zip would even go to torch's legacy (unrestricted) loader, and one holding
     ``constants.pkl`` to TorchScript."""
-    from nemo_minitron.convert.dist_ckpt import _RecordUnpickler
-    from nemo_minitron.convert.nemo_file import FileView, open_member
+    from nemo_minitron.convert.nemo_file import open_member
 
     fds: Dict[str, int] = {}
     try:
@@ -69,16 +68,14 @@ def check_tensor_records(weights_dir: str, metadata, in_place) -> None:
             path = os.path.join(weights_dir, info.relative_path)
             fd, base, size = open_member(path, in_place, fds)
             label = f"{path}: {index.fqn} record at {list(getattr(index, 'offset', None) or [])}"
-            if info.offset + info.length > size:
-                raise CheckpointError(f"{label} lies beyond the end of the file (truncated?)")
-            start = base + info.offset
+            start = _record_start(info, base, size, label)
             try:
                 if os.pread(fd, len(_ZIP_MAGIC), start) != _ZIP_MAGIC:
                     raise ValueError("not a torch.save zip record")
-                record = torch._C.PyTorchFileReader(FileView(fd, start, info.length))
+                record = _record_reader(fd, start, info.length)
                 if record.has_record("constants.pkl"):
                     raise ValueError("a TorchScript archive")
-                _RecordUnpickler(io.BytesIO(bytes(record.get_record("data.pkl")))).load()
+                _record_pickle(record)
             except Exception as e:  # noqa: BLE001 - corrupt zips and refusals raise many types
                 first = str(e).splitlines()[0] if str(e) else ""
                 raise CheckpointError(f"{label}: refused: not a plain tensor record "
@@ -87,6 +84,29 @@ def check_tensor_records(weights_dir: str, metadata, in_place) -> None:
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def _record_start(info, base: int, size: int, label: str) -> int:
+    """Where the ``torch.save`` record ``info`` (DCP storage info) starts in its file, checked to
+    end inside it."""
+    if info.offset + info.length > size:
+        raise CheckpointError(f"{label} lies beyond the end of the file (truncated?)")
+    return base + info.offset
+
+
+def _record_reader(fd: int, start: int, length: int):
+    """torch's zip reader over the ``torch.save`` record at ``start`` of ``fd`` (nothing read yet)."""
+    from nemo_minitron.convert.nemo_file import FileView
+
+    return torch._C.PyTorchFileReader(FileView(fd, start, length))
+
+
+def _record_pickle(record):
+    """The record's ``data.pkl``, read with ``dist_ckpt``'s tensors-only unpickler (it names the
+    tensor's storage; the tensor data is not read)."""
+    from nemo_minitron.convert.dist_ckpt import _RecordUnpickler
+
+    return _RecordUnpickler(io.BytesIO(bytes(record.get_record("data.pkl")))).load()
 
 
 class _MemberView(io.RawIOBase):
@@ -267,28 +287,17 @@ def _region_reader_class():
 def _read_region(directory, info, offsets, lengths, fds: Dict[str, int]) -> torch.Tensor:
     """The region ``offsets``/``lengths`` of the tensor stored as ``info`` (a ``torch.save``
     record at ``info.offset`` of ``info.relative_path``), reading only its span."""
-    from nemo_minitron.convert.dist_ckpt import _RecordUnpickler
-    from nemo_minitron.convert.nemo_file import FileView
+    from nemo_minitron.convert.nemo_file import open_member
 
     path = os.path.realpath(os.path.join(os.fspath(directory), info.relative_path))
     if path not in directory._files:
         raise CheckpointError(f"{path}: not a data file of the checkpoint's .metadata")
-    where = directory._files[path]
-    archive, base, size = where if where is not None else (path, 0, None)
-    if archive not in fds:
-        try:
-            fds[archive] = os.open(archive, os.O_RDONLY)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
-    fd = fds[archive]
-    size = os.fstat(fd).st_size if size is None else size
+    fd, base, size = open_member(path, directory._files, fds)
     label = f"{path}: record at byte {info.offset}"
-    if info.offset + info.length > size:
-        raise CheckpointError(f"{label} lies beyond the end of the file (truncated?)")
-    start = base + info.offset
+    start = _record_start(info, base, size, label)
     try:
-        record = torch._C.PyTorchFileReader(FileView(fd, start, info.length))
-        found = _RecordUnpickler(io.BytesIO(bytes(record.get_record("data.pkl")))).load()
+        record = _record_reader(fd, start, info.length)
+        found = _record_pickle(record)
         dtype, key, numel = found["storage"]
         data = start + record.get_record_offset(f"data/{key}")
     except Exception as e:  # noqa: BLE001 - check_tensor_records read these before: corrupt now
