@@ -35,7 +35,7 @@ all of it (modules imported while active get the real ``torch`` back), and :func
 
 Jobs activate it once for the life of the process (``nemo_minitron.dist.init_megatron``). Active
 only when CUDA is absent; :func:`activate` is a no-op on a GPU machine. Tested on megatron-core
-0.7.0 and 0.16.1.
+0.7.0, 0.16.1 and 0.19.2.
 """
 from __future__ import annotations
 

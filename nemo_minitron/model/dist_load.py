@@ -173,9 +173,10 @@ def megatron_load(model, weights_dir: str, in_place, prefix: str, label: str, sk
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
     from nemo_minitron.checkpoint.untrusted import read_dcp_metadata
+    from nemo_minitron.convert.dist_ckpt import torch23_metadata
 
-    metadata = read_dcp_metadata(weights_dir, torch_classes=True)  # allow-list again: the
-    metadata.__dict__.pop("storage_meta", None)  # objects DCP gets (torch 2.3 lacks StorageMeta)
+    # allow-list again: the objects DCP gets, pickled without what torch 2.3 lacks
+    metadata = torch23_metadata(read_dcp_metadata(weights_dir, torch_classes=True))
     files = {}
     for info in metadata.storage_data.values():
         path = os.path.realpath(os.path.join(weights_dir, info.relative_path))
