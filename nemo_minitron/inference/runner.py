@@ -65,16 +65,12 @@ class ModelRunner:
         inference only reads the weights, so those an HF checkpoint stores as the model wants
         them are the checkpoint's mapped pages, not copies (start-up time)."""
         from nemo_minitron.model.build import build_gpt_model
-        from nemo_minitron.model.source import ModelSource
+        from nemo_minitron.model.source import opened
 
-        source = model if isinstance(model, ModelSource) else ModelSource(model)
-        try:
+        with opened(model) as source:
             cfg = source.config
             built = build_gpt_model(cfg, dtype=dtype, use_te=use_te, init_weights=False)
             source.load_into(built, assign=True)
-        finally:
-            if source is not model:
-                source.close()
         return cls(built, cfg)
 
     @property

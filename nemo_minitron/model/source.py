@@ -246,9 +246,15 @@ class ModelSource:
         return out
 
 
-def open_source(path) -> ModelSource:
-    """``path`` as a :class:`ModelSource` (a source is passed through unchanged)."""
-    return path if isinstance(path, ModelSource) else ModelSource(path)
+@contextlib.contextmanager
+def opened(model):
+    """``model`` (a path, or an open :class:`ModelSource`, passed through) as a source for the
+    block; closed at its end only if it was opened here."""
+    if isinstance(model, ModelSource):
+        yield model
+        return
+    with ModelSource(model) as source:
+        yield source
 
 
 # ---- .nemo ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from nemo_minitron.checkpoint.paths import check_output_path  # noqa: F401 - recipes use it
+from nemo_minitron.checkpoint.paths import check_output_path
 from nemo_minitron.config.arch import ModelConfig
 
 

@@ -40,17 +40,13 @@ def build_train_model(cfg: ModelConfig, *, precision: str = "bf16", hf_dir: Opti
     part only). ``use_te``: Transformer Engine spec (default: where usable; LoRA needs the local
     spec). ``attention_backend``: ``model.attention_backend`` (nemo_minitron/model/attention.py)."""
     from nemo_minitron.model.build import build_gpt_model
-    from nemo_minitron.model.source import open_source
+    from nemo_minitron.model.source import opened
 
     torch.manual_seed(seed)  # CPU init draws the full weight from this generator, then splits it
     model = build_gpt_model(cfg, dtype=params_dtype(precision), parallel_output=True, use_te=use_te,
                             config_overrides=recompute_overrides(recompute, recompute_num_layers),
                             attention_backend=attention_backend)
     if hf_dir:
-        source = open_source(hf_dir)
-        try:
+        with opened(hf_dir) as source:
             source.load_into(model, cfg)
-        finally:
-            if source is not hf_dir:
-                source.close()
     return model
