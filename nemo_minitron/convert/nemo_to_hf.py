@@ -45,6 +45,20 @@ def tokenizer_dir(root: str) -> Optional[str]:
     return None
 
 
+def copy_tokenizer_files(tok: Optional[str], out_dir: str) -> None:
+    """A .nemo's HF tokenizer files (``tok``: :func:`tokenizer_dir`) into an HF directory; where it
+    has none (a NeMo-written .nemo), the family's Llama-3.1 tokenizer."""
+    if tok is None:
+        from nemo_minitron.tokenizer import write_tokenizer_files
+
+        write_tokenizer_files(out_dir)
+        return
+    for name in os.listdir(tok):
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json",
+                                                    "generation_config.json"):
+            shutil.copyfile(os.path.join(tok, name), os.path.join(out_dir, name))
+
+
 def _tokenizer_vocab(tok_dir: Optional[str]) -> Optional[int]:
     if tok_dir is None:
         return None
@@ -156,14 +170,6 @@ def nemo_to_hf(nemo_path: str, out_dir: str, *, dtype: Optional[str] = None,
                            if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_id)},
                           f, indent=2)
                 f.write("\n")
-            if tok is not None:
-                for name in os.listdir(tok):
-                    if name.startswith("tokenizer") or name in ("special_tokens_map.json",
-                                                                "generation_config.json"):
-                        shutil.copyfile(os.path.join(tok, name), os.path.join(tmp, name))
-            else:  # NeMo-written .nemo: no files inside; the family's Llama-3.1 tokenizer
-                from nemo_minitron.tokenizer import write_tokenizer_files
-
-                write_tokenizer_files(tmp)
+            copy_tokenizer_files(tok, tmp)
         bar.close()
     return os.path.abspath(out_dir), layout

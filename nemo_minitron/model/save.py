@@ -111,16 +111,12 @@ def copy_hf_tokenizer(base: Optional[str], out_dir: str) -> None:
             if os.path.isfile(os.path.join(base, name)):
                 shutil.copyfile(os.path.join(base, name), os.path.join(out_dir, name))
         return
+    from nemo_minitron.convert.nemo_to_hf import copy_tokenizer_files
+
     with ModelSource(base) as source:
         packed = os.path.join(_nemo_tree(source), "tokenizer")
-        if os.path.isfile(os.path.join(packed, "tokenizer.json")):
-            for name in os.listdir(packed):
-                if name.startswith("tokenizer") or name in TOKENIZER_FILES:
-                    shutil.copyfile(os.path.join(packed, name), os.path.join(out_dir, name))
-            return
-    from nemo_minitron.tokenizer import write_tokenizer_files
-
-    write_tokenizer_files(out_dir)
+        copy_tokenizer_files(packed if os.path.isfile(os.path.join(packed, "tokenizer.json"))
+                             else None, out_dir)
 
 
 # ---- .nemo ---------------------------------------------------------------------------------------
