@@ -160,6 +160,7 @@ def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = Non
     lifecycle.tie_megatron_job("fork" if cpu.is_active() else "spawn")
 
     if not dist.is_initialized():
+        free_retired_groups()
         if rendezvous:
             _export_rendezvous()
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -172,13 +173,47 @@ def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = Non
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def destroy_megatron() -> None:
+# Process groups this process has destroyed but not yet freed, by the pid that made them: see
+# destroy_process_groups. A forked child inherits its parent's and never frees them.
+_retired_groups: list = []
+
+
+def destroy_process_groups() -> None:
+    """``dist.destroy_process_group()``, with the groups' C++ destructors run later, at the next
+    set-up or at exit. torch before pytorch#154976 (2025; the NeMo 24.05 container's 2.3
+    included) runs a gloo group's destructor with the GIL held, and it joins the group's worker
+    threads; a worker that has just finished a collective may still need the GIL to free that
+    collective's tensors, so the two wait for each other forever (pytorch#56297). Seen in CI at a
+    distillation job's end; tests/test_launch.py reproduces it on torch 2.3 every time. Holding
+    the group objects until later gives the workers that moment."""
+    import atexit
+
     import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    if not dist.is_initialized():
+        return
+    world = getattr(distributed_c10d, "_world", None)  # every group, Megatron's included
+    groups = list(getattr(world, "pg_map", None) or [dist.group.WORLD])
+    if not _retired_groups:
+        atexit.register(free_retired_groups)
+    _retired_groups.append((os.getpid(), groups))
+    dist.destroy_process_group()
+
+
+def free_retired_groups() -> None:
+    """Free the groups :func:`destroy_process_groups` kept (their threads have long finished).
+    Groups made by another process (the parent of a fork) stay: their destructor would join
+    threads this process does not have."""
+    pid = os.getpid()
+    _retired_groups[:] = [entry for entry in _retired_groups if entry[0] != pid]
+
+
+def destroy_megatron() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_process_groups()
 
 
 @contextlib.contextmanager
@@ -209,10 +244,11 @@ def one_rank_world(megatron: bool = False, seed: int = 1234):
             # the checkpoint code) here: freed later in a forked child, the group's destructor
             # joins threads the child does not have and aborts it (measured on torch 2.3)
             stack.callback(gc.collect)
+            free_retired_groups()
             backend = "nccl" if megatron and torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, store=dist.FileStore(os.path.join(tmp, "store"), 1),
                                     rank=0, world_size=1)
-            stack.callback(dist.destroy_process_group)
+            stack.callback(destroy_process_groups)
         from nemo_minitron import lifecycle
         from nemo_minitron.compat import cpu
 

@@ -54,8 +54,8 @@ def _worker(fn, rank, world_size, port, tp, pp, args, queue, launcher, timeout):
         queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
-    # Leave without tearing down the process group: torch 2.3's gloo destroy_process_group can
-    # hang after collectives; the worker is finished and the OS frees everything. multiprocessing's
+    # Leave without tearing down the process group (the worker is finished and the OS frees
+    # everything; a job's own teardown is nemo_minitron.dist.destroy_process_groups). multiprocessing's
     # own finalizers still run, so helpers the worker started (dist_checkpointing's results-queue
     # manager) shut down instead of outliving the test and holding its stdout open.
     queue.close()
