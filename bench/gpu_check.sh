@@ -12,5 +12,10 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 PYTORCH_NVML_BASED_CUDA_CH
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,power.limit --format=csv 2>&1 | tail -2
 python3 bench/gpu_check.py --out "$OUT/gpu_check.json" --work /tmp/gpu_check "$@"
 rc=$?
+# the fusion question of issue 18 at the real widths (bench/fusion.py), when asked: FUSION=1
+if [ "${FUSION:-0}" = 1 ]; then
+    timeout 300 python3 bench/fusion.py --width 1.0 --layers 4 --dtype bfloat16 --seq 4096 \
+        --out "$OUT/fusion_gpu.json" 2>&1 | grep -v -i warn | tail -12
+fi
 for f in /tmp/gpu_check/*.log; do cp "$f" "$OUT/" 2>/dev/null; done  # per-part logs
 exit $rc
