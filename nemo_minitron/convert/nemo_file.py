@@ -18,7 +18,7 @@ import re
 import shutil
 import tarfile
 import time
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 from nemo_minitron.checkpoint import scratch
 from nemo_minitron.errors import CheckpointError, MinitronError
@@ -33,13 +33,16 @@ _TP_PP_RE = re.compile(r"^tp_rank_(\d{2})_pp_rank_(\d{3})$")
 InPlace = Dict[str, Tuple[str, int, int]]
 
 
-def safe_extract(archive: str, target: str, in_place: Optional[InPlace] = None) -> None:
-    """Extract ``archive`` (tar or tar.gz) into the existing directory ``target``.
+def safe_extract(archive: str, target: str, in_place: Optional[InPlace] = None,
+                 select: Optional[Callable[[str], bool]] = None) -> int:
+    """Extract ``archive`` (tar or tar.gz) into the existing directory ``target``; return the
+    number of regular files written.
 
     ``in_place``: when given and the archive is an uncompressed tar, the distributed checkpoint's
     data files (``*.distcp``, nearly all the bytes) are not extracted; ``in_place`` maps each one's
     would-be path (realpath) to ``(archive, byte offset of its data, size)`` for readers that read
-    them where they are (:func:`open_member`)."""
+    them where they are (:func:`open_member`). ``select(name)``: only the members it accepts
+    (by their normalized name) are extracted, each checked as in a full extraction."""
     root = os.path.realpath(target)
     mode = "r:*"
     if in_place is not None:
@@ -48,10 +51,13 @@ def safe_extract(archive: str, target: str, in_place: Optional[InPlace] = None) 
                 in_place = None
             else:
                 mode = "r:"
+    written = 0
     try:
         with tarfile.open(archive, mode) as tar:
             for member in tar:
                 name = member.name
+                if select is not None and not select(os.path.normpath(name)):
+                    continue
                 dest = os.path.realpath(os.path.join(root, name))
                 if os.path.isabs(name) or not (dest == root or dest.startswith(root + os.sep)):
                     raise CheckpointError(f"{archive}: member {name!r} would be extracted outside "
@@ -75,9 +81,12 @@ def safe_extract(archive: str, target: str, in_place: Optional[InPlace] = None) 
                     shutil.copyfileobj(src, out, 16 << 20)
                 if os.path.getsize(dest) != member.size:
                     raise CheckpointError(f"{archive}: member {name!r} is truncated")
+                written += 1
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""  # "r:*" lists every method it tried
         raise CheckpointError(f"{archive}: not a readable .nemo (tar) file "
-                              f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {first})") from None
+    return written
 
 
 @contextlib.contextmanager
@@ -86,19 +95,19 @@ def opened_nemo(path: str, in_place: Optional[InPlace] = None) -> Iterator[str]:
     (next to the archive's default temp dir; removed afterwards). ``in_place``: see
     :func:`safe_extract` (readers then go through :func:`open_member`)."""
     if os.path.isdir(path):
-        yield _content_root(path)
+        yield content_root(path)
         return
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such .nemo file or directory")
     tmp = scratch.make_dir("nemo-extract-")  # a killed run's extraction goes with the next one
     try:
         safe_extract(path, tmp, in_place)
-        yield _content_root(tmp)
+        yield content_root(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _content_root(directory: str) -> str:
+def content_root(directory: str) -> str:
     """NeMo tars ``./model_config.yaml``; some tools add one top-level folder."""
     if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         return directory

@@ -258,49 +258,35 @@ def opened(model):
 
 
 # ---- .nemo ---------------------------------------------------------------------------------------
-_SMALL = ("model_config.yaml", "tokenizer/")
-
-
 def _extract_small_members(archive: str, stack: contextlib.ExitStack) -> Optional[str]:
     """``model_config.yaml`` and ``tokenizer/*`` of a .nemo tar whose weights are zarr or legacy
-    files, extracted alone to a scratch directory (removed by ``stack``), so that the config is
-    checked before the weights are extracted; None for torch_dist weights (``.distcp`` members:
-    its full tree is small) or an archive with neither (the full extraction then reports it).
-    Only regular files whose names stay inside the directory are written."""
+    files (at the top or under one folder), extracted alone to a scratch directory (removed by
+    ``stack``) through ``nemo_file.safe_extract``'s checks, so that the config is checked before
+    the weights are extracted; None for torch_dist weights (``.distcp`` members: its full tree is
+    small) or an archive with neither (the full extraction then reports it)."""
     import shutil
-    import tarfile
 
     from nemo_minitron.checkpoint import scratch
+    from nemo_minitron.convert.nemo_file import (CONFIG_NAME, TOKENIZER_DIR, content_root,
+                                                 safe_extract)
 
+    seen_distcp = []
+
+    def small(name: str) -> bool:
+        if name.endswith(".distcp"):
+            seen_distcp.append(name)
+        parts = name.split(os.sep)
+        return any(rel == [CONFIG_NAME] or (len(rel) > 1 and rel[0] == TOKENIZER_DIR)
+                   for rel in (parts, parts[1:]))
+
+    tmp = scratch.make_dir("nemo-config-")
+    stack.callback(shutil.rmtree, tmp, True)
+    if not safe_extract(archive, tmp, select=small) or seen_distcp:
+        return None
     try:
-        with open(archive, "rb") as f:
-            mode = "r:gz" if f.read(2) == b"\x1f\x8b" else "r:"
-        with tarfile.open(archive, mode) as tar:
-            members = tar.getmembers()
-            if any(m.name.endswith(".distcp") for m in members):
-                return None
-            names = {m: os.path.normpath(m.name) for m in members if m.isfile()}
-            top = {n.split(os.sep)[0] for n in names.values()}
-            prefix = next(iter(top)) + os.sep if len(top) == 1 and not any(
-                n == "model_config.yaml" for n in names.values()) else ""
-            wanted = [(m, n[len(prefix):]) for m, n in names.items() if n.startswith(prefix)
-                      and (n[len(prefix):] == _SMALL[0] or n[len(prefix):].startswith(_SMALL[1]))]
-            if not wanted or any(os.path.isabs(rel) or rel.startswith("..") for _, rel in wanted):
-                return None
-            tmp = scratch.make_dir("nemo-config-")
-            stack.callback(shutil.rmtree, tmp, True)
-            for member, rel in wanted:
-                dest = os.path.join(tmp, rel)
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                with tar.extractfile(member) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out)
-                if os.path.getsize(dest) != member.size:
-                    raise CheckpointError(f"{archive}: member {member.name!r} is truncated")
-            return tmp
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"{archive}: not a readable .nemo (tar) file "
-                              f"({type(e).__name__}: {first})") from None
+        return content_root(tmp)
+    except CheckpointError:  # a tokenizer but no config: reading the config names what is missing
+        return tmp
 
 
 def _load_nemo(model, cfg: ModelConfig, root: str, in_place, label: str):
