@@ -51,9 +51,6 @@ from nemo_minitron.config.arch import ModelConfig
 from nemo_minitron.convert import mapping
 from nemo_minitron.errors import CheckpointError, MinitronError
 
-# the base model's files an HF output gets (what the released repos ship besides the weights)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
 # local param name (checkpoint names, stage-local layers), its tensor -> the tensor to save
 Adjust = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -107,6 +104,8 @@ def copy_hf_tokenizer(base: Optional[str], out_dir: str) -> None:
     if base is None:
         return
     if not is_nemo(base):
+        from nemo_minitron.convert.hf_to_nemo import TOKENIZER_FILES  # what the released repos ship
+
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(base, name)):
                 shutil.copyfile(os.path.join(base, name), os.path.join(out_dir, name))

@@ -117,9 +117,7 @@ def merge_lora(base: str, adapter_dir: str, out: str, overwrite: bool = False) -
     """Base (HF dir or .nemo) + adapter directory -> merged model ``out`` (HF dir or .nemo)."""
     from nemo_minitron.model.save import save_full_model
     from nemo_minitron.model.source import ModelSource
-    from nemo_minitron.checkpoint.paths import check_output_path
-
-    from nemo_minitron.checkpoint.paths import check_disjoint, check_output
+    from nemo_minitron.checkpoint.paths import check_disjoint, check_output, check_output_path
 
     check_output_path(out)
     check_disjoint({"--out": out}, {"--model": base, "--adapter": adapter_dir})
