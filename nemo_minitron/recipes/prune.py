@@ -138,8 +138,9 @@ def run(cfg: PruneConfig, state: dict) -> dict:
         raise ConfigError(f"Megatron is already initialized with another layout than "
                           f"tp={cfg.tp} pp={cfg.pp}")
     teacher = state["teacher"]
-    # local spec (use_te=False): its RMSNorms are modules whose outputs the hooks can see
-    model = build_gpt_model(teacher, dtype=cfg.dtype, use_te=False)
+    # local spec (use_te=False): its RMSNorms are modules whose outputs the hooks can see; no
+    # random init of the weights the strict load fills next
+    model = build_gpt_model(teacher, dtype=cfg.dtype, use_te=False, init_weights=False)
     state["source"].load_into(model, teacher)  # this rank's stage and TP shard
     log(f"teacher loaded at TP={cfg.tp} PP={cfg.pp} DP={state['layout'].dp}, dtype {cfg.dtype}")
     scores = compute_scores(model, teacher, state["samples"], micro_batch_size=cfg.micro_batch_size,

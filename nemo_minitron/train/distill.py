@@ -94,11 +94,13 @@ def check_same_tokenizer(teacher_dir: str, teacher: ModelConfig, student_dir: st
 # ---- the teacher --------------------------------------------------------------------------------
 def build_teacher(cfg: ModelConfig, hf_dir: str, precision: str, seed: int = 1234,
                   attention_backend: str = "auto"):
-    """This rank's frozen teacher: no DDP wrapper, no optimizer, eval mode, requires_grad False."""
+    """This rank's frozen teacher: no DDP wrapper, no optimizer, eval mode, requires_grad False;
+    built without Megatron's random init (every weight is loaded next; the student, built after
+    it, reseeds torch's generators first, so its own init and the draws after it are unchanged)."""
     from nemo_minitron.train.model import build_train_model
 
     teacher = build_train_model(cfg, precision=precision, hf_dir=hf_dir, seed=seed,
-                                attention_backend=attention_backend)
+                                attention_backend=attention_backend, random_init=False)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

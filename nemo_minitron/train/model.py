@@ -34,18 +34,23 @@ def recompute_overrides(granularity: Optional[str], num_layers: int = 1) -> dict
 def build_train_model(cfg: ModelConfig, *, precision: str = "bf16", hf_dir: Optional[str] = None,
                       seed: int = 1234, recompute: Optional[str] = None,
                       recompute_num_layers: int = 1, use_te: Optional[bool] = None,
-                      attention_backend: str = "auto"):
+                      attention_backend: str = "auto", random_init: bool = True):
     """GPTModel for this rank (TP/PP from Megatron's parallel state), weights from ``hf_dir``:
     an HF directory, a .nemo, or an open ``model.source.ModelSource`` (read natively: this rank's
     part only). ``use_te``: Transformer Engine spec (default: where usable; LoRA needs the local
-    spec). ``attention_backend``: ``model.attention_backend`` (nemo_minitron/model/attention.py)."""
+    spec). ``attention_backend``: ``model.attention_backend`` (nemo_minitron/model/attention.py).
+    ``random_init=False`` (with ``hf_dir``): Megatron's random init of the weights the strict load
+    overwrites next is skipped (the frozen teacher). The default keeps it, so the generator state
+    every later draw (LoRA, a hidden-loss projection) starts from stays as it was."""
     from nemo_minitron.model.build import build_gpt_model
     from nemo_minitron.model.source import opened
 
+    if not random_init and not hf_dir:
+        raise ValueError("random_init=False needs weights to load (hf_dir)")
     torch.manual_seed(seed)  # CPU init draws the full weight from this generator, then splits it
     model = build_gpt_model(cfg, dtype=params_dtype(precision), parallel_output=True, use_te=use_te,
                             config_overrides=recompute_overrides(recompute, recompute_num_layers),
-                            attention_backend=attention_backend)
+                            attention_backend=attention_backend, init_weights=random_init)
     if hf_dir:
         with opened(hf_dir) as source:
             source.load_into(model, cfg)
